@@ -1,0 +1,136 @@
+"""Validation of the composed config, before any compute: one typed schema built from the settings
+model each library module owns, plus the checks that need two sections at once (a student no deeper
+than its teacher, patience layers inside both models).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from diito.data import DataError, TaskSpec, check_task
+from diito.models import StudentConfig, TeacherConfig, load_model_config, num_layers, select_blocks
+from diito.objective import LossConfig, default_patience_layers
+from diito.tracking import TrackingConfig
+from diito.trainer import OptimConfig, TrainerConfig
+
+# Keys that change how a job looks, not what it computes: left out of the job's identity.
+NON_SEMANTIC_KEYS = ("trainer.progress", "trainer.resume", "trainer.log_every", "tracking.run_name")
+
+
+class ConfigError(ValueError):
+    """A config value that cannot work; the message names the key."""
+
+
+class Paths(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    root: str
+    cache: str
+
+
+class JobConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    seed: int
+    stage: Literal["teacher", "distill"]
+    paths: Paths
+    task: TaskSpec
+    teacher: TeacherConfig
+    student: StudentConfig
+    loss: LossConfig
+    optim: OptimConfig
+    trainer: TrainerConfig
+    tracking: TrackingConfig
+
+
+@dataclass(frozen=True)
+class Job:
+    """The validated job, plus what validation learnt about the models."""
+
+    config: JobConfig
+    resolved: dict[str, Any]
+    teacher_layers: int
+    student_blocks: list[int]
+    patience_layers: list[int]
+
+
+def _format(error: dict[str, Any]) -> str:
+    """One pydantic error as ``dotted.key: message (got value)``."""
+    key = ".".join(str(part) for part in error["loc"])
+    kind, message = error["type"], error["msg"]
+    if kind == "extra_forbidden":
+        return f"{key}: unknown key"
+    if kind == "value_error":  # a section's own consistency check: "field: problem; field: problem"
+        message = message.removeprefix("Value error, ")
+        inner = re.match(r"([\w.]+): ", message)
+        return f"{key}.{message}" if inner else f"{key}: {message}"
+    if kind != "missing":
+        message += f" (got {error['input']!r})"
+    return f"{key}: {message}"
+
+
+def resolve(cfg: DictConfig) -> dict[str, Any]:
+    try:
+        return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+    except OmegaConfBaseException as e:
+        key = getattr(e, "full_key", None)
+        raise ConfigError(f"{key}: {e.msg}" if key else str(e)) from None
+
+
+def validate(cfg: DictConfig) -> Job:
+    """Check every key of ``cfg``; raise :class:`ConfigError` naming the first bad key."""
+    resolved = resolve(cfg)
+    try:
+        job = JobConfig.model_validate(resolved)
+    except ValidationError as e:
+        raise ConfigError("; ".join(_format(err) for err in e.errors())) from None
+    try:
+        check_task(job.task)
+    except DataError as e:
+        raise ConfigError(str(e)) from None
+
+    teacher_source = job.teacher.checkpoint or job.teacher.model
+    try:
+        teacher_layers = num_layers(load_model_config(teacher_source))
+    except (OSError, ValueError) as e:
+        key = "teacher.checkpoint" if job.teacher.checkpoint else "teacher.model"
+        raise ConfigError(f"{key}: cannot load model {teacher_source!r}: {str(e).splitlines()[0]}") from None
+    k = job.student.layers
+    if k > teacher_layers:
+        raise ConfigError(f"student.layers: {k} is deeper than the {teacher_layers}-layer teacher")
+    try:
+        blocks = select_blocks(job.student.init, teacher_layers, k, job.student.blocks)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    patience = job.loss.patience_layers
+    if patience is None:
+        patience = default_patience_layers(teacher_layers, k)
+    if job.loss.beta > 0:
+        if len(patience) != k - 1:
+            raise ConfigError(f"loss.patience_layers: {len(patience)} teacher layers given; a {k}-layer student matches {k - 1}")
+        if any(not 0 <= p < teacher_layers for p in patience):
+            raise ConfigError(f"loss.patience_layers: {patience} outside the teacher's blocks 0..{teacher_layers - 1}")
+    return Job(job, resolved, teacher_layers, blocks, patience)
+
+
+def job_hash(resolved: dict[str, Any], drop: tuple[str, ...] = NON_SEMANTIC_KEYS) -> str:
+    """A short digest of everything that determines a job's result."""
+    tree = json.loads(json.dumps(resolved))
+    tree.pop("paths", None)
+    for dotted in drop:
+        *parents, leaf = dotted.split(".")
+        node = tree
+        for p in parents:
+            node = node.get(p, {})
+        node.pop(leaf, None)
+    return digest(tree)
+
+
+def digest(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]

@@ -1,0 +1,245 @@
+"""The orchestration layer: the only code that reads the config tree.
+
+config -> task data -> teacher (fine-tuned once, cached) -> student -> objective -> trainer ->
+evaluation -> tracking. Each step hands plain Python objects to the next.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import shutil
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from filelock import FileLock, Timeout
+from omegaconf import DictConfig, OmegaConf
+
+from diito import cache, tracking
+from diito.config import Job, digest, job_hash, validate
+from diito.data import Encoded, TaskData, TaskSpec, encode, load_task, make_loader
+from diito.metrics import compute_metrics, write_glue_predictions
+from diito.models import build_student, load_finetuned, load_pretrained, load_tokenizer, save_model
+from diito.objective import DistillationObjective, task_loss
+from diito.trainer import OptimConfig, Trainer, TrainerConfig, autocast_dtype, predict, resolve_device, seed_everything
+
+log = logging.getLogger(__name__)
+
+
+# -- data ------------------------------------------------------------------------------------------
+@dataclass
+class Prepared:
+    """The task's splits, tokenised once, and how to batch them."""
+
+    spec: TaskSpec
+    encoded: dict[str, Encoded]
+    fingerprint: str
+    pad_token_id: int
+    num_labels: int  # 1 for regression
+    test_splits: list[str]  # the test splits actually present (a `files` task may have none)
+
+    def loader(self, split: str, batch_size: int, *, train: bool, seed: int = 0, length_grouped: bool = True):
+        return make_loader(
+            self.encoded[split], batch_size, shuffle=train, seed=seed,
+            length_grouped=length_grouped if train else False, pad_token_id=self.pad_token_id,
+        )
+
+
+def prepare(spec: TaskSpec, tokenizer, trainer: TrainerConfig) -> Prepared:
+    data: TaskData = load_task(spec)
+    encoded = {}
+    for split, examples in data.splits.items():
+        limit = trainer.max_train_examples if split == "train" else trainer.max_eval_examples
+        encoded[split] = encode(examples.head(limit) if limit else examples, tokenizer, spec.max_length)
+    fingerprint = digest([data.fingerprint(), trainer.max_train_examples, trainer.max_eval_examples, spec.max_length])
+    return Prepared(spec, encoded, fingerprint, tokenizer.pad_token_id, data.num_labels, data.test_splits)
+
+
+def to_predictions(logits: np.ndarray, regression: bool) -> np.ndarray:
+    return logits[:, 0] if regression else logits.argmax(-1)
+
+
+def predict_splits(model, data: Prepared, splits: list[str], trainer: TrainerConfig, device) -> dict[str, np.ndarray]:
+    """Predicted class ids (or scores) for each split."""
+    amp = autocast_dtype(trainer.precision, device)
+    return {
+        split: to_predictions(predict(model, data.loader(split, trainer.eval_batch_size, train=False), device, amp), data.spec.regression)
+        for split in splits
+    }
+
+
+def score(data: Prepared, predictions: dict[str, np.ndarray]) -> dict[str, float]:
+    """``<split>/<metric>`` for each labelled split."""
+    metrics = {}
+    for split, predicted in predictions.items():
+        labels = data.encoded[split].labels
+        if labels is not None:
+            for name, value in compute_metrics(data.spec.metrics, predicted, labels).items():
+                metrics[f"{split}/{name}"] = value
+    return metrics
+
+
+def evaluate(model, data: Prepared, splits: list[str], trainer: TrainerConfig, device) -> dict[str, float]:
+    labelled = [s for s in splits if data.encoded[s].labels is not None]
+    return score(data, predict_splits(model, data, labelled, trainer, device))
+
+
+def main_metric_key(spec: TaskSpec) -> str:
+    return f"{spec.eval_splits[0]}/{spec.main_metric}"
+
+
+# -- runs that survive a kill ----------------------------------------------------------------------
+@contextlib.contextmanager
+def resumable_run(state_dir: Path, config: tracking.TrackingConfig, run_name: str | None, tags: dict[str, str]) -> Iterator[tracking.Run]:
+    """An MLflow run whose id is kept in ``state_dir``, so re-running an interrupted job continues
+    the same run. Holding the folder's lock keeps two identical jobs from sharing one state."""
+    state_dir.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(state_dir / ".lock"))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        raise RuntimeError(f"an identical job is already running (its state: {state_dir})") from None
+    try:
+        id_file = state_dir / "run.json"
+        run_id = json.loads(id_file.read_text())["run_id"] if id_file.exists() else None
+        with tracking.open_run(config, run_name, tags, run_id=run_id) as run:
+            if run_id is None and run.run_id:
+                id_file.write_text(json.dumps({"run_id": run.run_id}))
+            yield run
+    finally:
+        lock.release()
+
+
+def train(model, loss_fn, data: Prepared, trainer: TrainerConfig, optim: OptimConfig, seed: int,
+          state_dir: Path, run, device, desc: str):
+    """Fit ``model`` (resuming from ``state_dir`` when allowed) and return the trainer's final state."""
+    seed_everything(seed)
+    fitter = Trainer(
+        model, loss_fn,
+        data.loader("train", trainer.batch_size, train=True, seed=seed, length_grouped=trainer.length_grouped),
+        evaluate=lambda: evaluate(model, data, data.spec.eval_splits, trainer, device),
+        main_metric=main_metric_key(data.spec), config=trainer, optim=optim,
+        checkpoint_dir=state_dir / "checkpoint", log=run.log_metrics, device=device, desc=desc,
+    )
+    if trainer.resume and fitter.try_resume():
+        log.info("%s: resuming from step %d", desc, fitter.state.step)
+    return fitter.fit()
+
+
+def _inputs(batch):
+    return {k: v for k, v in batch.items() if k != "labels"}
+
+
+# -- teacher -----------------------------------------------------------------------------------------
+def teacher_settings(job: Job) -> tuple[TrainerConfig, OptimConfig]:
+    """The trainer and optimizer settings with the teacher recipe's non-null values applied."""
+    recipe = job.config.teacher.recipe.model_dump(exclude_none=True)
+    lr = recipe.pop("lr", None)
+    optim = job.config.optim
+    if lr is not None:
+        optim = optim.model_copy(update={"lr": lr, "optimizer": {**optim.optimizer, "lr": lr}})
+    return job.config.trainer.model_copy(update=recipe), optim
+
+
+def obtain_teacher(job: Job, data: Prepared, tokenizer, device) -> tuple[Any, dict[str, Any]]:
+    """The fine-tuned teacher: from ``teacher.checkpoint``, from the cache, or fine-tuned now (once,
+    whatever the number of processes asking) in its own MLflow run."""
+    c = job.config
+    if c.teacher.checkpoint:
+        return load_finetuned(c.teacher.checkpoint).to(device).eval(), {"source": c.teacher.checkpoint}
+    trainer_cfg, optim = teacher_settings(job)
+    identity = {
+        "data": data.fingerprint, "model": c.teacher.model, "seed": c.seed,
+        "trainer": trainer_cfg.model_dump(exclude={"progress", "resume", "log_every", "eval_batch_size"}),
+        "optim": optim.model_dump(),
+    }
+    folder = Path(c.paths.cache) / "teachers" / f"{c.task.name}-{digest(identity)}"
+
+    def fine_tune(folder: Path) -> dict[str, Any]:
+        model = load_pretrained(c.teacher.model, data.num_labels, c.seed).to(device)
+
+        def loss_fn(batch):
+            loss = task_loss(model(**_inputs(batch)).logits, batch["labels"])
+            return loss, {"ce": loss}
+
+        tags = {"diito.role": "teacher", "task": c.task.name, "teacher": c.teacher.name, "teacher_layers": job.teacher_layers}
+        with resumable_run(folder, c.tracking, f"teacher-{c.task.name}-{c.teacher.name}", tags | _git(c)) as run:
+            run.log_params(tracking.flatten({"task": c.task.model_dump(), "teacher": c.teacher.model_dump(),
+                                             "trainer": trainer_cfg.model_dump(), "optim": optim.model_dump(), "seed": c.seed}))
+            state = train(model, loss_fn, data, trainer_cfg, optim, c.seed, folder, run, device, desc="teacher")
+            metrics = evaluate(model, data, c.task.eval_splits, trainer_cfg, device)
+            run.log_metrics(metrics, state.step)
+            save_model(model, tokenizer, folder / "model")
+            shutil.rmtree(folder / "checkpoint", ignore_errors=True)
+            return {"run_id": run.run_id, "metrics": metrics, "steps": state.step}
+
+    info, built = cache.build_once(folder, fine_tune)
+    log.info("teacher %s: %s", "fine-tuned" if built else "reused from cache", folder)
+    return load_finetuned(folder / "model").to(device).eval(), info | {"source": str(folder), "built_now": built}
+
+
+def _git(c) -> dict[str, str]:
+    return tracking.git_tags(Path(c.paths.root))
+
+
+# -- the job -------------------------------------------------------------------------------------------
+def run(cfg: DictConfig, output_dir: Path | None = None, hydra_dir: Path | None = None) -> float:
+    """Run the job ``cfg`` describes; returns the student's main validation metric (the teacher's
+    with ``stage=teacher``), which Hydra sweepers optimise."""
+    job = validate(cfg)
+    c = job.config
+    if c.trainer.num_threads:
+        torch.set_num_threads(c.trainer.num_threads)
+    device = resolve_device(c.trainer.device)
+    tokenizer = load_tokenizer(c.teacher.checkpoint or c.teacher.model)
+    data = prepare(c.task, tokenizer, c.trainer)
+    teacher, teacher_info = obtain_teacher(job, data, tokenizer, device)
+    if c.stage == "teacher":
+        return teacher_info.get("metrics", {}).get(main_metric_key(c.task), float("nan"))
+
+    output_dir = Path(output_dir or tempfile.mkdtemp(prefix="diito-"))
+    state_dir = Path(c.paths.cache) / "runs" / job_hash(job.resolved)
+    tags = {
+        "diito.role": "student", "task": c.task.name, "teacher": c.teacher.name,
+        "student_layers": c.student.layers, "loss": c.loss.name, "config_hash": job_hash(job.resolved),
+    }
+    if teacher_info.get("run_id"):
+        tags["diito.teacher_run_id"] = teacher_info["run_id"]
+    with resumable_run(state_dir, c.tracking, c.tracking.run_name, tags | _git(c)) as run_:
+        run_.log_params(tracking.flatten(job.resolved))
+        run_.log_dict(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
+        if hydra_dir and hydra_dir.exists():
+            run_.log_artifacts(hydra_dir, ".hydra")
+
+        source = teacher if c.student.init_from == "teacher" else load_pretrained(c.teacher.model, data.num_labels, c.seed)
+        student = build_student(source, job.student_blocks, copy_classifier=c.student.init_from == "teacher").to(device)
+        objective = DistillationObjective(c.loss, job.patience_layers)
+        hidden = objective.needs_hidden_states
+
+        def loss_fn(batch):
+            inputs = _inputs(batch)
+            with torch.no_grad():
+                teacher_out = teacher(**inputs, output_hidden_states=hidden)
+            return objective(student(**inputs, output_hidden_states=hidden), teacher_out, batch["labels"])
+
+        state = train(student, loss_fn, data, c.trainer, c.optim, c.seed, state_dir, run_, device, desc="student")
+        predictions = predict_splits(student, data, list(c.task.eval_splits) + data.test_splits, c.trainer, device)
+        final = score(data, predictions)
+        run_.log_metrics(final | {"best_step": state.best_step or state.step}, state.step)
+        for split in data.test_splits:
+            write_glue_predictions(output_dir / "predictions" / c.task.submission_files.get(split, f"{split}.tsv"),
+                                   data.encoded[split].ids, predictions[split],
+                                   label_names=c.task.submission_label_names, regression=c.task.regression)
+        if data.test_splits:
+            run_.log_artifacts(output_dir / "predictions", "predictions")
+        if c.tracking.log_model:
+            run_.log_artifacts(save_model(student, tokenizer, output_dir / "student"), "student")
+        shutil.rmtree(state_dir / "checkpoint", ignore_errors=True)
+        (state_dir / "run.json").unlink(missing_ok=True)  # a later identical job is a new run
+    return final[main_metric_key(c.task)]

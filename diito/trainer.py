@@ -1,0 +1,288 @@
+"""The training loop shared by teacher fine-tuning and distillation.
+
+One loop, readable top to bottom: AdamW with linear warm-up/decay, gradient accumulation, global
+norm clipping, mixed precision where the device has it, evaluation every N steps and at each epoch
+end, keep-best, early stopping, and checkpoints that hold everything needed to resume exactly
+(model, optimizer, scheduler, step, position in the epoch, every RNG state).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import random
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveInt
+from torch import Tensor
+from tqdm.auto import tqdm
+
+Batch = dict[str, Tensor]
+LossFn = Callable[[Batch], tuple[Tensor, dict[str, Tensor]]]
+EvaluateFn = Callable[[], dict[str, float]]
+LogFn = Callable[[dict[str, float], int], None]
+
+
+class TrainerConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    epochs: PositiveInt = 2
+    max_steps: PositiveInt | None = None
+    batch_size: PositiveInt = 32
+    eval_batch_size: PositiveInt = 128
+    grad_accum: PositiveInt = 1
+    max_grad_norm: float | None = Field(1.0, gt=0)
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    device: str = "auto"
+    num_threads: PositiveInt | None = None
+    eval_every: PositiveInt | None = None
+    save_every: PositiveInt | None = 100
+    keep_best: bool = True
+    early_stopping: PositiveInt | None = None
+    log_every: PositiveInt = 20
+    length_grouped: bool = True
+    max_train_examples: PositiveInt | None = None
+    max_eval_examples: PositiveInt | None = None
+    resume: bool = True
+    progress: bool = True
+
+
+class OptimConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    lr: float = Field(gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    warmup_ratio: float = Field(0.0, ge=0, le=1)
+    optimizer: dict[str, Any]
+    scheduler: dict[str, Any]
+
+
+@dataclass
+class TrainState:
+    step: int = 0  # optimizer steps done
+    epoch: int = 0  # current epoch
+    batch_in_epoch: NonNegativeInt = 0  # batches of the current epoch already consumed
+    best_metric: float | None = None
+    best_step: int | None = None
+    evals_since_best: int = 0
+    stopped_early: bool = False
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype, or None for full precision. ``auto`` uses bf16 (or fp16) on GPUs only:
+    on CPUs bf16 autocast rarely pays off and changes the numbers."""
+    if precision == "auto":
+        if device.type != "cuda":
+            return None
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    torch.cuda.manual_seed_all(seed)
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """No weight decay on biases and LayerNorm weights (one-dimensional parameters)."""
+    decay, no_decay = [], []
+    for _, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim < 2 else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _atomic_save(obj: Any, path: Path) -> None:
+    """Write-then-rename, so a kill mid-save never leaves a truncated checkpoint."""
+    tmp = path.with_suffix(".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+class Trainer:
+    """Trains ``model`` on the batches of ``loader`` with ``loss_fn``; ``evaluate`` returns metrics
+    (the key ``main_metric`` among them, higher is better)."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        loss_fn: LossFn,
+        loader: torch.utils.data.DataLoader,
+        evaluate: EvaluateFn,
+        main_metric: str,
+        config: TrainerConfig,
+        optim: OptimConfig,
+        checkpoint_dir: Path,
+        log: LogFn,
+        device: torch.device,
+        desc: str = "train",
+    ):
+        from hydra.utils import instantiate  # configs describe the optimizer and schedule as _target_ nodes
+
+        self.model, self.loss_fn, self.loader, self.evaluate = model, loss_fn, loader, evaluate
+        self.main_metric, self.config, self.log, self.device, self.desc = main_metric, config, log, device, desc
+        self.checkpoint_dir = checkpoint_dir
+        self.batches_per_epoch = len(loader)
+        steps_per_epoch = math.ceil(self.batches_per_epoch / config.grad_accum)
+        self.total_steps = config.max_steps or config.epochs * steps_per_epoch
+        self.optimizer = instantiate(optim.optimizer)(param_groups(model, optim.weight_decay))
+        self.scheduler = instantiate(optim.scheduler)(
+            self.optimizer,
+            num_warmup_steps=int(optim.warmup_ratio * self.total_steps),
+            num_training_steps=self.total_steps,
+        )
+        self.amp_dtype = autocast_dtype(config.precision, device)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp_dtype == torch.float16)
+        self.state = TrainState()
+
+    # -- checkpoints -----------------------------------------------------------------------------
+    @property
+    def _last(self) -> Path:
+        return self.checkpoint_dir / "last.pt"
+
+    @property
+    def _best(self) -> Path:
+        return self.checkpoint_dir / "best.pt"
+
+    def save_checkpoint(self) -> None:
+        self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        _atomic_save(
+            {
+                "model": self.model.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "scaler": self.scaler.state_dict(),
+                "state": asdict(self.state),
+                "rng": _rng_state(),
+            },
+            self._last,
+        )
+
+    def try_resume(self) -> bool:
+        """Load the last checkpoint if there is one; True when training resumes from it."""
+        if not self._last.exists():
+            return False
+        ckpt = torch.load(self._last, map_location=self.device, weights_only=False)
+        self.model.load_state_dict(ckpt["model"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.scheduler.load_state_dict(ckpt["scheduler"])
+        self.scaler.load_state_dict(ckpt["scaler"])
+        self.state = TrainState(**ckpt["state"])
+        _set_rng_state(ckpt["rng"])
+        return True
+
+    # -- the loop ----------------------------------------------------------------------------------
+    def autocast(self):
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def fit(self) -> TrainState:
+        c, s = self.config, self.state
+        bar = tqdm(total=self.total_steps, initial=s.step, desc=self.desc, disable=not c.progress, dynamic_ncols=True)
+        sums: dict[str, float] = {}
+        count = 0
+        while s.step < self.total_steps and not s.stopped_early:
+            self.model.train()
+            sampler = self.loader.batch_sampler
+            sampler.set_epoch(s.epoch, skip=s.batch_in_epoch)
+            batches_left = self.batches_per_epoch - s.batch_in_epoch
+            for i, batch in enumerate(self.loader):
+                batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+                with self.autocast():
+                    loss, terms = self.loss_fn(batch)
+                self.scaler.scale(loss / c.grad_accum).backward()
+                s.batch_in_epoch += 1
+                for name, value in {"loss": loss, **terms}.items():
+                    sums[name] = sums.get(name, 0.0) + float(value.detach())
+                count += 1
+                if s.batch_in_epoch % c.grad_accum and i + 1 < batches_left:
+                    continue
+                self._optimizer_step()
+                bar.update(1)
+                if s.step % c.log_every == 0:
+                    self.log({f"train/{k}": v / count for k, v in sums.items()} | {"train/lr": self.scheduler.get_last_lr()[0]}, s.step)
+                    bar.set_postfix(loss=f"{sums['loss'] / count:.4f}")
+                    sums, count = {}, 0
+                last_step = s.step >= self.total_steps
+                if c.eval_every and s.step % c.eval_every == 0 and not last_step:
+                    self._evaluate()
+                    self.model.train()
+                if last_step or s.stopped_early:
+                    break
+                if c.save_every and s.step % c.save_every == 0:
+                    self.save_checkpoint()
+            else:
+                s.epoch, s.batch_in_epoch = s.epoch + 1, 0
+            if s.step >= self.total_steps or s.batch_in_epoch == 0:
+                self._evaluate()  # at each epoch end, and once at the very end
+                if s.step < self.total_steps and not s.stopped_early:
+                    self.save_checkpoint()
+        bar.close()
+        if c.keep_best and self._best.exists():
+            self.model.load_state_dict(torch.load(self._best, map_location=self.device))
+        return s
+
+    def _optimizer_step(self) -> None:
+        if self.config.max_grad_norm is not None:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.max_grad_norm)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.state.step += 1
+
+    def _evaluate(self) -> None:
+        s = self.state
+        metrics = self.evaluate()
+        value = metrics[self.main_metric]
+        self.log(metrics, s.step)
+        if s.best_metric is None or value > s.best_metric:
+            s.best_metric, s.best_step, s.evals_since_best = value, s.step, 0
+            if self.config.keep_best:
+                self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+                _atomic_save(self.model.state_dict(), self._best)
+        else:
+            s.evals_since_best += 1
+            if self.config.early_stopping and s.evals_since_best >= self.config.early_stopping:
+                s.stopped_early = True
+
+
+@torch.no_grad()
+def predict(model: torch.nn.Module, loader: torch.utils.data.DataLoader, device: torch.device, amp_dtype: torch.dtype | None) -> np.ndarray:
+    """Logits for every example of ``loader``, in the loader's order; dropout off."""
+    model.eval()
+    outputs = []
+    for batch in loader:
+        inputs = {k: v.to(device) for k, v in batch.items() if k != "labels"}
+        with torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext():
+            outputs.append(model(**inputs).logits.float().cpu())
+    return torch.cat(outputs).numpy()

@@ -1,0 +1,39 @@
+"""Shared fixtures: every test gets its own project folder (MLflow store, caches) under tmp_path."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+import diito  # noqa: F401  (registers the config resolvers)
+
+ROOT = Path(__file__).resolve().parents[1]
+GLUE = ROOT.parent / "shared" / "data" / "glue"  # real GLUE files, when this checkout has them
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach the hub
+
+
+@pytest.fixture
+def home(tmp_path, monkeypatch) -> Path:
+    """An isolated project folder: DIITO_HOME points at it and no outside MLflow URI leaks in."""
+    monkeypatch.setenv("DIITO_HOME", str(tmp_path))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    return tmp_path
+
+
+def compose_config(overrides: list[str] | None = None):
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return compose(config_name="config", overrides=overrides or [])
+
+
+def run_cli(args: list[str], home: Path, timeout: int = 600, **env) -> subprocess.CompletedProcess:
+    """``python run.py ARGS`` in a subprocess, with ``home`` as the project folder."""
+    environment = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    environment |= {"DIITO_HOME": str(home), "HF_HUB_OFFLINE": "1", **env}
+    return subprocess.run([sys.executable, str(ROOT / "run.py"), *args], cwd=home, env=environment,
+                          capture_output=True, text=True, timeout=timeout)

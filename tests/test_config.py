@@ -1,0 +1,108 @@
+"""Config composition and validation: every bad value is refused before compute, naming its key."""
+
+import pytest
+
+from diito.config import ConfigError, job_hash, validate
+from tests.conftest import GLUE, compose_config, run_cli
+
+
+def test_default_config_composes_and_validates(home):
+    job = validate(compose_config())
+    c = job.config
+    assert c.task.name == "rotten_tomatoes" and c.teacher.name == "minilm"
+    assert c.student.layers == 3 and job.teacher_layers == 6 and job.student_blocks == [0, 1, 2]
+    assert c.tracking.uri == f"sqlite:///{home}/mlflow.db"
+    assert c.tracking.experiment == "rotten_tomatoes"
+    assert c.paths.root == str(home)
+
+
+def test_overrides_and_groups(home):
+    job = validate(compose_config(["teacher=tiny", "student.layers=2", "student.init=skip", "loss.T=10", "loss.alpha=0.9",
+                                   "trainer=debug", "tracking=none", "seed=7"]))
+    c = job.config
+    assert (c.loss.T, c.loss.alpha, c.seed, c.trainer.max_steps) == (10.0, 0.9, 7, 4)
+    assert job.student_blocks == [0, 3] and not c.tracking.enabled
+
+
+def test_environment_overrides_the_tracking_uri(home, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5999")
+    assert validate(compose_config()).config.tracking.uri == "http://127.0.0.1:5999"
+    assert validate(compose_config(["tracking.uri=sqlite:////x/y.db"])).config.tracking.uri == "sqlite:////x/y.db"
+
+
+def test_original_readme_experiment_preset(home):
+    cfg = compose_config(["experiment=diito_xxs_sst2"])
+    assert cfg.task.name == "sst2" and cfg.teacher.model == "bert-base-uncased"
+    assert (cfg.student.layers, cfg.loss.alpha, cfg.loss.T, cfg.optim.lr) == (6, 0.7, 20.0, 2e-5)
+    assert (cfg.trainer.batch_size, cfg.trainer.epochs, cfg.task.max_length) == (32, 5, 128)
+    assert list(cfg.loss.patience_layers) == [1, 3, 5, 7, 9]
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["trainer.epochs=abc"], "trainer.epochs: Input should be a valid integer"),
+        (["trainer.precision=fp8"], "trainer.precision: Input should be"),
+        (["student.init=random"], "student.init: Input should be 'first_k' or 'skip'"),
+        (["loss.alpha=1.5"], "loss.alpha: Input should be less than or equal to 1"),
+        (["loss.alpha=-0.1"], "loss.alpha: Input should be greater than or equal to 0"),
+        (["loss.T=0"], "loss.T: Input should be greater than 0"),
+        (["loss.T=-2"], "loss.T: Input should be greater than 0"),
+        (["student.layers=7"], "student.layers: 7 is deeper than the 6-layer teacher"),
+        (["teacher=tiny", "student.layers=5"], "student.layers: 5 is deeper than the 4-layer teacher"),
+        (["student.blocks=[0,9,1]"], "student.blocks"),
+        (["loss.beta=1", "loss.patience_layers=[1]"], "loss.patience_layers: 1 teacher layers given; a 3-layer student matches 2"),
+        (["task=files"], "task"),
+        (["task=files", "task.files.train=/nonexistent/train.csv", "task.files.validation=/nonexistent/dev.csv"], "/nonexistent/train.csv"),
+        (["task.main_metric=f2"], "main_metric"),
+        (["teacher.checkpoint=/nonexistent/teacher"], "teacher.checkpoint: cannot load model"),
+        (["optim.lr=0"], "optim.lr: Input should be greater than 0"),
+    ],
+)
+def test_bad_values_are_refused_naming_the_key(home, overrides, message):
+    with pytest.raises(ConfigError) as error:
+        validate(compose_config(overrides))
+    assert message in str(error.value)
+    assert "\n" not in str(error.value)
+
+
+def test_missing_column_names_file_and_column(home, tmp_path):
+    train = tmp_path / "train.csv"
+    train.write_text("sentence,label\na,0\nb,1\n")
+    overrides = ["task=files", f"task.files.train={train}", f"task.files.validation={train}", "task.text_fields=[text]"]
+    with pytest.raises(ConfigError, match=r"train.csv.*'text'"):
+        validate(compose_config(overrides))
+
+
+def test_unknown_key_is_refused_by_hydra(home):
+    from hydra.errors import ConfigCompositionException
+
+    with pytest.raises(ConfigCompositionException, match="trainer.epoch"):
+        compose_config(["trainer.epoch=3"])
+
+
+def test_job_hash_ignores_cosmetic_keys(home):
+    base = validate(compose_config()).resolved
+    assert job_hash(base) == job_hash(validate(compose_config(["trainer.progress=false", "tracking.run_name=x"])).resolved)
+    assert job_hash(base) != job_hash(validate(compose_config(["loss.T=3"])).resolved)
+
+
+def test_cli_error_is_one_line_with_nonzero_exit_and_no_run(home):
+    result = run_cli(["loss.alpha=2", "teacher=tiny"], home, timeout=120)
+    assert result.returncode != 0
+    assert result.stderr.strip().splitlines()[-1].startswith("error: loss.alpha:")
+    assert not (home / "mlflow.db").exists()  # nothing was started, so nothing is left RUNNING
+
+
+def test_cli_help_and_cfg_job(home):
+    help_text = run_cli(["--help"], home, timeout=120).stdout
+    assert "causal distillation" in help_text and "== Configuration groups ==" in help_text
+    assert "teacher: bert-base-uncased, distilbert-base-uncased, hub, minilm" in help_text
+    printed = run_cli(["--cfg", "job", "loss.T=7"], home, timeout=120)
+    assert printed.returncode == 0 and "T: 7" in printed.stdout
+
+
+@pytest.mark.skipif(not (GLUE / "RTE").exists(), reason="GLUE reference files not present")
+def test_local_glue_folder_validates(home):
+    job = validate(compose_config(["task=rte", f"task.data_dir={GLUE / 'RTE'}", "teacher=tiny"]))
+    assert job.config.task.data_dir.endswith("RTE")
