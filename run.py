@@ -21,9 +21,10 @@ def main(cfg: DictConfig) -> float:
     from diito.data import DataError
     from diito.pipeline import run
 
-    runtime = HydraConfig.get().runtime
+    hydra_cfg = HydraConfig.get()
+    output_dir = Path(hydra_cfg.runtime.output_dir)
     try:
-        return run(cfg, output_dir=Path(runtime.output_dir), hydra_dir=Path(runtime.output_dir) / ".hydra")
+        return run(cfg, output_dir, hydra_dir=output_dir / hydra_cfg.output_subdir, job_name=hydra_cfg.job.override_dirname or "default")
     except (ConfigError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -596,4 +596,7 @@ def make_loader(
         batch_sampler=sampler,
         collate_fn=PadCollate(encoded, pad_token_id),
         num_workers=num_workers,
+        # Its own generator: iterating a DataLoader otherwise draws from the global torch RNG, so
+        # a resumed run's dropout masks would drift from an uninterrupted run's.
+        generator=torch.Generator().manual_seed(seed),
     )

@@ -7,6 +7,7 @@ evaluation -> tracking. Each step hands plain Python objects to the next.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import shutil
@@ -169,7 +170,7 @@ def obtain_teacher(job: Job, data: Prepared, tokenizer, device) -> tuple[Any, di
             return loss, {"ce": loss}
 
         tags = {"diito.role": "teacher", "task": c.task.name, "teacher": c.teacher.name, "teacher_layers": job.teacher_layers}
-        with resumable_run(folder, c.tracking, f"teacher-{c.task.name}-{c.teacher.name}", tags | _git(c)) as run:
+        with resumable_run(folder, c.tracking, f"teacher-{c.task.name}-{c.teacher.name}", tags | _git()) as run:
             run.log_params(tracking.flatten({"task": c.task.model_dump(), "teacher": c.teacher.model_dump(),
                                              "trainer": trainer_cfg.model_dump(), "optim": optim.model_dump(), "seed": c.seed}))
             state = train(model, loss_fn, data, trainer_cfg, optim, c.seed, folder, run, device, desc="teacher")
@@ -184,14 +185,17 @@ def obtain_teacher(job: Job, data: Prepared, tokenizer, device) -> tuple[Any, di
     return load_finetuned(folder / "model").to(device).eval(), info | {"source": str(folder), "built_now": built}
 
 
-def _git(c) -> dict[str, str]:
-    return tracking.git_tags(Path(c.paths.root))
+@functools.cache
+def _git() -> dict[str, str]:
+    """Tags naming the commit of the code that runs (not of the project folder, which may differ)."""
+    return tracking.git_tags(Path(__file__).resolve().parent)
 
 
 # -- the job -------------------------------------------------------------------------------------------
-def run(cfg: DictConfig, output_dir: Path | None = None, hydra_dir: Path | None = None) -> float:
+def run(cfg: DictConfig, output_dir: Path | None = None, hydra_dir: Path | None = None, job_name: str = "default") -> float:
     """Run the job ``cfg`` describes; returns the student's main validation metric (the teacher's
-    with ``stage=teacher``), which Hydra sweepers optimise."""
+    with ``stage=teacher``), which Hydra sweepers optimise. ``job_name`` (the command line's
+    overrides, under Hydra) names the MLflow run unless ``tracking.run_name`` does."""
     job = validate(cfg)
     c = job.config
     if c.trainer.num_threads:
@@ -211,8 +215,8 @@ def run(cfg: DictConfig, output_dir: Path | None = None, hydra_dir: Path | None 
     }
     if teacher_info.get("run_id"):
         tags["diito.teacher_run_id"] = teacher_info["run_id"]
-    with resumable_run(state_dir, c.tracking, c.tracking.run_name, tags | _git(c)) as run_:
-        run_.log_params(tracking.flatten(job.resolved))
+    with resumable_run(state_dir, c.tracking, c.tracking.run_name or job_name, tags | _git()) as run_:
+        run_.log_params(tracking.flatten(c.model_dump(mode="json")))  # validated, so 4 and 4.0 log alike
         run_.log_dict(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
         if hydra_dir and hydra_dir.exists():
             run_.log_artifacts(hydra_dir, ".hydra")

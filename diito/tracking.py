@@ -14,6 +14,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from filelock import FileLock
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
@@ -91,9 +92,24 @@ def _client(config: TrackingConfig) -> MlflowClient:
     return MlflowClient(tracking_uri=config.uri)
 
 
+def _store_lock(uri: str | None):
+    """An inter-process lock beside a SQLite store: the first access to a new database creates its
+    schema, and concurrent jobs must not race to do that (or to create the same experiment)."""
+    if uri and uri.startswith("sqlite:///"):
+        path = Path(uri.removeprefix("sqlite:///"))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return FileLock(str(path) + ".lock")
+    return contextlib.nullcontext()
+
+
 def experiment_id(config: TrackingConfig) -> str:
     """The experiment's id, creating it (with artifacts under ``artifact_location`` for database
     stores, so they never land in a job's working directory) if it does not exist yet."""
+    with _store_lock(config.uri):
+        return _get_or_create_experiment(config)
+
+
+def _get_or_create_experiment(config: TrackingConfig) -> str:
     client = _client(config)
     found = client.get_experiment_by_name(config.experiment)
     if found is not None:

@@ -1,0 +1,122 @@
+"""End to end: run.py into a temporary MLflow store; resume; teacher-cache reuse."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+from mlflow import MlflowClient
+from mlflow.artifacts import download_artifacts
+from safetensors.torch import load_file
+from transformers import AutoModelForSequenceClassification
+
+from diito import pipeline
+from diito.trainer import Trainer
+from tests.conftest import ROOT, compose_config, run_cli
+
+SMOKE = ["teacher=tiny", "trainer=debug"]
+
+
+def runs_by_role(home, role: str):
+    client = MlflowClient(f"sqlite:///{home}/mlflow.db")
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    runs = client.search_runs(experiments, filter_string=f"tags.`diito.role` = '{role}'", order_by=["attributes.start_time ASC"])
+    return client, runs
+
+
+def test_end_to_end_run_logs_params_metrics_tags_and_artifacts(home):
+    result = run_cli([*SMOKE, "loss.alpha=0.7", "loss.T=4"], home)
+    assert result.returncode == 0, result.stderr
+    client, (student,) = runs_by_role(home, "student")
+    _, (teacher,) = runs_by_role(home, "teacher")
+    assert student.info.status == teacher.info.status == "FINISHED"
+    assert client.get_experiment(student.info.experiment_id).name == "rotten_tomatoes"
+
+    params = student.data.params
+    assert params["loss.alpha"] == "0.7" and params["loss.T"] == "4.0" and params["student.layers"] == "3"
+    assert params["task.name"] == "rotten_tomatoes" and params["trainer.max_steps"] == "4"
+
+    tags = student.data.tags
+    assert tags["task"] == "rotten_tomatoes" and tags["teacher"] == "tiny" and tags["student_layers"] == "3"
+    assert tags["diito.teacher_run_id"] == teacher.info.run_id
+    assert len(tags["git_commit"]) == 40
+
+    history = client.get_metric_history(student.info.run_id, "train/kd")
+    assert [m.step for m in history] == [1, 2, 3, 4]
+    assert {"train/ce", "train/loss", "train/lr", "validation/accuracy", "validation/f1", "test/accuracy"} <= set(student.data.metrics)
+    assert client.get_metric_history(teacher.info.run_id, "train/ce")
+
+    artifacts = {a.path for a in client.list_artifacts(student.info.run_id)}
+    assert {"config.yaml", ".hydra", "predictions", "student"} <= artifacts
+    assert ".hydra/overrides.yaml" in {a.path for a in client.list_artifacts(student.info.run_id, ".hydra")}
+    predictions = download_artifacts(run_id=student.info.run_id, artifact_path="predictions/test.tsv", tracking_uri=client.tracking_uri)
+    lines = open(predictions).read().splitlines()
+    assert lines[0] == "index\tprediction" and len(lines) == 1 + 32
+    model = AutoModelForSequenceClassification.from_pretrained(
+        download_artifacts(run_id=student.info.run_id, artifact_path="student", tracking_uri=client.tracking_uri))
+    assert model.config.num_hidden_layers == 3
+    # artifacts live in the project folder, never in the job's working directory
+    assert (home / "mlartifacts").is_dir()
+
+
+def test_second_job_reuses_the_cached_teacher(home):
+    for alpha in ("0.3", "0.6"):
+        assert run_cli([*SMOKE, f"loss.alpha={alpha}"], home).returncode == 0
+    _, teachers = runs_by_role(home, "teacher")
+    _, students = runs_by_role(home, "student")
+    assert len(teachers) == 1 and len(students) == 2
+    assert {s.data.tags["diito.teacher_run_id"] for s in students} == {teachers[0].info.run_id}
+
+
+def test_concurrent_jobs_fine_tune_one_teacher(home):
+    env = {k: v for k, v in __import__("os").environ.items() if k != "MLFLOW_TRACKING_URI"} | {"DIITO_HOME": str(home)}
+    command = [sys.executable, str(ROOT / "run.py"), *SMOKE, "stage=teacher", "trainer.max_steps=30"]
+    procs = [subprocess.Popen(command, cwd=home, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outputs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs
+    _, teachers = runs_by_role(home, "teacher")
+    assert len(teachers) == 1
+    logs = " ".join(out + err for out, err in outputs)
+    assert "teacher fine-tuned" in logs and "teacher reused from cache" in logs
+
+
+def test_tracking_none_writes_no_store(home):
+    result = run_cli([*SMOKE, "tracking=none"], home)
+    assert result.returncode == 0, result.stderr
+    assert not (home / "mlflow.db").exists()
+
+
+class Killed(Exception):
+    """Stands for the process being killed right after a checkpoint was written."""
+
+
+def test_resume_after_kill_ends_like_an_uninterrupted_run(home, tmp_path, monkeypatch):
+    overrides = [*SMOKE, "trainer.max_steps=6", "trainer.save_every=2", "trainer.eval_every=2", "trainer.keep_best=false"]
+    cfg = compose_config(overrides)
+    uninterrupted = pipeline.run(cfg, output_dir=tmp_path / "a")
+
+    save = Trainer.save_checkpoint
+
+    def save_then_die(self):
+        save(self)
+        if self.desc == "student" and self.state.step == 4:
+            raise Killed
+
+    monkeypatch.setattr(Trainer, "save_checkpoint", save_then_die)
+    with pytest.raises(Killed):
+        pipeline.run(cfg, output_dir=tmp_path / "b")
+    client, students = runs_by_role(home, "student")
+    assert students[-1].info.status == "FAILED"
+    monkeypatch.setattr(Trainer, "save_checkpoint", save)
+    resumed = pipeline.run(cfg, output_dir=tmp_path / "b")
+
+    _, students = runs_by_role(home, "student")
+    assert len(students) == 2 and all(s.info.status == "FINISHED" for s in students)
+    assert [m.step for m in client.get_metric_history(students[1].info.run_id, "train/loss")] == [1, 2, 3, 4, 5, 6]
+    assert resumed == uninterrupted
+    a = load_file(tmp_path / "a" / "student" / "model.safetensors")
+    b = load_file(tmp_path / "b" / "student" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert students[0].data.metrics == students[1].data.metrics  # last value of every loss term and metric
