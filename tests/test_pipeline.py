@@ -120,3 +120,28 @@ def test_resume_after_kill_ends_like_an_uninterrupted_run(home, tmp_path, monkey
     b = load_file(tmp_path / "b" / "student" / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert students[0].data.metrics == students[1].data.metrics  # last value of every loss term and metric
+
+
+def test_regression_task_from_files_with_a_given_teacher_checkpoint(home, tmp_path):
+    rng = __import__("random").Random(0)
+    words = ["good", "bad", "fine", "great", "awful", "okay", "nice", "poor"]
+    for split, n in (("train", 48), ("dev", 16)):
+        rows = ["text,score"] + [f"{' '.join(rng.choices(words, k=5))},{rng.uniform(0, 5):.2f}" for _ in range(n)]
+        (tmp_path / f"{split}.csv").write_text("\n".join(rows) + "\n")
+    task = ["task=files", "task.name=scores", f"task.files.train={tmp_path / 'train.csv'}",
+            f"task.files.validation={tmp_path / 'dev.csv'}", "task.label_field=score", "task.regression=true",
+            "task.metrics=[pearson,spearman]", "task.main_metric=pearson"]
+    pipeline.run(compose_config([*SMOKE, *task, "stage=teacher"]), output_dir=tmp_path / "t")
+    _, (teacher,) = runs_by_role(home, "teacher")
+    folder = next((home / ".cache" / "teachers").glob("scores-*/model"))
+    assert AutoModelForSequenceClassification.from_pretrained(folder).config.num_labels == 1
+
+    pearson = pipeline.run(compose_config([*SMOKE, *task, f"teacher.checkpoint={folder}", "student.layers=2",
+                                           "student.init_from=pretrained"]), output_dir=tmp_path / "s")
+    client, (student,) = runs_by_role(home, "student")
+    assert -1.0 <= pearson <= 1.0 and student.data.metrics["validation/pearson"] == pytest.approx(pearson)
+    assert "diito.teacher_run_id" not in student.data.tags  # a given checkpoint has no teacher run
+    assert student.data.params["student.init_from"] == "pretrained"
+    assert {"train/kd", "train/ce"} <= set(student.data.metrics)
+    _, teachers = runs_by_role(home, "teacher")
+    assert len(teachers) == 1  # nothing was fine-tuned for the second job

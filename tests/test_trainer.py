@@ -1,0 +1,109 @@
+"""The loop's contracts on a toy regression model: step counts, accumulation, keep-best, early stopping."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from diito.data import Encoded, make_loader
+from diito.trainer import OptimConfig, Trainer, TrainerConfig, autocast_dtype, param_groups
+
+OPTIM = OptimConfig(
+    lr=0.1, weight_decay=0.01, warmup_ratio=0.0,
+    optimizer={"_target_": "torch.optim.AdamW", "_partial_": True, "lr": 0.1},
+    scheduler={"_target_": "transformers.get_linear_schedule_with_warmup", "_partial_": True},
+)
+
+
+def toy_loader(n: int = 16, batch_size: int = 4):
+    rng = np.random.default_rng(0)
+    ids = [list(rng.integers(1, 9, size=int(k))) for k in rng.integers(2, 6, size=n)]
+    labels = np.array([sum(x) / len(x) for x in ids], dtype=np.float32)
+    encoded = Encoded(ids, None, labels, [str(i) for i in range(n)], np.array([len(x) for x in ids]))
+    return make_loader(encoded, batch_size, shuffle=True, seed=0, length_grouped=False, pad_token_id=0)
+
+
+def make_trainer(tmp_path, scores: list[float], **config):
+    model = torch.nn.Linear(1, 1)
+    snapshots: list[torch.Tensor] = []
+
+    def loss_fn(batch):
+        x = (batch["input_ids"].float().sum(1) / batch["attention_mask"].sum(1)).unsqueeze(1)
+        loss = torch.nn.functional.mse_loss(model(x).squeeze(1), batch["labels"])
+        return loss, {"mse": loss}
+
+    def evaluate():
+        snapshots.append(model.weight.detach().clone())
+        return {"validation/score": scores[len(snapshots) - 1]}
+
+    logged: list[tuple[dict, int]] = []
+    trainer = Trainer(model, loss_fn, toy_loader(), evaluate, "validation/score",
+                      TrainerConfig(progress=False, **config), OPTIM, tmp_path / "ckpt",
+                      log=lambda metrics, step: logged.append((metrics, step)), device=torch.device("cpu"))
+    return trainer, model, snapshots, logged
+
+
+def test_epochs_steps_and_logging(tmp_path):
+    trainer, _, snapshots, logged = make_trainer(tmp_path, [0.1, 0.2, 0.3], epochs=3, log_every=2)
+    state = trainer.fit()
+    assert state.step == 12  # 16 examples / batch 4 = 4 steps an epoch
+    assert len(snapshots) == 3  # one evaluation per epoch end
+    train_steps = [step for metrics, step in logged if "train/mse" in metrics]
+    assert train_steps == [2, 4, 6, 8, 10, 12]
+
+
+def test_gradient_accumulation_and_max_steps(tmp_path):
+    trainer, _, _, _ = make_trainer(tmp_path, [0.0] * 10, epochs=2, grad_accum=2)
+    assert trainer.total_steps == 4 and trainer.fit().step == 4
+    trainer, _, snapshots, _ = make_trainer(tmp_path / "b", [0.0] * 10, epochs=5, max_steps=3)
+    assert trainer.total_steps == 3 and trainer.fit().step == 3 and len(snapshots) == 1
+
+
+def test_early_stopping_and_keep_best(tmp_path):
+    trainer, model, snapshots, _ = make_trainer(tmp_path, [0.5, 0.6, 0.55, 0.54, 0.9], epochs=10,
+                                                eval_every=1, early_stopping=2, keep_best=True)
+    state = trainer.fit()
+    assert state.stopped_early and state.step == 4 and state.best_step == 2
+    assert torch.equal(model.weight, snapshots[1])  # the weights of the best evaluation
+    assert not torch.equal(snapshots[1], snapshots[3])
+
+
+def test_no_weight_decay_on_biases_and_layernorm():
+    model = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.LayerNorm(3))
+    decay, no_decay = param_groups(model, 0.01)
+    assert [p.shape for p in decay["params"]] == [(3, 3)] and decay["weight_decay"] == 0.01
+    assert len(no_decay["params"]) == 3 and no_decay["weight_decay"] == 0.0
+
+
+def test_precision_choice():
+    cpu = torch.device("cpu")
+    assert autocast_dtype("auto", cpu) is None and autocast_dtype("fp32", cpu) is None
+    assert autocast_dtype("bf16", cpu) == torch.bfloat16
+
+
+def test_bf16_training_runs_on_cpu(tmp_path):
+    trainer, _, _, logged = make_trainer(tmp_path, [0.0] * 4, epochs=1, precision="bf16", log_every=1)
+    assert trainer.fit().step == 4
+    assert all(np.isfinite(m["train/mse"]) for m, _ in logged if "train/mse" in m)
+
+
+def test_dropout_is_on_in_training_and_off_in_evaluation(tmp_path):
+    modes = []
+    model = torch.nn.Sequential(torch.nn.Linear(1, 1), torch.nn.Dropout(0.5))
+
+    def loss_fn(batch):
+        modes.append(("train", model.training))
+        out = model(batch["labels"].unsqueeze(1))
+        return out.pow(2).mean(), {}
+
+    def evaluate():  # like diito.trainer.predict, evaluation switches dropout off
+        model.eval()
+        modes.append(("eval", model.training))
+        return {"m": 0.0}
+
+    trainer = Trainer(model, loss_fn, toy_loader(), evaluate, "m", TrainerConfig(progress=False, epochs=2),
+                      OPTIM, tmp_path / "c", log=lambda *a: None, device=torch.device("cpu"))
+    trainer.fit()
+    assert {m for phase, m in modes if phase == "train"} == {True}
+    assert [phase for phase, _ in modes].count("eval") == 2
