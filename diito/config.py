@@ -16,6 +16,7 @@ from omegaconf.errors import OmegaConfBaseException
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from diito.data import DataError, TaskSpec, check_task
+from diito.intervention import MappingConfig, MappingEntry, Shape, build_mapping
 from diito.models import StudentConfig, TeacherConfig, load_model_config, num_layers, select_blocks
 from diito.objective import LossConfig, default_patience_layers
 from diito.tracking import TrackingConfig
@@ -44,6 +45,7 @@ class JobConfig(BaseModel):
     teacher: TeacherConfig
     student: StudentConfig
     loss: LossConfig
+    mapping: MappingConfig
     optim: OptimConfig
     trainer: TrainerConfig
     tracking: TrackingConfig
@@ -58,6 +60,7 @@ class Job:
     teacher_layers: int
     student_blocks: list[int]
     patience_layers: list[int]
+    mapping: list[MappingEntry] | None  # the checked intervention sites; None when nothing intervenes
 
 
 def _format(error: dict[str, Any]) -> str:
@@ -97,7 +100,8 @@ def validate(cfg: DictConfig) -> Job:
 
     teacher_source = job.teacher.checkpoint or job.teacher.model
     try:
-        teacher_layers = num_layers(load_model_config(teacher_source))
+        teacher_config = load_model_config(teacher_source)
+        teacher_layers = num_layers(teacher_config)
     except (OSError, ValueError) as e:
         key = "teacher.checkpoint" if job.teacher.checkpoint else "teacher.model"
         raise ConfigError(f"{key}: cannot load model {teacher_source!r}: {str(e).splitlines()[0]}") from None
@@ -116,7 +120,15 @@ def validate(cfg: DictConfig) -> Job:
             raise ConfigError(f"loss.patience_layers: {len(patience)} teacher layers given; a {k}-layer student matches {k - 1}")
         if any(not 0 <= p < teacher_layers for p in patience):
             raise ConfigError(f"loss.patience_layers: {patience} outside the teacher's blocks 0..{teacher_layers - 1}")
-    return Job(job, resolved, teacher_layers, blocks, patience)
+    mapping = None
+    if job.loss.intervenes:
+        teacher_shape = Shape.of(teacher_config)
+        student_shape = Shape(k, teacher_shape.hidden, teacher_shape.heads)  # students keep the teacher's width
+        try:
+            mapping = build_mapping(job.mapping, teacher_shape, student_shape)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+    return Job(job, resolved, teacher_layers, blocks, patience, mapping)
 
 
 def job_hash(resolved: dict[str, Any], drop: tuple[str, ...] = NON_SEMANTIC_KEYS) -> str:

@@ -12,7 +12,7 @@ import json
 import logging
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 from diito import cache, tracking
 from diito.config import Job, digest, job_hash, validate
 from diito.data import Encoded, TaskData, TaskSpec, encode, load_task, make_loader
+from diito.intervention import mapping_table
 from diito.metrics import compute_metrics, write_glue_predictions
 from diito.models import build_student, load_finetuned, load_pretrained, load_tokenizer, save_model
 from diito.objective import DistillationObjective, task_loss
@@ -118,13 +119,19 @@ def resumable_run(state_dir: Path, config: tracking.TrackingConfig, run_name: st
 
 
 def train(model, loss_fn, data: Prepared, trainer: TrainerConfig, optim: OptimConfig, seed: int,
-          state_dir: Path, run, device, desc: str):
-    """Fit ``model`` (resuming from ``state_dir`` when allowed) and return the trainer's final state."""
+          state_dir: Path, run, device, desc: str, extra_metrics: Callable[[], dict[str, float]] | None = None):
+    """Fit ``model`` (resuming from ``state_dir`` when allowed) and return the trainer's final state;
+    ``extra_metrics`` adds to each evaluation."""
     seed_everything(seed)
+
+    def evaluate_all() -> dict[str, float]:
+        metrics = evaluate(model, data, data.spec.eval_splits, trainer, device)
+        return metrics | (extra_metrics() if extra_metrics else {})
+
     fitter = Trainer(
         model, loss_fn,
         data.loader("train", trainer.batch_size, train=True, seed=seed, length_grouped=trainer.length_grouped),
-        evaluate=lambda: evaluate(model, data, data.spec.eval_splits, trainer, device),
+        evaluate=evaluate_all,
         main_metric=main_metric_key(data.spec), config=trainer, optim=optim,
         checkpoint_dir=state_dir / "checkpoint", log=run.log_metrics, device=device, desc=desc,
     )
@@ -135,6 +142,27 @@ def train(model, loss_fn, data: Prepared, trainer: TrainerConfig, optim: OptimCo
 
 def _inputs(batch):
     return {k: v for k, v in batch.items() if k != "labels"}
+
+
+def intervention_probe(objective: DistillationObjective, student, teacher, data: Prepared, c, device) -> Callable[[], dict[str, float]] | None:
+    """Interchange-intervention accuracy and efficacy on a fixed, seeded set of validation pairs
+    (the first ``loss.eval_pairs`` examples of the first evaluation split), for each evaluation."""
+    if not c.loss.intervenes or c.loss.eval_pairs == 0 or data.num_labels == 1:
+        return None
+    split = c.task.eval_splits[0]
+    encoded = data.encoded[split]
+    subset = Encoded(encoded.input_ids[: c.loss.eval_pairs],
+                     encoded.token_type_ids[: c.loss.eval_pairs] if encoded.token_type_ids else None,
+                     None, encoded.ids[: c.loss.eval_pairs], encoded.lengths[: c.loss.eval_pairs])
+    loader = make_loader(subset, c.trainer.eval_batch_size, shuffle=False, seed=0, length_grouped=False, pad_token_id=data.pad_token_id)
+
+    def probe() -> dict[str, float]:
+        student.eval()
+        batches = ({k: v.to(device) for k, v in batch.items()} for batch in loader)
+        results = objective.evaluate_interventions(student, teacher, batches, seed=c.seed)
+        return {f"{split}/{name}": value for name, value in results.items()}
+
+    return probe
 
 
 # -- teacher -----------------------------------------------------------------------------------------
@@ -191,6 +219,17 @@ def _git() -> dict[str, str]:
     return tracking.git_tags(Path(__file__).resolve().parent)
 
 
+def job_params(job: Job) -> dict[str, Any]:
+    """The validated config, flattened (validated, so 4 and 4.0 log alike). Intervention settings
+    are left out of runs that make no interventions, so a KD baseline never shows an
+    interchange_prop it did not use."""
+    params = tracking.flatten(job.config.model_dump(mode="json"))
+    if job.mapping is None:
+        unused = ("loss.interchange_", "loss.pairing", "loss.eval_pairs", "mapping.")
+        params = {k: v for k, v in params.items() if not k.startswith(unused)}
+    return params
+
+
 # -- the job -------------------------------------------------------------------------------------------
 def run(cfg: DictConfig, output_dir: Path | None = None, hydra_dir: Path | None = None, job_name: str = "default") -> float:
     """Run the job ``cfg`` describes; returns the student's main validation metric (the teacher's
@@ -216,23 +255,19 @@ def run(cfg: DictConfig, output_dir: Path | None = None, hydra_dir: Path | None 
     if teacher_info.get("run_id"):
         tags["diito.teacher_run_id"] = teacher_info["run_id"]
     with resumable_run(state_dir, c.tracking, c.tracking.run_name or job_name, tags | _git()) as run_:
-        run_.log_params(tracking.flatten(c.model_dump(mode="json")))  # validated, so 4 and 4.0 log alike
+        run_.log_params(job_params(job))
         run_.log_dict(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
         if hydra_dir and hydra_dir.exists():
             run_.log_artifacts(hydra_dir, ".hydra")
 
         source = teacher if c.student.init_from == "teacher" else load_pretrained(c.teacher.model, data.num_labels, c.seed)
         student = build_student(source, job.student_blocks, copy_classifier=c.student.init_from == "teacher").to(device)
-        objective = DistillationObjective(c.loss, job.patience_layers)
-        hidden = objective.needs_hidden_states
-
-        def loss_fn(batch):
-            inputs = _inputs(batch)
-            with torch.no_grad():
-                teacher_out = teacher(**inputs, output_hidden_states=hidden)
-            return objective(student(**inputs, output_hidden_states=hidden), teacher_out, batch["labels"])
-
-        state = train(student, loss_fn, data, c.trainer, c.optim, c.seed, state_dir, run_, device, desc="student")
+        objective = DistillationObjective(c.loss, job.patience_layers, job.mapping)
+        if job.mapping:
+            log.info("intervention mapping (student <-> teacher blocks):\n%s", mapping_table(job.mapping))
+        probe = intervention_probe(objective, student, teacher, data, c, device)
+        state = train(student, lambda batch: objective.step(student, teacher, batch), data, c.trainer, c.optim, c.seed,
+                      state_dir, run_, device, desc="student", extra_metrics=probe)
         predictions = predict_splits(student, data, list(c.task.eval_splits) + data.test_splits, c.trainer, device)
         final = score(data, predictions)
         run_.log_metrics(final | {"best_step": state.best_step or state.step}, state.step)

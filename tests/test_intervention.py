@@ -1,0 +1,164 @@
+"""Interventions: mapping presets, position sampling, and the fast path's exactness."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForSequenceClassification, BertConfig, DistilBertConfig, ElectraConfig, RobertaConfig
+
+from diito.intervention import (
+    EntrySpec, MappingConfig, Shape, SiteSpec, build_mapping, mapping_table, pairing, preset, sample_interchange, swap_count,
+)
+from diito.models import build_student
+from diito.objective import DistillationObjective, LossConfig
+
+
+# -- mapping presets -------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "teacher, student, name, expected",
+    [
+        (12, 6, "full", [([0], [0, 1]), ([1], [2, 3]), ([2], [4, 5]), ([3], [6, 7]), ([4], [8, 9]), ([5], [10, 11])]),
+        (12, 3, "full", [([0], [0, 1, 2, 3]), ([1], [4, 5, 6, 7]), ([2], [8, 9, 10, 11])]),
+        (6, 3, "full", [([0], [0, 1]), ([1], [2, 3]), ([2], [4, 5])]),
+        (6, 2, "full", [([0], [0, 1, 2]), ([1], [3, 4, 5])]),
+        (12, 6, "middle", [([3], [6])]),
+        (12, 3, "middle", [([1], [6])]),
+        (6, 3, "middle", [([1], [3])]),
+        (6, 2, "middle", [([1], [3])]),
+        (12, 6, "late", [([3], [9]), ([4], [10])]),
+        (12, 3, "late", [([0], [9]), ([1], [10])]),
+        (6, 3, "late", [([0], [3]), ([1], [4])]),
+        (6, 2, "late", [([0], [3]), ([1], [4])]),
+    ],
+)
+def test_mapping_presets(teacher, student, name, expected):
+    assert preset(name, teacher, student) == expected
+    entries = build_mapping(MappingConfig(name=name), Shape(teacher, 768, 12), Shape(student, 768, 12))
+    assert [([s.layer for s in e.student], [t.layer for t in e.teacher]) for e in entries] == expected
+
+
+def test_explicit_mapping_with_slices_is_checked():
+    teacher, student = Shape(6, 384, 12), Shape(3, 384, 12)
+    entries = build_mapping(MappingConfig(name="explicit", entries=[
+        EntrySpec(student=SiteSpec(layers=[1], heads=(0, 6)), teacher=SiteSpec(layers=[2, 3], dims=(0, 192)))]), teacher, student)
+    assert entries[0].student[0].dims == (0, 192) and [t.layer for t in entries[0].teacher] == [2, 3]
+    assert "1[0:192]" in mapping_table(entries) and "2[0:192], 3[0:192]" in mapping_table(entries)
+    bad = [
+        (SiteSpec(layers=[3]), SiteSpec(layers=[0]), "student.layers: 3 outside blocks 0..2"),
+        (SiteSpec(layers=[0], dims=(0, 500)), SiteSpec(layers=[0], dims=(0, 500)), "dims: [0, 500] outside the hidden size 384"),
+        (SiteSpec(layers=[0], heads=(10, 13)), SiteSpec(layers=[0]), "heads: [10, 13] outside the model's 12 heads"),
+        (SiteSpec(layers=[0], dims=(0, 10)), SiteSpec(layers=[0], dims=(0, 20)), "differ in width"),
+    ]
+    for s, t, message in bad:
+        with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("]", r"\]")):
+            build_mapping(MappingConfig(name="explicit", entries=[EntrySpec(student=s, teacher=t)]), teacher, student)
+
+
+# -- positions -----------------------------------------------------------------------------------------
+def test_swap_count():
+    assert swap_count(10, 20, 0.3, 1, None) == 3
+    assert swap_count(3, 20, 0.3, 0, None) == 0  # the original: nothing swapped in short inputs
+    assert swap_count(3, 20, 0.3, 1, None) == 1
+    assert swap_count(40, 50, 0.3, 1, 5) == 5
+    assert swap_count(2, 2, 1.0, 1, None) == 2
+
+
+@pytest.mark.parametrize("mode", ["random", "consecutive"])
+def test_positions_counts_never_padding_and_reproducible(mode):
+    lengths = torch.tensor([12, 3, 30, 7, 2, 25, 9, 16])
+    x = sample_interchange(lengths, 0.3, mode, generator=torch.Generator().manual_seed(0))
+    for b in range(len(lengths)):
+        s = int(x.source[b])
+        picked = x.pair == b
+        n = swap_count(int(lengths[b]), int(lengths[s]), 0.3, 1, None)
+        assert int(picked.sum()) == n
+        bp, sp = x.base_pos[picked], x.source_pos[picked]
+        assert (bp < lengths[b]).all() and (sp < lengths[s]).all() and (bp >= 0).all()
+        assert len(set(bp.tolist())) == n and bool((bp.diff() > 0).all()) and bool((sp.diff() > 0).all())
+        if mode == "consecutive":
+            assert bool((bp.diff() == 1).all()) and bool((sp.diff() == 1).all())
+    y = sample_interchange(lengths, 0.3, mode, generator=torch.Generator().manual_seed(0))
+    assert all(torch.equal(a, b) for a, b in zip(vars(x).values(), vars(y).values()))
+
+
+def test_derangement_and_plain_permutation():
+    generator = torch.Generator().manual_seed(1)
+    for _ in range(200):
+        perm = pairing(5, True, generator)
+        assert sorted(perm.tolist()) == list(range(5)) and bool((perm != torch.arange(5)).all())
+    fixed = sum(bool((pairing(5, False, generator) == torch.arange(5)).any()) for _ in range(200))
+    assert fixed > 50  # plain permutations (the original) often keep an example as its own source
+
+
+# -- exactness ---------------------------------------------------------------------------------------------
+def _family(name: str, hidden: int = 32, layers: int = 4):
+    common = dict(vocab_size=100, num_labels=3, max_position_embeddings=64)
+    if name == "distilbert":
+        return DistilBertConfig(dim=hidden, n_layers=layers, n_heads=4, hidden_dim=2 * hidden, **common)
+    cls = {"bert": BertConfig, "roberta": RobertaConfig, "electra": ElectraConfig}[name]
+    extra = {"pad_token_id": 1} if name == "roberta" else {}
+    return cls(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=4, intermediate_size=2 * hidden, **common, **extra)
+
+
+def _batch(seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.tensor([9, 4, 12, 7, 2, 12])
+    ids = torch.randint(3, 100, (6, 12), generator=g)
+    mask = (torch.arange(12)[None] < lengths[:, None]).long()
+    return {"input_ids": ids * mask, "attention_mask": mask, "labels": torch.randint(0, 3, (6,), generator=g)}
+
+
+def _loss_and_grads(objective, student, teacher, batch, seed):
+    student.zero_grad()
+    torch.manual_seed(seed)
+    total, terms = objective.step(student, teacher, batch)
+    total.backward()
+    return total.detach(), {k: v.detach() for k, v in terms.items()}, {n: p.grad.clone() for n, p in student.named_parameters() if p.grad is not None}
+
+
+MAPPINGS = {
+    "full": MappingConfig(name="full"),
+    "middle": MappingConfig(name="middle"),
+    "late": MappingConfig(name="late"),
+    "slices": MappingConfig(name="explicit", entries=[
+        EntrySpec(student=SiteSpec(layers=[0], heads=(1, 3)), teacher=SiteSpec(layers=[1, 2], heads=(1, 3))),
+        EntrySpec(student=SiteSpec(layers=[1], dims=(4, 20)), teacher=SiteSpec(layers=[3], dims=(4, 20)))]),
+}
+
+
+@pytest.mark.parametrize("family", ["bert", "roberta", "electra", "distilbert"])
+@pytest.mark.parametrize("mapping", list(MAPPINGS))
+def test_fast_path_matches_the_three_pass_reference(family, mapping):
+    torch.manual_seed(0)
+    teacher = AutoModelForSequenceClassification.from_config(_family(family)).eval()
+    student = build_student(teacher, [0, 2], copy_classifier=False).eval()  # dropout off
+    entries = build_mapping(MAPPINGS[mapping], Shape.of(teacher.config), Shape.of(student.config))
+    config = LossConfig(alpha=0.5, T=2.0, gamma=1.0, cosine=0.5, interchange_prop=0.4)
+    results = [_loss_and_grads(DistillationObjective(config, [], entries, fast=fast), student, teacher, _batch(), seed=3)
+               for fast in (True, False)]
+    (fast_total, fast_terms, fast_grads), (ref_total, ref_terms, ref_grads) = results
+    assert {"kd", "ce", "diito", "cosine", "iia", "efficacy"} <= set(fast_terms)
+    assert fast_terms["diito"] > 0
+    torch.testing.assert_close(fast_total, ref_total, atol=1e-5, rtol=0)
+    for name in ref_terms:
+        torch.testing.assert_close(fast_terms[name], ref_terms[name], atol=1e-5, rtol=0)
+    assert fast_grads.keys() == ref_grads.keys() and len(fast_grads) == len(list(student.parameters()))
+    for name in ref_grads:
+        torch.testing.assert_close(fast_grads[name], ref_grads[name], atol=1e-5, rtol=0, msg=name)
+
+
+def test_fast_path_exact_when_teacher_and_student_differ_in_width_and_depth():
+    torch.manual_seed(0)
+    teacher = AutoModelForSequenceClassification.from_config(_family("bert", hidden=32, layers=4)).eval()
+    student = AutoModelForSequenceClassification.from_config(_family("bert", hidden=16, layers=2)).eval()
+    mapping = MappingConfig(name="explicit", entries=[
+        EntrySpec(student=SiteSpec(layers=[0]), teacher=SiteSpec(layers=[1], dims=(0, 16))),
+        EntrySpec(student=SiteSpec(layers=[1], dims=(8, 16)), teacher=SiteSpec(layers=[2, 3], heads=(2, 3)))])
+    entries = build_mapping(mapping, Shape.of(teacher.config), Shape.of(student.config))
+    config = LossConfig(alpha=0.5, gamma=1.0, interchange_prop=0.5)
+    for seed in range(4):  # both entries get drawn
+        (ft, _, fg), (rt, _, rg) = [_loss_and_grads(DistillationObjective(config, [], entries, fast=f), student, teacher, _batch(seed), seed)
+                                    for f in (True, False)]
+        torch.testing.assert_close(ft, rt, atol=1e-5, rtol=0)
+        for name in rg:
+            torch.testing.assert_close(fg[name], rg[name], atol=1e-5, rtol=0)
