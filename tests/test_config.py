@@ -32,7 +32,11 @@ def test_environment_overrides_the_tracking_uri(home, monkeypatch):
 
 def test_original_readme_experiment_preset(home):
     cfg = compose_config(["experiment=diito_xxs_sst2"])
-    assert cfg.task.name == "sst2" and cfg.teacher.model == "bert-base-uncased"
+    assert cfg.task.name == "sst2" and cfg.teacher.model == "bert-base-uncased" and cfg.mapping.name == "full"
+    assert (cfg.loss.name, cfg.loss.gamma, cfg.loss.kl_reduction, cfg.loss.pairing, cfg.loss.interchange_min_token) == (
+        "diito", 1.0, "mean", "permutation", 0)
+    assert (cfg.student.init, cfg.student.init_from, cfg.loss.interchange_prop) == ("first_k", "pretrained", 0.3)
+    assert compose_config(["experiment=kd_xxs_sst2"]).loss.name == "kd"
     assert (cfg.student.layers, cfg.loss.alpha, cfg.loss.T, cfg.optim.lr) == (6, 0.7, 20.0, 2e-5)
     assert (cfg.trainer.batch_size, cfg.trainer.epochs, cfg.task.max_length) == (32, 5, 128)
     assert list(cfg.loss.patience_layers) == [1, 3, 5, 7, 9]
@@ -57,6 +61,13 @@ def test_original_readme_experiment_preset(home):
         (["task.main_metric=f2"], "main_metric"),
         (["teacher.checkpoint=/nonexistent/teacher"], "teacher.checkpoint: cannot load model"),
         (["optim.lr=0"], "optim.lr: Input should be greater than 0"),
+        (["loss.interchange_prop=1.5"], "loss.interchange_prop: Input should be less than or equal to 1"),
+        (["loss.interchange_mode=spans"], "loss.interchange_mode: Input should be 'random' or 'consecutive'"),
+        (["loss.pairing=shuffle"], "loss.pairing"),
+        (["loss.gamma=-1"], "loss.gamma: Input should be greater than or equal to 0"),
+        (["teacher=tiny", "mapping=explicit"], "mapping.entries[0].student.heads: [0, 6] outside the model's 2 heads"),
+        (["mapping=explicit", "mapping.entries=[{student:{layers:[5]},teacher:{layers:[1]}}]"],
+         "mapping.entries[0].student.layers: 5 outside blocks 0..2"),
     ],
 )
 def test_bad_values_are_refused_naming_the_key(home, overrides, message):

@@ -46,6 +46,11 @@ def test_end_to_end_run_logs_params_metrics_tags_and_artifacts(home):
     history = client.get_metric_history(student.info.run_id, "train/kd")
     assert [m.step for m in history] == [1, 2, 3, 4]
     assert {"train/ce", "train/loss", "train/lr", "validation/accuracy", "validation/f1", "test/accuracy"} <= set(student.data.metrics)
+    # DIITO (the default objective) logs its term and the intervention diagnostics
+    assert {"train/diito", "train/iia", "train/efficacy", "validation/iia", "validation/efficacy"} <= set(student.data.metrics)
+    assert 0.0 <= student.data.metrics["validation/iia"] <= 1.0
+    assert params["loss.name"] == "diito" and params["loss.interchange_prop"] == "0.3" and params["mapping.name"] == "full"
+    assert "intervention mapping" in result.stdout
     assert client.get_metric_history(teacher.info.run_id, "train/ce")
 
     artifacts = {a.path for a in client.list_artifacts(student.info.run_id)}
@@ -62,12 +67,15 @@ def test_end_to_end_run_logs_params_metrics_tags_and_artifacts(home):
 
 
 def test_second_job_reuses_the_cached_teacher(home):
-    for alpha in ("0.3", "0.6"):
-        assert run_cli([*SMOKE, f"loss.alpha={alpha}"], home).returncode == 0
+    for loss in ("loss=diito", "loss=kd"):
+        assert run_cli([*SMOKE, loss], home).returncode == 0
     _, teachers = runs_by_role(home, "teacher")
     _, students = runs_by_role(home, "student")
     assert len(teachers) == 1 and len(students) == 2
     assert {s.data.tags["diito.teacher_run_id"] for s in students} == {teachers[0].info.run_id}
+    kd = students[1]
+    assert kd.data.params["loss.name"] == "kd" and kd.data.params["loss.gamma"] == "0.0"
+    assert "loss.interchange_prop" not in kd.data.params and "train/diito" not in kd.data.metrics
 
 
 def test_concurrent_jobs_fine_tune_one_teacher(home):

