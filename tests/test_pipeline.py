@@ -10,7 +10,7 @@ import torch
 from mlflow import MlflowClient
 from mlflow.artifacts import download_artifacts
 from safetensors.torch import load_file
-from transformers import AutoModelForSequenceClassification
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from diito import pipeline
 from diito.trainer import Trainer
@@ -59,9 +59,11 @@ def test_end_to_end_run_logs_params_metrics_tags_and_artifacts(home):
     predictions = download_artifacts(run_id=student.info.run_id, artifact_path="predictions/test.tsv", tracking_uri=client.tracking_uri)
     lines = open(predictions).read().splitlines()
     assert lines[0] == "index\tprediction" and len(lines) == 1 + 32
-    model = AutoModelForSequenceClassification.from_pretrained(
-        download_artifacts(run_id=student.info.run_id, artifact_path="student", tracking_uri=client.tracking_uri))
+    folder = download_artifacts(run_id=student.info.run_id, artifact_path="student", tracking_uri=client.tracking_uri)
+    model = AutoModelForSequenceClassification.from_pretrained(folder)
     assert model.config.num_hidden_layers == 3
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    assert model(**tokenizer(["a fine film"], return_tensors="pt")).logits.shape == (1, 2)
     # artifacts live in the project folder, never in the job's working directory
     assert (home / "mlartifacts").is_dir()
 
