@@ -23,7 +23,7 @@ from diito.tracking import TrackingConfig
 from diito.trainer import OptimConfig, TrainerConfig
 
 # Keys that change how a job looks, not what it computes: left out of the job's identity.
-NON_SEMANTIC_KEYS = ("trainer.progress", "trainer.resume", "trainer.log_every", "tracking.run_name")
+NON_SEMANTIC_KEYS = ("rerun", "trainer.progress", "trainer.resume", "trainer.log_every", "tracking.run_name")
 
 
 class ConfigError(ValueError):
@@ -40,6 +40,7 @@ class JobConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     seed: int
     stage: Literal["teacher", "distill"]
+    rerun: bool = False
     paths: Paths
     task: TaskSpec
     teacher: TeacherConfig

@@ -231,12 +231,48 @@ def job_params(job: Job) -> dict[str, Any]:
 
 
 # -- the job -------------------------------------------------------------------------------------------
-def run(cfg: DictConfig, output_dir: Path | None = None, hydra_dir: Path | None = None, job_name: str = "default") -> float:
+def sweep_tags(sweep: dict[str, str] | None) -> dict[str, str]:
+    """Tags that make a job a child of its sweep's parent run in MLflow."""
+    return {"mlflow.parentRunId": sweep["parent_run_id"], "diito.sweep_id": sweep["sweep_id"]} if sweep else {}
+
+
+def finished_run(config: tracking.TrackingConfig, config_hash: str):
+    """A FINISHED student run of exactly this config, if there is one."""
+    client = tracking.MlflowClient(tracking_uri=config.uri)
+    found = client.search_runs([tracking.experiment_id(config)], max_results=1, filter_string=(
+        f"tags.config_hash = '{config_hash}' and tags.`diito.role` = 'student' and attributes.status = 'FINISHED'"))
+    return (client, found[0]) if found else (client, None)
+
+
+def record_failure(cfg: DictConfig, job_name: str, sweep: dict[str, str], error: BaseException) -> None:
+    """A FAILED child run for a sweep job that failed before its own run existed (say, an invalid
+    combination of values), so the sweep shows it with its error and its config."""
+    settings = tracking.TrackingConfig(**OmegaConf.to_container(cfg.tracking, resolve=True))
+    if not settings.enabled:
+        return
+    client = tracking.MlflowClient(tracking_uri=settings.uri)
+    tags = sweep_tags(sweep) | {"diito.role": "student", "error": f"{type(error).__name__}: {error}"[:5000]}
+    run_id = client.create_run(tracking.experiment_id(settings), run_name=job_name, tags=tags).info.run_id
+    tracking.Run(client, run_id).log_params(tracking.flatten(OmegaConf.to_container(cfg, resolve=False)))
+    client.set_terminated(run_id, status="FAILED")
+
+
+def run(cfg: DictConfig, output_dir: Path | None = None, hydra_dir: Path | None = None, job_name: str = "default",
+        sweep: dict[str, str] | None = None) -> float:
     """Run the job ``cfg`` describes; returns the student's main validation metric (the teacher's
     with ``stage=teacher``), which Hydra sweepers optimise. ``job_name`` (the command line's
-    overrides, under Hydra) names the MLflow run unless ``tracking.run_name`` does."""
+    overrides, under Hydra) names the MLflow run unless ``tracking.run_name`` does. In a ``sweep``
+    the run is a child of the sweep's parent, and a job that already FINISHED with the same config
+    is not run again (unless ``rerun=true``): its run joins this sweep instead."""
     job = validate(cfg)
     c = job.config
+    config_hash = job_hash(job.resolved)
+    if sweep and c.tracking.enabled and not cfg.get("rerun", False) and c.stage == "distill":
+        client, done = finished_run(c.tracking, config_hash)
+        if done is not None:
+            log.info("already finished as run %s: skipped (rerun=true runs it again)", done.info.run_id)
+            tracking.Run(client, done.info.run_id).set_tags(sweep_tags(sweep))
+            return done.data.metrics.get(main_metric_key(c.task), float("nan"))
     if c.trainer.num_threads:
         torch.set_num_threads(c.trainer.num_threads)
     device = resolve_device(c.trainer.device)
@@ -247,10 +283,10 @@ def run(cfg: DictConfig, output_dir: Path | None = None, hydra_dir: Path | None 
         return teacher_info.get("metrics", {}).get(main_metric_key(c.task), float("nan"))
 
     output_dir = Path(output_dir or tempfile.mkdtemp(prefix="diito-"))
-    state_dir = Path(c.paths.cache) / "runs" / job_hash(job.resolved)
-    tags = {
+    state_dir = Path(c.paths.cache) / "runs" / config_hash
+    tags = sweep_tags(sweep) | {
         "diito.role": "student", "task": c.task.name, "teacher": c.teacher.name,
-        "student_layers": c.student.layers, "loss": c.loss.name, "config_hash": job_hash(job.resolved),
+        "student_layers": c.student.layers, "loss": c.loss.name, "config_hash": config_hash,
     }
     if teacher_info.get("run_id"):
         tags["diito.teacher_run_id"] = teacher_info["run_id"]

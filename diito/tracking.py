@@ -135,10 +135,9 @@ def open_run(config: TrackingConfig, run_name: str | None, tags: Mapping[str, st
         client.update_run(run_id, status="RUNNING")
     try:
         yield Run(client, run_id)
-    except KeyboardInterrupt:
-        client.set_terminated(run_id, status="KILLED")
-        raise
-    except BaseException:
-        client.set_terminated(run_id, status="FAILED")
+    except BaseException as error:
+        client.set_tag(run_id, "error", f"{type(error).__name__}: {error}"[:5000])
+        client.set_terminated(run_id, status="KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED")
+        error.mlflow_run_id = run_id  # lets a sweep tell that this failure is already on record
         raise
     client.set_terminated(run_id, status="FINISHED")

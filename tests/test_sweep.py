@@ -1,0 +1,102 @@
+"""Sweeps: parent and child runs in MLflow, failure isolation, skip-finished, parallel jobs."""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import pytest
+from mlflow import MlflowClient
+
+from diito import report
+from tests.conftest import run_cli
+
+SMOKE = ["teacher=tiny", "trainer=debug", "trainer.max_steps=2"]
+
+
+def sweep_runs(home):
+    client = MlflowClient(f"sqlite:///{home}/mlflow.db")
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    runs = client.search_runs(experiments)
+    parents = [r for r in runs if r.data.tags.get("diito.role") == "sweep"]
+    children = [r for r in runs if r.data.tags.get("diito.role") == "student"]
+    return client, parents, children
+
+
+def check_grid(home, parents, children, client):
+    assert len(parents) == 1
+    parent = parents[0]
+    assert parent.info.status == "FINISHED"
+    assert len(children) == 4
+    assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parent.info.run_id}
+    assert {c.data.tags["diito.sweep_id"] for c in children} == {parent.data.tags["diito.sweep_id"]}
+    assert {(c.data.params["loss.alpha"], c.data.params["loss.T"]) for c in children} == {
+        ("0.3", "2.0"), ("0.3", "4.0"), ("0.7", "2.0"), ("0.7", "4.0")}
+    assert all("loss.alpha=" in c.info.run_name and "loss.T=" in c.info.run_name for c in children)
+    assert all("validation/accuracy" in c.data.metrics and "train/diito" in c.data.metrics for c in children)
+    assert parent.data.params["sweep.loss.alpha"] == "0.3,0.7"
+    summary = json.loads(open(client.download_artifacts(parent.info.run_id, "summary.json")).read())
+    assert summary["jobs"] == 4 and summary["failed"] == 0
+    best = max(children, key=lambda c: c.data.metrics["validation/accuracy"])
+    assert summary["best_value"] == best.data.metrics["validation/accuracy"]
+    assert parent.data.tags["best_run_id"] in {c.info.run_id for c in children}
+
+
+@pytest.mark.parametrize("launcher", [[], ["hydra/launcher=joblib", "hydra.launcher.n_jobs=2"]], ids=["basic", "joblib"])
+def test_grid_sweep_makes_a_parent_with_children(home, launcher):
+    result = run_cli(["-m", *SMOKE, "loss.alpha=0.3,0.7", "loss.T=2,4", *launcher], home)
+    assert result.returncode == 0, result.stderr[-3000:]
+    client, parents, children = sweep_runs(home)
+    check_grid(home, parents, children, client)
+    assert len({t for t in (home / ".cache" / "teachers").glob("*/info.json")}) == 1  # one teacher for the sweep
+    assert "sweep: 4/4 jobs finished" in result.stdout
+
+    sweep_id = parents[0].data.tags["diito.sweep_id"]
+    report.main([sweep_id, "--x", "loss.alpha", "--y", "loss.T", "--out", str(home / "report"),
+                 "--tracking-uri", f"sqlite:///{home}/mlflow.db"])
+    lines = (home / "report" / "report.txt").read_text().splitlines()
+    assert lines[0].split()[:2] == ["loss.T", "loss.alpha"] and len(lines) == 1 + 4
+    assert (home / "report" / "heatmap.png").read_bytes()[:4] == b"\x89PNG"
+    logged = {a.path for a in client.list_artifacts(parents[0].info.run_id, "report")}
+    assert logged == {"report/report.txt", "report/heatmap.png"}
+
+
+def test_failing_job_is_recorded_and_the_others_finish(home):
+    result = run_cli(["-m", *SMOKE, "loss.alpha=0.5,1.5"], home)
+    assert result.returncode != 0
+    _, (parent,), children = sweep_runs(home)
+    by_alpha = {c.info.run_name.split(",")[0]: c for c in children}  # names are the overrides, sorted
+    assert by_alpha["loss.alpha=0.5"].info.status == "FINISHED"
+    failed = by_alpha["loss.alpha=1.5"]
+    assert failed.info.status == "FAILED" and "loss.alpha" in failed.data.tags["error"]
+    assert failed.data.tags["mlflow.parentRunId"] == parent.info.run_id
+    assert parent.info.status == "FAILED"
+    assert "sweep: 1/2 jobs finished" in result.stderr and "FAILED loss.alpha=1.5" in result.stderr
+
+
+def test_rerun_of_a_sweep_skips_finished_jobs(home):
+    assert run_cli(["-m", *SMOKE, "loss.alpha=0.3,0.7"], home).returncode == 0
+    again = run_cli(["-m", *SMOKE, "loss.alpha=0.3,0.7,0.9"], home)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.stdout.count("skipped (rerun=true runs it again)") + again.stderr.count("skipped (rerun=true runs it again)") == 2
+    _, parents, children = sweep_runs(home)
+    assert len(children) == 3  # only alpha=0.9 ran anew
+    newest = max(parents, key=lambda p: p.info.start_time)
+    assert {c.data.tags["mlflow.parentRunId"] for c in children} == {newest.info.run_id}
+    forced = run_cli(["-m", *SMOKE, "loss.alpha=0.3", "rerun=true"], home)
+    assert forced.returncode == 0
+    assert len(sweep_runs(home)[2]) == 4
+
+
+def _run(params: dict, value: float):
+    return SimpleNamespace(data=SimpleNamespace(params=params, metrics={"validation/accuracy": value}))
+
+
+def test_report_table_groups_seeds_best_first():
+    runs = [_run({"seed": "1", "loss.T": "2.0", "loss.alpha": "0.5"}, 0.80), _run({"seed": "2", "loss.T": "2.0", "loss.alpha": "0.5"}, 0.84),
+            _run({"seed": "1", "loss.T": "10.0", "loss.alpha": "0.5"}, 0.90), _run({"seed": "2", "loss.T": "10.0", "loss.alpha": "0.5"}, 0.86)]
+    keys, rows = report.table(runs, "validation/accuracy")
+    assert keys == ["loss.T"]  # the seed and the constant alpha are not configurations
+    assert [(r["loss.T"], r["n"]) for r in rows] == [("10.0", 2), ("2.0", 2)]
+    assert rows[0]["mean"] == pytest.approx(0.88) and rows[0]["std"] == pytest.approx(0.0282842712)
+    assert "0.8800 ± 0.0283" in report.format_table(keys, rows, "validation/accuracy")
