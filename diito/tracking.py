@@ -130,7 +130,7 @@ def open_run(config: TrackingConfig, run_name: str | None, tags: Mapping[str, st
         return
     client = _client(config)
     if run_id is None:
-        run_id = client.create_run(experiment_id(config), run_name=run_name, tags=dict(tags)).info.run_id
+        run_id = client.create_run(experiment_id(config), run_name=run_name, tags={k: str(v) for k, v in tags.items()}).info.run_id
     else:
         client.update_run(run_id, status="RUNNING")
     try:

@@ -100,3 +100,51 @@ def test_report_table_groups_seeds_best_first():
     assert [(r["loss.T"], r["n"]) for r in rows] == [("10.0", 2), ("2.0", 2)]
     assert rows[0]["mean"] == pytest.approx(0.88) and rows[0]["std"] == pytest.approx(0.0282842712)
     assert "0.8800 ± 0.0283" in report.format_table(keys, rows, "validation/accuracy")
+
+
+@pytest.fixture
+def mlflow_server(tmp_path):
+    """A real ``mlflow server`` on 127.0.0.1, stopped after the test."""
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    store = tmp_path / "server"
+    store.mkdir()
+    proc = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+                             "--backend-store-uri", f"sqlite:///{store / 'mlflow.db'}", "--artifacts-destination", str(store / "artifacts"),
+                             "--workers", "1"], cwd=store, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(120):
+            try:
+                urllib.request.urlopen(f"{uri}/health", timeout=1)
+                break
+            except OSError:
+                time.sleep(0.5)
+        else:
+            pytest.fail("mlflow server did not start")
+        yield uri
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def test_sweep_against_a_real_tracking_server(home, mlflow_server):
+    result = run_cli(["-m", *SMOKE, "loss.alpha=0.3,0.7", "tracking=server", f"tracking.uri={mlflow_server}"], home)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert not (home / "mlflow.db").exists()  # everything went to the server
+    client = MlflowClient(mlflow_server)
+    experiment = client.get_experiment_by_name("rotten_tomatoes")
+    runs = client.search_runs([experiment.experiment_id])
+    (parent,) = [r for r in runs if r.data.tags.get("diito.role") == "sweep"]
+    children = [r for r in runs if r.data.tags.get("diito.role") == "student"]
+    assert parent.info.status == "FINISHED" and len(children) == 2
+    assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parent.info.run_id}
+    assert {c.data.params["loss.alpha"] for c in children} == {"0.3", "0.7"}
+    assert "config.yaml" in {a.path for a in client.list_artifacts(children[0].info.run_id)}
