@@ -7,6 +7,7 @@ from types import SimpleNamespace
 
 import pytest
 from mlflow import MlflowClient
+from omegaconf import OmegaConf
 
 from diito import report
 from tests.conftest import run_cli
@@ -148,3 +149,16 @@ def test_sweep_against_a_real_tracking_server(home, mlflow_server):
     assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parent.info.run_id}
     assert {c.data.params["loss.alpha"] for c in children} == {"0.3", "0.7"}
     assert "config.yaml" in {a.path for a in client.list_artifacts(children[0].info.run_id)}
+
+
+def test_optuna_search_with_current_optuna(home):
+    result = run_cli(["-m", "hydra/sweeper=optuna", "hydra.sweeper.n_trials=3", "hydra.sweeper.seed=0", *SMOKE,
+                      "loss.alpha=interval(0.5,0.9)", "loss.T=choice(2,10)"], home)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (results_file,) = home.glob("multirun/*/*/optimization_results.yaml")
+    results = OmegaConf.to_container(OmegaConf.load(results_file))
+    assert results["completed"] == 3 and set(results["best_params"]) == {"loss.alpha", "loss.T"}
+    _, (parent,), children = sweep_runs(home)
+    assert len(children) == 3 and {c.data.tags["mlflow.parentRunId"] for c in children} == {parent.info.run_id}
+    assert all(0.5 <= float(c.data.params["loss.alpha"]) <= 0.9 and c.data.params["loss.T"] in {"2.0", "10.0"} for c in children)
+    assert results["best_value"] == max(c.data.metrics["validation/accuracy"] for c in children)
