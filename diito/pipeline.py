@@ -185,7 +185,8 @@ def obtain_teacher(job: Job, data: Prepared, tokenizer, device) -> tuple[Any, di
     trainer_cfg, optim = teacher_settings(job)
     identity = {
         "data": data.fingerprint, "model": c.teacher.model, "seed": c.seed,
-        "trainer": trainer_cfg.model_dump(exclude={"progress", "resume", "log_every", "eval_batch_size"}),
+        # settings that cannot change the fine-tuned weights stay out of the key
+        "trainer": trainer_cfg.model_dump(exclude={"progress", "resume", "log_every", "eval_batch_size", "num_threads", "save_every"}),
         "optim": optim.model_dump(),
     }
     folder = Path(c.paths.cache) / "teachers" / f"{c.task.name}-{digest(identity)}"

@@ -26,9 +26,9 @@ def home(tmp_path, monkeypatch) -> Path:
     return tmp_path
 
 
-def compose_config(overrides: list[str] | None = None):
+def compose_config(overrides: list[str] | None = None, hydra: bool = False):
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        return compose(config_name="config", overrides=overrides or [])
+        return compose(config_name="config", overrides=overrides or [], return_hydra_config=hydra)
 
 
 def run_cli(args: list[str], home: Path, timeout: int = 600, **env) -> subprocess.CompletedProcess:

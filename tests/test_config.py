@@ -42,6 +42,14 @@ def test_original_readme_experiment_preset(home):
     assert list(cfg.loss.patience_layers) == [1, 3, 5, 7, 9]
 
 
+def test_sweep_presets(home):
+    grid = compose_config(["sweep=alpha_T_prop"], hydra=True).hydra
+    assert grid.mode.name == "MULTIRUN"
+    assert dict(grid.sweeper.params) == {"loss.alpha": "0.5,0.7,0.9", "loss.T": "2,10,20", "loss.interchange_prop": "0.1,0.3,0.5"}
+    seeds = compose_config(["sweep=seeds"], hydra=True).hydra.sweeper.params
+    assert dict(seeds) == {"seed": "1,2,3", "loss": "kd,diito"}
+
+
 @pytest.mark.parametrize(
     "overrides, message",
     [
