@@ -153,6 +153,11 @@ class TaskSpec(_Strict):
         return problems
 
     @property
+    def main_metric_key(self) -> str:
+        """The logged name of the metric that keep-best, early stopping and sweeps optimise."""
+        return f"{self.eval_splits[0]}/{self.main_metric}"
+
+    @property
     def split_names(self) -> list[str]:
         """All splits the task defines: train, eval splits, test splits."""
         return ["train", *self.eval_splits, *self.test_splits]
@@ -600,3 +605,8 @@ def make_loader(
         # a resumed run's dropout masks would drift from an uninterrupted run's.
         generator=torch.Generator().manual_seed(seed),
     )
+
+
+def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A collated batch without its labels: what a model's forward takes."""
+    return {k: v for k, v in batch.items() if k != "labels"}

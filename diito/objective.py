@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
+from diito.data import model_inputs
 from diito.intervention import Counterfactual, Interchange, MappingEntry, counterfactual, reference_counterfactual, sample_interchange
 
 
@@ -101,7 +102,7 @@ class DistillationObjective:
 
     def step(self, student, teacher, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
         """The loss of one training batch (teacher frozen), with its terms and diagnostics."""
-        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        inputs = model_inputs(batch)
         hidden = self.needs_hidden_states
         with torch.no_grad():
             teacher_out = teacher(**inputs, output_hidden_states=hidden)
@@ -126,12 +127,13 @@ class DistillationObjective:
         return total, terms
 
     def sample(self, attention_mask: Tensor, generator: torch.Generator | None = None) -> Interchange:
+        """Pairs and positions, drawn on the CPU and moved once to the batch's device."""
         c = self.config
-        return sample_interchange(attention_mask.sum(1).cpu(), c.interchange_prop, c.interchange_mode, c.interchange_min_token,
-                                  c.interchange_max_token, c.pairing == "derangement", generator)
+        x = sample_interchange(attention_mask.sum(1).cpu(), c.interchange_prop, c.interchange_mode, c.interchange_min_token,
+                               c.interchange_max_token, c.pairing == "derangement", generator)
+        return x.to(attention_mask.device)
 
     def _counterfactual(self, model, inputs, out, x: Interchange, sites) -> Counterfactual:
-        x = x.to(inputs["input_ids"].device)
         if self.fast:
             return counterfactual(model, inputs, out.hidden_states, x, sites)
         return reference_counterfactual(model, inputs, x, sites)
@@ -144,7 +146,7 @@ class DistillationObjective:
         sums: dict[str, float] = {}
         count = 0
         for batch in batches:
-            inputs = {k: v for k, v in batch.items() if k != "labels"}
+            inputs = model_inputs(batch)
             entry = self.mapping[int(torch.randint(len(self.mapping), (1,), generator=generator))]
             x = self.sample(inputs["attention_mask"], generator)
             teacher_out = teacher(**inputs, output_hidden_states=True)

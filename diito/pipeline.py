@@ -24,7 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from diito import cache, tracking
 from diito.config import Job, digest, job_hash, validate
-from diito.data import Encoded, TaskData, TaskSpec, encode, load_task, make_loader
+from diito.data import Encoded, TaskData, TaskSpec, encode, load_task, make_loader, model_inputs
 from diito.intervention import mapping_table
 from diito.metrics import compute_metrics, write_glue_predictions
 from diito.models import build_student, load_finetuned, load_pretrained, load_tokenizer, save_model
@@ -92,10 +92,6 @@ def evaluate(model, data: Prepared, splits: list[str], trainer: TrainerConfig, d
     return score(data, predict_splits(model, data, labelled, trainer, device))
 
 
-def main_metric_key(spec: TaskSpec) -> str:
-    return f"{spec.eval_splits[0]}/{spec.main_metric}"
-
-
 # -- runs that survive a kill ----------------------------------------------------------------------
 @contextlib.contextmanager
 def resumable_run(state_dir: Path, config: tracking.TrackingConfig, run_name: str | None, tags: dict[str, str]) -> Iterator[tracking.Run]:
@@ -132,16 +128,12 @@ def train(model, loss_fn, data: Prepared, trainer: TrainerConfig, optim: OptimCo
         model, loss_fn,
         data.loader("train", trainer.batch_size, train=True, seed=seed, length_grouped=trainer.length_grouped),
         evaluate=evaluate_all,
-        main_metric=main_metric_key(data.spec), config=trainer, optim=optim,
+        main_metric=data.spec.main_metric_key, config=trainer, optim=optim,
         checkpoint_dir=state_dir / "checkpoint", log=run.log_metrics, device=device, desc=desc,
     )
     if trainer.resume and fitter.try_resume():
         log.info("%s: resuming from step %d", desc, fitter.state.step)
     return fitter.fit()
-
-
-def _inputs(batch):
-    return {k: v for k, v in batch.items() if k != "labels"}
 
 
 def intervention_probe(objective: DistillationObjective, student, teacher, data: Prepared, c, device) -> Callable[[], dict[str, float]] | None:
@@ -195,7 +187,7 @@ def obtain_teacher(job: Job, data: Prepared, tokenizer, device) -> tuple[Any, di
         model = load_pretrained(c.teacher.model, data.num_labels, c.seed).to(device)
 
         def loss_fn(batch):
-            loss = task_loss(model(**_inputs(batch)).logits, batch["labels"])
+            loss = task_loss(model(**model_inputs(batch)).logits, batch["labels"])
             return loss, {"ce": loss}
 
         tags = {"diito.role": "teacher", "task": c.task.name, "teacher": c.teacher.name, "teacher_layers": job.teacher_layers}
@@ -273,7 +265,7 @@ def run(cfg: DictConfig, output_dir: Path | None = None, hydra_dir: Path | None 
         if done is not None:
             log.info("already finished as run %s: skipped (rerun=true runs it again)", done.info.run_id)
             tracking.Run(client, done.info.run_id).set_tags(sweep_tags(sweep))
-            return done.data.metrics.get(main_metric_key(c.task), float("nan"))
+            return done.data.metrics.get(c.task.main_metric_key, float("nan"))
     if c.trainer.num_threads:
         torch.set_num_threads(c.trainer.num_threads)
     device = resolve_device(c.trainer.device)
@@ -281,7 +273,7 @@ def run(cfg: DictConfig, output_dir: Path | None = None, hydra_dir: Path | None 
     data = prepare(c.task, tokenizer, c.trainer)
     teacher, teacher_info = obtain_teacher(job, data, tokenizer, device)
     if c.stage == "teacher":
-        return teacher_info.get("metrics", {}).get(main_metric_key(c.task), float("nan"))
+        return teacher_info.get("metrics", {}).get(c.task.main_metric_key, float("nan"))
 
     output_dir = Path(output_dir or tempfile.mkdtemp(prefix="diito-"))
     state_dir = Path(c.paths.cache) / "runs" / config_hash
@@ -318,4 +310,4 @@ def run(cfg: DictConfig, output_dir: Path | None = None, hydra_dir: Path | None 
             run_.log_artifacts(save_model(student, tokenizer, output_dir / "student"), "student")
         shutil.rmtree(state_dir / "checkpoint", ignore_errors=True)
         (state_dir / "run.json").unlink(missing_ok=True)  # a later identical job is a new run
-    return final[main_metric_key(c.task)]
+    return final[c.task.main_metric_key]

@@ -21,6 +21,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from diito import tracking
+from diito.data import TaskSpec
 
 log = logging.getLogger(__name__)
 SWEEP_FILE = "sweep.json"
@@ -37,7 +38,7 @@ def _tracking(config: DictConfig) -> tracking.TrackingConfig:
 
 
 def _main_metric(config: DictConfig) -> str:
-    return f"{config.task.eval_splits[0] if 'eval_splits' in config.task else 'validation'}/{config.task.main_metric}"
+    return TaskSpec(**OmegaConf.to_container(config.task, resolve=True)).main_metric_key
 
 
 class SweepCallback(Callback):

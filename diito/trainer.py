@@ -23,6 +23,8 @@ from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveInt
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from diito.data import model_inputs
+
 Batch = dict[str, Tensor]
 LossFn = Callable[[Batch], tuple[Tensor, dict[str, Tensor]]]
 EvaluateFn = Callable[[], dict[str, float]]
@@ -218,7 +220,7 @@ class Trainer:
     def fit(self) -> TrainState:
         c, s = self.config, self.state
         bar = tqdm(total=self.total_steps, initial=s.step, desc=self.desc, disable=not c.progress, dynamic_ncols=True)
-        sums: dict[str, float] = {}
+        sums: dict[str, Tensor] = {}
         count = 0
         while s.step < self.total_steps and not s.stopped_early:
             self.model.train()
@@ -232,15 +234,16 @@ class Trainer:
                 self.scaler.scale(loss / c.grad_accum).backward()
                 s.batch_in_epoch += 1
                 for name, value in {"loss": loss, **terms}.items():
-                    sums[name] = sums.get(name, 0.0) + float(value.detach())
+                    sums[name] = sums.get(name, 0.0) + value.detach().float()
                 count += 1
                 if s.batch_in_epoch % c.grad_accum and i + 1 < batches_left:
                     continue
                 self._optimizer_step()
                 bar.update(1)
                 if s.step % c.log_every == 0:
-                    self.log({f"train/{k}": v / count for k, v in sums.items()} | {"train/lr": self.scheduler.get_last_lr()[0]}, s.step)
-                    bar.set_postfix(loss=f"{sums['loss'] / count:.4f}")
+                    means = {f"train/{k}": float(v) / count for k, v in sums.items()}
+                    self.log(means | {"train/lr": self.scheduler.get_last_lr()[0]}, s.step)
+                    bar.set_postfix(loss=f"{means['train/loss']:.4f}")
                     sums, count = {}, 0
                 last_step = s.step >= self.total_steps
                 if c.eval_every and s.step % c.eval_every == 0 and not last_step:
@@ -293,7 +296,7 @@ def predict(model: torch.nn.Module, loader: torch.utils.data.DataLoader, device:
     model.eval()
     outputs = []
     for batch in loader:
-        inputs = {k: v.to(device) for k, v in batch.items() if k != "labels"}
+        inputs = {k: v.to(device) for k, v in model_inputs(batch).items()}
         with torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext():
             outputs.append(model(**inputs).logits.float().cpu())
     return torch.cat(outputs).numpy()
