@@ -17,7 +17,8 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from diito.data import DataError, TaskSpec, check_task
 from diito.intervention import MappingConfig, MappingEntry, Shape, build_mapping
-from diito.models import StudentConfig, TeacherConfig, load_model_config, num_layers, select_blocks
+from diito.models import StudentConfig, load_model_config, num_layers, select_blocks
+from diito.teacher import TeacherConfig
 from diito.objective import LossConfig, default_patience_layers
 from diito.tracking import TrackingConfig
 from diito.trainer import OptimConfig, TrainerConfig

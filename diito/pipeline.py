@@ -7,6 +7,7 @@ evaluation -> tracking. Each step hands plain Python objects to the next.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import json
 import logging
@@ -29,7 +30,7 @@ from diito.intervention import mapping_table
 from diito.metrics import compute_metrics, write_glue_predictions
 from diito.models import build_student, load_finetuned, load_pretrained, load_tokenizer, save_model
 from diito.objective import DistillationObjective, task_loss
-from diito.trainer import OptimConfig, Trainer, TrainerConfig, autocast_dtype, predict, resolve_device, seed_everything
+from diito.trainer import LoopConfig, OptimConfig, Trainer, TrainerConfig, autocast_dtype, predict, resolve_device, seed_everything
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +47,13 @@ class Prepared:
     num_labels: int  # 1 for regression
     test_splits: list[str]  # the test splits actually present (a `files` task may have none)
 
+    def limited(self, loop: LoopConfig) -> Prepared:
+        """What one stage sees: the first ``max_train_examples`` training examples and the first
+        ``max_eval_examples`` of every other split (each stage has its own limits)."""
+        encoded = {split: enc.head(loop.max_train_examples if split == "train" else loop.max_eval_examples)
+                   for split, enc in self.encoded.items()}
+        return dataclasses.replace(self, encoded=encoded)
+
     def loader(self, split: str, batch_size: int, *, train: bool, seed: int = 0, length_grouped: bool = True):
         return make_loader(
             self.encoded[split], batch_size, shuffle=train, seed=seed,
@@ -53,13 +61,11 @@ class Prepared:
         )
 
 
-def prepare(spec: TaskSpec, tokenizer, trainer: TrainerConfig) -> Prepared:
+def prepare(spec: TaskSpec, tokenizer) -> Prepared:
+    """Every split of the task, tokenised once (each stage then takes its own slice: ``limited``)."""
     data: TaskData = load_task(spec)
-    encoded = {}
-    for split, examples in data.splits.items():
-        limit = trainer.max_train_examples if split == "train" else trainer.max_eval_examples
-        encoded[split] = encode(examples.head(limit) if limit else examples, tokenizer, spec.max_length)
-    fingerprint = digest([data.fingerprint(), trainer.max_train_examples, trainer.max_eval_examples, spec.max_length])
+    encoded = {split: encode(examples, tokenizer, spec.max_length) for split, examples in data.splits.items()}
+    fingerprint = digest([data.fingerprint(), spec.max_length])
     return Prepared(spec, encoded, fingerprint, tokenizer.pad_token_id, data.num_labels, data.test_splits)
 
 
@@ -158,33 +164,24 @@ def intervention_probe(objective: DistillationObjective, student, teacher, data:
 
 
 # -- teacher -----------------------------------------------------------------------------------------
-def teacher_settings(job: Job) -> tuple[TrainerConfig, OptimConfig]:
-    """The trainer and optimizer settings with the teacher recipe's non-null values applied."""
-    recipe = job.config.teacher.recipe.model_dump(exclude_none=True)
-    lr = recipe.pop("lr", None)
-    optim = job.config.optim
-    if lr is not None:
-        optim = optim.model_copy(update={"lr": lr, "optimizer": {**optim.optimizer, "lr": lr}})
-    return job.config.trainer.model_copy(update=recipe), optim
-
-
 def obtain_teacher(job: Job, data: Prepared, tokenizer, device) -> tuple[Any, dict[str, Any]]:
-    """The fine-tuned teacher: from ``teacher.checkpoint``, from the cache, or fine-tuned now (once,
-    whatever the number of processes asking) in its own MLflow run."""
+    """The fine-tuned teacher and where it came from: ``teacher.checkpoint``, the cache, or fine-tuned
+    now with ``teacher.recipe`` (once, whatever the number of processes asking) in its own MLflow run.
+    Only the recipe, the task's data and the base model decide which teacher it is."""
     c = job.config
     if c.teacher.checkpoint:
-        return load_finetuned(c.teacher.checkpoint).to(device).eval(), {"source": c.teacher.checkpoint}
-    trainer_cfg, optim = teacher_settings(job)
-    identity = {
-        "data": data.fingerprint, "model": c.teacher.model, "seed": c.seed,
-        # settings that cannot change the fine-tuned weights stay out of the key
-        "trainer": trainer_cfg.model_dump(exclude={"progress", "resume", "log_every", "eval_batch_size", "num_threads", "save_every"}),
-        "optim": optim.model_dump(),
-    }
+        log.info("teacher: the checkpoint %s", c.teacher.checkpoint)
+        return load_finetuned(c.teacher.checkpoint).to(device).eval(), {"source": "checkpoint", "path": c.teacher.checkpoint}
+    recipe = c.teacher.recipe
+    trainer_cfg = c.trainer.with_loop(recipe)
+    optim = OptimConfig(**recipe.model_dump(include=set(OptimConfig.model_fields)))
+    identity = {"data": data.fingerprint, "model": c.teacher.model, "recipe": recipe.model_dump(mode="json")}
     folder = Path(c.paths.cache) / "teachers" / f"{c.task.name}-{digest(identity)}"
 
     def fine_tune(folder: Path) -> dict[str, Any]:
-        model = load_pretrained(c.teacher.model, data.num_labels, c.seed).to(device)
+        log.info("teacher: fine-tuning %s on %s (teacher.recipe)", c.teacher.name, c.task.name)
+        teacher_data = data.limited(recipe)
+        model = load_pretrained(c.teacher.model, data.num_labels, recipe.seed).to(device)
 
         def loss_fn(batch):
             loss = task_loss(model(**model_inputs(batch)).logits, batch["labels"])
@@ -192,18 +189,38 @@ def obtain_teacher(job: Job, data: Prepared, tokenizer, device) -> tuple[Any, di
 
         tags = {"diito.role": "teacher", "task": c.task.name, "teacher": c.teacher.name, "teacher_layers": job.teacher_layers}
         with resumable_run(folder, c.tracking, f"teacher-{c.task.name}-{c.teacher.name}", tags | _git()) as run:
-            run.log_params(tracking.flatten({"task": c.task.model_dump(), "teacher": c.teacher.model_dump(),
-                                             "trainer": trainer_cfg.model_dump(), "optim": optim.model_dump(), "seed": c.seed}))
-            state = train(model, loss_fn, data, trainer_cfg, optim, c.seed, folder, run, device, desc="teacher")
-            metrics = evaluate(model, data, c.task.eval_splits, trainer_cfg, device)
+            run.log_params(tracking.flatten({"task": c.task.model_dump(), "teacher": c.teacher.model_dump()}))
+            state = train(model, loss_fn, teacher_data, trainer_cfg, optim, recipe.seed, folder, run, device, desc="teacher")
+            predictions = predict_splits(model, teacher_data, c.task.eval_splits, trainer_cfg, device)
+            metrics = score(teacher_data, predictions)
             run.log_metrics(metrics, state.step)
+            warn_if_one_class(predictions, data, run, "teacher")
             save_model(model, tokenizer, folder / "model")
             shutil.rmtree(folder / "checkpoint", ignore_errors=True)
             return {"run_id": run.run_id, "metrics": metrics, "steps": state.step}
 
     info, built = cache.build_once(folder, fine_tune)
-    log.info("teacher %s: %s", "fine-tuned" if built else "reused from cache", folder)
-    return load_finetuned(folder / "model").to(device).eval(), info | {"source": str(folder), "built_now": built}
+    source = "fine-tuned" if built else "cache"
+    main = info.get("metrics", {}).get(c.task.main_metric_key)
+    log.info("teacher: %s %s (%s%s)", "fine-tuned now," if built else "from the cache,", folder,
+             f"{c.task.main_metric_key} {main:.4f}" if main is not None else "no metric", f", run {info['run_id']}" if info.get("run_id") else "")
+    return load_finetuned(folder / "model").to(device).eval(), info | {"source": source, "path": str(folder)}
+
+
+def warn_if_one_class(predictions: dict[str, np.ndarray], data: Prepared, run, who: str) -> bool:
+    """Say so when a classifier predicts one class for every example of its first evaluation split:
+    it never left the chance plateau, and its accuracy is the class prior, not a result."""
+    split = data.spec.eval_splits[0]
+    predicted = predictions.get(split)
+    if data.num_labels == 1 or predicted is None or len(np.unique(predicted)) > 1:
+        return False
+    names = data.spec.label_names
+    label = names[int(predicted[0])] if names else str(int(predicted[0]))
+    log.warning("%s predicts one class (%r) for every %s example: it never left the chance plateau, so its %s is the "
+                "class prior, not a result. Train longer (trainer.min_steps) or with a higher learning rate.", who, label, split,
+                data.spec.main_metric)
+    run.set_tags({"diito.plateau": f"one class ({label}) on {split}"})
+    return True
 
 
 @functools.cache
@@ -270,16 +287,18 @@ def run(cfg: DictConfig, output_dir: Path | None = None, hydra_dir: Path | None 
         torch.set_num_threads(c.trainer.num_threads)
     device = resolve_device(c.trainer.device)
     tokenizer = load_tokenizer(c.teacher.checkpoint or c.teacher.model)
-    data = prepare(c.task, tokenizer, c.trainer)
-    teacher, teacher_info = obtain_teacher(job, data, tokenizer, device)
+    all_data = prepare(c.task, tokenizer)
+    teacher, teacher_info = obtain_teacher(job, all_data, tokenizer, device)
     if c.stage == "teacher":
         return teacher_info.get("metrics", {}).get(c.task.main_metric_key, float("nan"))
+    data = all_data.limited(c.trainer)
 
     output_dir = Path(output_dir or tempfile.mkdtemp(prefix="diito-"))
     state_dir = Path(c.paths.cache) / "runs" / config_hash
     tags = sweep_tags(sweep) | {
         "diito.role": "student", "task": c.task.name, "teacher": c.teacher.name,
         "student_layers": c.student.layers, "loss": c.loss.name, "config_hash": config_hash,
+        "diito.teacher_source": teacher_info["source"], "diito.teacher_path": teacher_info["path"],
     }
     if teacher_info.get("run_id"):
         tags["diito.teacher_run_id"] = teacher_info["run_id"]
@@ -300,6 +319,7 @@ def run(cfg: DictConfig, output_dir: Path | None = None, hydra_dir: Path | None 
         predictions = predict_splits(student, data, list(c.task.eval_splits) + data.test_splits, c.trainer, device)
         final = score(data, predictions)
         run_.log_metrics(final | {"best_step": state.best_step or state.step}, state.step)
+        warn_if_one_class(predictions, data, run_, "the student")
         for split in data.test_splits:
             write_glue_predictions(output_dir / "predictions" / c.task.submission_files.get(split, f"{split}.tsv"),
                                    data.encoded[split].ids, predictions[split],

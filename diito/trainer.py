@@ -31,36 +31,59 @@ EvaluateFn = Callable[[], dict[str, float]]
 LogFn = Callable[[dict[str, float], int], None]
 
 
-class TrainerConfig(BaseModel):
+class LoopConfig(BaseModel):
+    """Everything that decides what a fit produces. The student's ``trainer`` and the teacher's
+    ``teacher.recipe`` each hold a complete copy, so no setting of one stage changes the other."""
+
     model_config = ConfigDict(extra="forbid")
     epochs: PositiveInt = 2
+    min_steps: NonNegativeInt = 0
     max_steps: PositiveInt | None = None
     batch_size: PositiveInt = 32
-    eval_batch_size: PositiveInt = 128
     grad_accum: PositiveInt = 1
     max_grad_norm: float | None = Field(1.0, gt=0)
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
-    device: str = "auto"
-    num_threads: PositiveInt | None = None
     eval_every: PositiveInt | None = None
-    save_every: PositiveInt | None = 100
     keep_best: bool = True
     early_stopping: PositiveInt | None = None
-    log_every: PositiveInt = 20
     length_grouped: bool = True
     max_train_examples: PositiveInt | None = None
     max_eval_examples: PositiveInt | None = None
+
+    def total_steps(self, batches_per_epoch: int) -> int:
+        """Optimizer steps of the whole fit: ``max_steps`` when set, else ``epochs`` epochs but at
+        least ``min_steps`` (a small training set needs more passes than a large one)."""
+        if self.max_steps:
+            return self.max_steps
+        return max(self.epochs * math.ceil(batches_per_epoch / self.grad_accum), self.min_steps)
+
+
+class TrainerConfig(LoopConfig):
+    """The student's loop, plus how the job runs (shared with the teacher's fine-tune: none of
+    these changes what is computed, only where, how fast and how visibly)."""
+
+    eval_batch_size: PositiveInt = 128
+    device: str = "auto"
+    num_threads: PositiveInt | None = None
+    save_every: PositiveInt | None = 100
+    log_every: PositiveInt = 20
     resume: bool = True
     progress: bool = True
 
+    def with_loop(self, loop: LoopConfig) -> TrainerConfig:
+        """These run settings with another stage's loop (the teacher's recipe)."""
+        return self.model_copy(update={k: getattr(loop, k) for k in LoopConfig.model_fields})
+
 
 class OptimConfig(BaseModel):
+    """AdamW with linear warm-up and decay; :func:`build_optimizer` builds both."""
+
     model_config = ConfigDict(extra="forbid")
     lr: float = Field(gt=0)
-    weight_decay: float = Field(0.0, ge=0)
-    warmup_ratio: float = Field(0.0, ge=0, le=1)
-    optimizer: dict[str, Any]
-    scheduler: dict[str, Any]
+    weight_decay: float = Field(0.01, ge=0)
+    warmup_ratio: float = Field(0.1, ge=0, le=1)
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = Field(1e-6, gt=0)
 
 
 @dataclass
@@ -117,6 +140,17 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, 
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def build_optimizer(model: torch.nn.Module, optim: OptimConfig, total_steps: int, device: torch.device):
+    """AdamW (fused where the device has the kernel: one kernel for all parameters, about 5x faster
+    steps than the per-tensor loop) and its linear warm-up/decay schedule."""
+    from transformers import get_linear_schedule_with_warmup
+
+    optimizer = torch.optim.AdamW(param_groups(model, optim.weight_decay), lr=optim.lr, betas=optim.betas, eps=optim.eps,
+                                  fused=device.type in ("cpu", "cuda"))
+    scheduler = get_linear_schedule_with_warmup(optimizer, int(optim.warmup_ratio * total_steps), total_steps)
+    return optimizer, scheduler
+
+
 def _rng_state() -> dict[str, Any]:
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
@@ -157,20 +191,12 @@ class Trainer:
         device: torch.device,
         desc: str = "train",
     ):
-        from hydra.utils import instantiate  # configs describe the optimizer and schedule as _target_ nodes
-
         self.model, self.loss_fn, self.loader, self.evaluate = model, loss_fn, loader, evaluate
         self.main_metric, self.config, self.log, self.device, self.desc = main_metric, config, log, device, desc
         self.checkpoint_dir = checkpoint_dir
         self.batches_per_epoch = len(loader)
-        steps_per_epoch = math.ceil(self.batches_per_epoch / config.grad_accum)
-        self.total_steps = config.max_steps or config.epochs * steps_per_epoch
-        self.optimizer = instantiate(optim.optimizer)(param_groups(model, optim.weight_decay))
-        self.scheduler = instantiate(optim.scheduler)(
-            self.optimizer,
-            num_warmup_steps=int(optim.warmup_ratio * self.total_steps),
-            num_training_steps=self.total_steps,
-        )
+        self.total_steps = config.total_steps(self.batches_per_epoch)
+        self.optimizer, self.scheduler = build_optimizer(model, optim, self.total_steps, device)
         self.amp_dtype = autocast_dtype(config.precision, device)
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp_dtype == torch.float16)
         self.state = TrainState()

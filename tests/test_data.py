@@ -90,10 +90,11 @@ def test_rotten_tomatoes_split(rotten):
     assert rotten.num_labels == 2 and rotten.label_names == ["negative", "positive"]
 
 
-def test_head(rotten):
-    full = rotten.splits["validation"]
-    head = full.head(3)
-    assert (head.texts, head.labels.tolist(), head.ids) == (full.texts[:3], full.labels[:3].tolist(), full.ids[:3])
+def test_head_of_an_encoded_split(encoded):
+    head = encoded.head(3)
+    assert (head.input_ids, head.token_type_ids, head.ids) == (encoded.input_ids[:3], encoded.token_type_ids[:3], encoded.ids[:3])
+    assert head.labels.tolist() == encoded.labels[:3].tolist() and head.lengths.tolist() == encoded.lengths[:3].tolist()
+    assert encoded.head(None) is encoded and encoded.head(10**6) is encoded
 
 
 def test_rotten_tomatoes_is_reproducible(rotten):

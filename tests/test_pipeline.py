@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 from mlflow import MlflowClient
@@ -82,14 +84,14 @@ def test_second_job_reuses_the_cached_teacher(home):
 
 def test_concurrent_jobs_fine_tune_one_teacher(home):
     env = {k: v for k, v in __import__("os").environ.items() if k != "MLFLOW_TRACKING_URI"} | {"DIITO_HOME": str(home)}
-    command = [sys.executable, str(ROOT / "run.py"), *SMOKE, "stage=teacher", "trainer.max_steps=30"]
+    command = [sys.executable, str(ROOT / "run.py"), *SMOKE, "stage=teacher", "teacher.recipe.max_steps=30"]
     procs = [subprocess.Popen(command, cwd=home, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
     outputs = [p.communicate(timeout=300) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outputs
     _, teachers = runs_by_role(home, "teacher")
     assert len(teachers) == 1
     logs = " ".join(out + err for out, err in outputs)
-    assert "teacher fine-tuned" in logs and "teacher reused from cache" in logs
+    assert "teacher: fine-tuned now" in logs and "teacher: from the cache" in logs
 
 
 def test_tracking_none_writes_no_store(home):
@@ -155,3 +157,53 @@ def test_regression_task_from_files_with_a_given_teacher_checkpoint(home, tmp_pa
     assert {"train/kd", "train/ce"} <= set(student.data.metrics)
     _, teachers = runs_by_role(home, "teacher")
     assert len(teachers) == 1  # nothing was fine-tuned for the second job
+
+
+def test_student_settings_never_reach_the_teacher(home, tmp_path, caplog):
+    """The teacher is its own stage: student-side keys reuse the one teacher; only teacher.recipe changes it."""
+    caplog.set_level("INFO", logger="diito")
+    pipeline.run(compose_config([*SMOKE, "stage=teacher"]))
+    student_side = [["trainer.max_train_examples=16"], ["trainer.max_steps=2", "trainer.grad_accum=2"],
+                    ["seed=7", "optim.lr=0.5", "optim.warmup_ratio=0"], ["trainer.precision=fp32", "trainer.max_eval_examples=8"]]
+    for i, overrides in enumerate(student_side):
+        pipeline.run(compose_config([*SMOKE, *overrides]), output_dir=tmp_path / str(i))
+    client, (teacher,) = runs_by_role(home, "teacher")
+    _, students = runs_by_role(home, "student")
+    assert len(students) == 4 and len(list((home / ".cache" / "teachers").glob("*/model"))) == 1
+    assert {s.data.tags["diito.teacher_source"] for s in students} == {"cache"}
+    assert {s.data.tags["diito.teacher_run_id"] for s in students} == {teacher.info.run_id}
+    assert {s.data.tags["diito.teacher_path"] for s in students} == {str(next((home / ".cache" / "teachers").glob("*/model")).parent)}
+    assert caplog.text.count("teacher: from the cache") == 4 and "teacher: fine-tuned now" in caplog.text
+    # the teacher trained on its own recipe's examples, not the student's
+    assert teacher.data.params["teacher.recipe.max_train_examples"] == "64" and teacher.data.params["teacher.recipe.seed"] == "42"
+
+    pipeline.run(compose_config([*SMOKE, "teacher.recipe.max_train_examples=32"]), output_dir=tmp_path / "new")
+    _, teachers = runs_by_role(home, "teacher")
+    _, students = runs_by_role(home, "student")
+    assert len(teachers) == 2 and students[-1].data.tags["diito.teacher_source"] == "fine-tuned"
+
+    folder = next((home / ".cache" / "teachers").glob("*/model"))
+    pipeline.run(compose_config([*SMOKE, f"teacher.checkpoint={folder}"]), output_dir=tmp_path / "ckpt")
+    _, students = runs_by_role(home, "student")
+    tags = students[-1].data.tags
+    assert tags["diito.teacher_source"] == "checkpoint" and tags["diito.teacher_path"] == str(folder)
+    assert "diito.teacher_run_id" not in tags and f"teacher: the checkpoint {folder}" in caplog.text
+
+
+def test_a_student_stuck_on_one_class_says_so(caplog):
+    recorded = {}
+
+    class Recorder:
+        def set_tags(self, tags):
+            recorded.update(tags)
+
+    spec = SimpleNamespace(eval_splits=["validation"], label_names=["negative", "positive"], main_metric="accuracy")
+    data = SimpleNamespace(spec=spec, num_labels=2)
+    assert not pipeline.warn_if_one_class({"validation": np.array([0, 1, 1])}, data, Recorder(), "the student")
+    assert recorded == {} and "plateau" not in caplog.text
+    assert pipeline.warn_if_one_class({"validation": np.array([1, 1, 1])}, data, Recorder(), "the student")
+    assert recorded == {"diito.plateau": "one class (positive) on validation"}
+    assert "the student predicts one class ('positive') for every validation example" in caplog.text
+    assert "chance plateau" in caplog.text
+    regression = SimpleNamespace(spec=spec, num_labels=1)
+    assert not pipeline.warn_if_one_class({"validation": np.array([0.5, 0.5])}, regression, Recorder(), "the student")

@@ -9,11 +9,7 @@ import torch
 from diito.data import Encoded, make_loader
 from diito.trainer import OptimConfig, Trainer, TrainerConfig, autocast_dtype, param_groups
 
-OPTIM = OptimConfig(
-    lr=0.1, weight_decay=0.01, warmup_ratio=0.0,
-    optimizer={"_target_": "torch.optim.AdamW", "_partial_": True, "lr": 0.1},
-    scheduler={"_target_": "transformers.get_linear_schedule_with_warmup", "_partial_": True},
-)
+OPTIM = OptimConfig(lr=0.1, weight_decay=0.01, warmup_ratio=0.0)
 
 
 def toy_loader(n: int = 16, batch_size: int = 4):
@@ -58,6 +54,16 @@ def test_gradient_accumulation_and_max_steps(tmp_path):
     assert trainer.total_steps == 4 and trainer.fit().step == 4
     trainer, _, snapshots, _ = make_trainer(tmp_path / "b", [0.0] * 10, epochs=5, max_steps=3)
     assert trainer.total_steps == 3 and trainer.fit().step == 3 and len(snapshots) == 1
+
+
+def test_min_steps_lengthens_short_runs_only(tmp_path):
+    trainer, _, snapshots, _ = make_trainer(tmp_path, [0.0] * 10, epochs=2, min_steps=10)
+    assert trainer.total_steps == 10 and trainer.fit().step == 10  # 2 epochs are 8 steps: at least 10
+    assert len(snapshots) == 3  # epoch ends at steps 4 and 8, and the very end
+    trainer, _, _, _ = make_trainer(tmp_path / "b", [0.0] * 10, epochs=3, min_steps=10)
+    assert trainer.total_steps == 12  # 3 epochs are already more
+    trainer, _, _, _ = make_trainer(tmp_path / "c", [0.0] * 10, epochs=3, min_steps=10, max_steps=5)
+    assert trainer.total_steps == 5  # max_steps decides alone
 
 
 def test_early_stopping_and_keep_best(tmp_path):
