@@ -38,7 +38,7 @@ def test_original_readme_experiment_preset(home):
     assert (cfg.student.init, cfg.student.init_from, cfg.loss.interchange_prop) == ("first_k", "pretrained", 0.3)
     assert compose_config(["experiment=kd_xxs_sst2"]).loss.name == "kd"
     assert (cfg.student.layers, cfg.loss.alpha, cfg.loss.T, cfg.optim.lr) == (6, 0.7, 20.0, 2e-5)
-    assert (cfg.trainer.batch_size, cfg.trainer.epochs, cfg.task.max_length) == (32, 5, 128)
+    assert (cfg.trainer.batch_size, cfg.trainer.epochs, cfg.trainer.min_steps, cfg.task.max_length) == (32, 5, 0, 128)
     assert list(cfg.loss.patience_layers) == [1, 3, 5, 7, 9]
 
 
