@@ -7,9 +7,8 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-import diito  # noqa: F401  (registers the config resolvers)
-
-# The project folder holds the MLflow database and the caches, whatever the working directory.
+# The project folder holds the MLflow database and the caches, whatever the working directory
+# (conf/paths/default.yaml reads it).
 os.environ.setdefault("DIITO_HOME", str(Path(__file__).resolve().parent))
 
 
@@ -20,24 +19,26 @@ def main(cfg: DictConfig) -> float:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
-    from diito.config import ConfigError
-    from diito.data import DataError
-    from diito.pipeline import record_failure, run
+    from diito import config, tracking
+    from diito.job import run
+    from diito.sources import DataError
     from diito.sweep import sweep_info
 
     hydra_cfg = HydraConfig.get()
     output_dir = Path(hydra_cfg.runtime.output_dir)
     job_name = hydra_cfg.job.override_dirname or "default"
-    sweep = sweep_info(hydra_cfg.sweep.dir) if hydra_cfg.mode == RunMode.MULTIRUN else None
+    in_sweep = hydra_cfg.mode == RunMode.MULTIRUN
+    sweep = sweep_info(hydra_cfg.sweep.dir) if in_sweep else None
     try:
         return run(cfg, output_dir, hydra_dir=output_dir / hydra_cfg.output_subdir, job_name=job_name, sweep=sweep)
     except Exception as e:
-        if hydra_cfg.mode == RunMode.MULTIRUN:  # one failing job must not stop the sweep
+        if in_sweep:  # one failing job must not stop the sweep; it shows there as a FAILED child
             logging.getLogger("diito").error("job %s failed: %s", job_name, e)
-            if sweep and not hasattr(e, "mlflow_run_id"):
-                record_failure(cfg, job_name, sweep, e)
+            if sweep and not isinstance(e, tracking.RunFailed):  # it failed before its run existed
+                tracking.record_failure(config.tracking_settings(cfg), job_name, tracking.sweep_tags(sweep) | {tracking.ROLE: "student"},
+                                        config.raw_params(cfg), e)
             return float("nan")
-        if isinstance(e, (ConfigError, DataError)):
+        if isinstance(e, (config.ConfigError, DataError)):
             print(f"error: {e}", file=sys.stderr)
             sys.exit(2)
         raise

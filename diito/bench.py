@@ -22,7 +22,9 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from diito.data import TaskSpec, encode, load_task, make_loader
+from diito.batching import encode, make_loader
+from diito.sources import load_task
+from diito.tasks import TaskSpec
 from diito.intervention import MappingConfig, Shape, build_mapping
 from diito.models import build_student, load_pretrained, load_tokenizer
 from diito.objective import DistillationObjective, LossConfig
@@ -68,7 +70,7 @@ class Step:
         self.objective, self.student, self.teacher, self.optimizer = objective, student, teacher, optimizer
 
     def __call__(self, batch) -> None:
-        loss, _ = self.objective.step(self.student, self.teacher, batch)
+        loss, _ = self.objective(self.student, self.teacher, batch)
         loss.backward()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -140,7 +142,7 @@ def measure(steps: int, rounds: int, batch_size: int, device: torch.device, sst2
     student = build_student(teacher, [0, 1, 2], copy_classifier=False).to(device).train()
     optimizer = torch.optim.AdamW(param_groups(student, 0.01), lr=1e-5, fused=True)
     mapping = build_mapping(MappingConfig(name="full"), Shape.of(teacher.config), Shape.of(student.config))
-    kd, diito = LossConfig(name="kd"), LossConfig(name="diito", gamma=1.0)
+    kd, diito = LossConfig(), LossConfig(gamma=1.0)
     methods = {
         "kd": Step(DistillationObjective(kd, [], None), student, teacher, optimizer),
         "diito": Step(DistillationObjective(diito, [], mapping), student, teacher, optimizer),

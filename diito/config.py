@@ -1,12 +1,11 @@
 """Validation of the composed config, before any compute: one typed schema built from the settings
 model each library module owns, plus the checks that need two sections at once (a student no deeper
-than its teacher, patience layers inside both models).
+than its teacher, patience layers inside both models). With :mod:`diito.job`, the only reader of the
+config tree.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import re
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -15,16 +14,15 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from diito.data import DataError, TaskSpec, check_task
-from diito.intervention import MappingConfig, MappingEntry, Shape, build_mapping
+from diito import tracking
+from diito.intervention import InterchangeConfig, MappingConfig, MappingEntry, Shape, build_mapping
 from diito.models import StudentConfig, load_model_config, num_layers, select_blocks
-from diito.teacher import TeacherConfig
 from diito.objective import LossConfig, default_patience_layers
+from diito.sources import DataError, check_task
+from diito.tasks import TaskSpec
+from diito.teacher import TeacherConfig
 from diito.tracking import TrackingConfig
 from diito.trainer import OptimConfig, TrainerConfig
-
-# Keys that change how a job looks, not what it computes: left out of the job's identity.
-NON_SEMANTIC_KEYS = ("rerun", "trainer.progress", "trainer.resume", "trainer.log_every", "tracking.run_name")
 
 
 class ConfigError(ValueError):
@@ -58,11 +56,24 @@ class Job:
     """The validated job, plus what validation learnt about the models."""
 
     config: JobConfig
-    resolved: dict[str, Any]
     teacher_layers: int
     student_blocks: list[int]
     patience_layers: list[int]
     mapping: list[MappingEntry] | None  # the checked intervention sites; None when nothing intervenes
+
+    @property
+    def hash(self) -> str:
+        """The job's identity: a digest of the validated settings that can change its result."""
+        return tracking.identity(self.config.model_dump(mode="json"))
+
+    @property
+    def unused_settings(self) -> frozenset[str]:
+        """Settings the job does not use: the intervention's, when nothing intervenes (so a KD
+        baseline never shows an interchange_prop it did not use)."""
+        if self.mapping is not None:
+            return frozenset()
+        keys = [f"loss.{name}" for name in InterchangeConfig.model_fields]
+        return frozenset(keys + [f"mapping.{name}" for name in MappingConfig.model_fields])
 
 
 def _format(error: dict[str, Any]) -> str:
@@ -130,21 +141,19 @@ def validate(cfg: DictConfig) -> Job:
             mapping = build_mapping(job.mapping, teacher_shape, student_shape)
         except ValueError as e:
             raise ConfigError(str(e)) from None
-    return Job(job, resolved, teacher_layers, blocks, patience, mapping)
+    return Job(job, teacher_layers, blocks, patience, mapping)
 
 
-def job_hash(resolved: dict[str, Any], drop: tuple[str, ...] = NON_SEMANTIC_KEYS) -> str:
-    """A short digest of everything that determines a job's result."""
-    tree = json.loads(json.dumps(resolved))
-    tree.pop("paths", None)
-    for dotted in drop:
-        *parents, leaf = dotted.split(".")
-        node = tree
-        for p in parents:
-            node = node.get(p, {})
-        node.pop(leaf, None)
-    return digest(tree)
+def tracking_settings(cfg: DictConfig) -> TrackingConfig:
+    """The tracking section alone, for the sweep callback and for recording a job that failed
+    before its config could be validated as a whole."""
+    return TrackingConfig.model_validate(resolve(cfg.tracking))
 
 
-def digest(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+def main_metric_key(cfg: DictConfig) -> str:
+    return TaskSpec.model_validate(resolve(cfg.task)).main_metric_key
+
+
+def raw_params(cfg: DictConfig) -> dict[str, Any]:
+    """The config as given, flattened and unresolved: what a job that failed validation was asked to do."""
+    return tracking.flatten(OmegaConf.to_container(cfg, resolve=False))

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 
 # The one place model families differ: where the list of transformer blocks lives in the base model.
@@ -173,6 +173,19 @@ def mapping_table(entries: list[MappingEntry]) -> str:
 
 
 # -- pairs and positions -------------------------------------------------------------------------------
+class InterchangeConfig(BaseModel):
+    """How each step's pairs and swapped positions are drawn. The settings keep the original's names
+    and are set on the command line as ``loss.interchange_prop`` and so on."""
+
+    model_config = ConfigDict(extra="forbid")
+    interchange_prop: float = Field(0.3, ge=0.0, le=1.0)
+    interchange_mode: Literal["random", "consecutive"] = "random"
+    interchange_max_token: int | None = Field(None, ge=1)
+    interchange_min_token: int = Field(1, ge=0)
+    pairing: Literal["derangement", "permutation"] = "derangement"
+    eval_pairs: int = Field(256, ge=0)  # fixed validation pairs on which interventions are measured at each evaluation
+
+
 @dataclass(frozen=True)
 class Interchange:
     """Pair b takes its source from example ``source[b]``; swapped position k is
@@ -231,6 +244,23 @@ def sample_interchange(
     empty = torch.zeros(0, dtype=torch.long)
     cat = lambda parts: torch.cat(parts) if parts else empty  # noqa: E731
     return Interchange(source, cat(pair), cat(base_pos), cat(source_pos))
+
+
+@dataclass(frozen=True)
+class Intervention:
+    """What interventions a run makes: a checked mapping and how interchanges are drawn."""
+
+    mapping: list[MappingEntry]
+    config: InterchangeConfig
+
+    def draw(self, attention_mask: Tensor, generator: torch.Generator | None = None) -> tuple[MappingEntry, Interchange]:
+        """One step's mapping entry (uniformly) and its pairs and positions, drawn on the CPU and
+        moved once to the batch's device."""
+        entry = self.mapping[int(torch.randint(len(self.mapping), (1,), generator=generator))]
+        c = self.config
+        x = sample_interchange(attention_mask.sum(1).cpu(), c.interchange_prop, c.interchange_mode, c.interchange_min_token,
+                               c.interchange_max_token, c.pairing == "derangement", generator)
+        return entry, x.to(attention_mask.device)
 
 
 # -- counterfactual runs ------------------------------------------------------------------------------------

@@ -15,6 +15,8 @@ import numpy as np
 from scipy.stats import pearsonr, spearmanr
 from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
 
+from diito.tasks import METRICS
+
 _Metric = Callable[[np.ndarray, np.ndarray], float]
 
 _FUNCTIONS: dict[str, _Metric] = {
@@ -25,8 +27,7 @@ _FUNCTIONS: dict[str, _Metric] = {
     "spearman": lambda p, y: spearmanr(p, y).statistic,
 }
 
-METRICS: tuple[str, ...] = tuple(_FUNCTIONS)
-"""Known metric names, so configuration can be validated before any compute."""
+assert set(_FUNCTIONS) == set(METRICS), "every metric a task may name is computed here"
 
 
 def compute_metrics(

@@ -74,10 +74,11 @@ def load_model_config(model: str) -> PretrainedConfig:
 def load_pretrained(model: str, num_labels: int, seed: int) -> PreTrainedModel:
     """The base model with a fresh classification head (regression when num_labels == 1)."""
     if model == TINY:
-        torch.manual_seed(seed)  # the "pre-trained" tiny model is a seeded random init
         config = load_model_config(TINY)
         config.num_labels = num_labels
-        return AutoModelForSequenceClassification.from_config(config)
+        with torch.random.fork_rng(devices=[]):  # the "pre-trained" tiny model is a seeded random init
+            torch.manual_seed(seed)
+            return AutoModelForSequenceClassification.from_config(config)
     return AutoModelForSequenceClassification.from_pretrained(resolve_model_path(model), num_labels=num_labels)
 
 
@@ -143,13 +144,6 @@ def _head_prefixes(model: PreTrainedModel) -> tuple[str, ...]:
     """State-dict prefixes of the task head (everything outside the base model)."""
     base = model.base_model_prefix + "."
     return tuple(sorted({k.split(".")[0] + "." for k in model.state_dict() if not k.startswith(base)}))
-
-
-def block_modules(model: PreTrainedModel) -> torch.nn.ModuleList:
-    """The model's list of transformer blocks (for tests and introspection)."""
-    base = model.base_model
-    container = getattr(base, "encoder", None) or getattr(base, "transformer")
-    return container.layer
 
 
 def save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, folder: Path) -> Path:

@@ -1,24 +1,35 @@
-"""Loss terms as small pure functions, and the weighted sum the config describes.
+"""The distillation objective: a weighted sum of named loss terms, each a small pure function.
+
+    total = alpha·kd + (1 − alpha)·ce + gamma·diito + beta·patience + cosine·causal-cosine
 
 A term whose weight is 0 is neither computed nor logged, so switching a term off also saves its cost.
+:meth:`DistillationObjective.forward` runs the base runs, :meth:`DistillationObjective.intervene` adds
+the counterfactual pair (once per batch, for every term that needs it), and
+:meth:`DistillationObjective.terms` reads the terms off them.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+import functools
+import operator
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 from torch import Tensor
 
-from diito.data import model_inputs
-from diito.intervention import Counterfactual, Interchange, MappingEntry, counterfactual, reference_counterfactual, sample_interchange
+from diito.batching import model_inputs
+from diito.intervention import (
+    Counterfactual, InterchangeConfig, Intervention, MappingEntry, counterfactual, reference_counterfactual,
+)
 
 
-class LossConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    name: str = "kd"
+class LossConfig(InterchangeConfig):
+    """The terms' weights and settings; the intervention's settings (inherited) sit beside them on
+    the command line (``loss.interchange_prop``), but belong to :class:`InterchangeConfig`."""
+
     alpha: float = Field(0.5, ge=0.0, le=1.0)
     T: float = Field(2.0, gt=0.0)
     kl_reduction: Literal["batchmean", "mean"] = "batchmean"
@@ -27,18 +38,28 @@ class LossConfig(BaseModel):
     normalize_patience: bool = True
     gamma: float = Field(0.0, ge=0.0)
     cosine: float = Field(0.0, ge=0.0)
-    interchange_prop: float = Field(0.3, ge=0.0, le=1.0)
-    interchange_mode: Literal["random", "consecutive"] = "random"
-    interchange_max_token: int | None = Field(None, ge=1)
-    interchange_min_token: int = Field(1, ge=0)
-    pairing: Literal["derangement", "permutation"] = "derangement"
-    eval_pairs: int = Field(256, ge=0)
 
     @property
     def intervenes(self) -> bool:
         return self.gamma > 0 or self.cosine > 0
 
+    @property
+    def interchange(self) -> InterchangeConfig:
+        return InterchangeConfig(**self.model_dump(include=set(InterchangeConfig.model_fields)))
 
+    @property
+    def kind(self) -> str:
+        """What the weights make of it: ``kd`` or ``diito``, with ``+patience``/``+cosine`` when on."""
+        parts = ["diito" if self.gamma > 0 else "kd"] + [name for name in ("patience", "cosine") if self.weights[name] > 0]
+        return "+".join(parts)
+
+    @property
+    def weights(self) -> dict[str, float]:
+        """Every term's weight, in the order the total sums them."""
+        return {"kd": self.alpha, "ce": 1 - self.alpha, "patience": self.beta, "diito": self.gamma, "cosine": self.cosine}
+
+
+# -- the terms ---------------------------------------------------------------------------------------
 def kd_loss(student_logits: Tensor, teacher_logits: Tensor, T: float, reduction: str = "batchmean") -> Tensor:
     """KL(softmax(t/T) || softmax(s/T)) * T^2; for one output (regression) the MSE of the outputs.
 
@@ -79,105 +100,6 @@ def causal_cosine_loss(student_hidden: Tensor, teacher_hidden: Tensor, mask: Ten
     return ((1 - cos) * mask).sum() / mask.sum()
 
 
-def default_patience_layers(teacher_layers: int, student_layers: int) -> list[int]:
-    """Teacher blocks matched to student blocks 0..k-2, evenly spaced (12 -> 6: 1, 3, 5, 7, 9)."""
-    return [(i + 1) * teacher_layers // student_layers - 1 for i in range(student_layers - 1)]
-
-
-class DistillationObjective:
-    """alpha * KD + (1 - alpha) * CE + beta * patience + gamma * DIITO + cosine * causal cosine.
-
-    ``fast=False`` computes the counterfactual runs the original's way (three full passes per
-    model); the fast path gives the same losses and gradients at a fraction of the cost.
-    """
-
-    def __init__(self, config: LossConfig, patience_layers: list[int], mapping: list[MappingEntry] | None = None, fast: bool = True):
-        if config.intervenes and not mapping:
-            raise ValueError("loss.gamma / loss.cosine need a mapping")
-        self.config, self.patience_layers, self.mapping, self.fast = config, patience_layers, mapping, fast
-
-    @property
-    def needs_hidden_states(self) -> bool:
-        return self.config.beta > 0 or self.config.intervenes
-
-    def step(self, student, teacher, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
-        """The loss of one training batch (teacher frozen), with its terms and diagnostics."""
-        inputs = model_inputs(batch)
-        hidden = self.needs_hidden_states
-        with torch.no_grad():
-            teacher_out = teacher(**inputs, output_hidden_states=hidden)
-        student_out = student(**inputs, output_hidden_states=hidden)
-        total, terms = self(student_out, teacher_out, batch["labels"])
-        if not self.config.intervenes:
-            return total, terms
-        entry = self.mapping[int(torch.randint(len(self.mapping), (1,)))]
-        x = self.sample(inputs["attention_mask"])
-        with torch.no_grad():
-            teacher_cf = self._counterfactual(teacher, inputs, teacher_out, x, entry.teacher)
-        student_cf = self._counterfactual(student, inputs, student_out, x, entry.student)
-        c = self.config
-        if c.gamma > 0:
-            terms["diito"] = kd_loss(student_cf.logits, teacher_cf.logits, c.T, c.kl_reduction)
-            total = total + c.gamma * terms["diito"]
-        if c.cosine > 0:
-            terms["cosine"] = causal_cosine_loss(student_cf.last_hidden, teacher_cf.last_hidden, inputs["attention_mask"])
-            total = total + c.cosine * terms["cosine"]
-        if student_cf.logits.shape[-1] > 1:  # accuracy-style diagnostics need classes
-            terms |= intervention_diagnostics(student_cf.logits, teacher_cf.logits, teacher_out.logits)
-        return total, terms
-
-    def sample(self, attention_mask: Tensor, generator: torch.Generator | None = None) -> Interchange:
-        """Pairs and positions, drawn on the CPU and moved once to the batch's device."""
-        c = self.config
-        x = sample_interchange(attention_mask.sum(1).cpu(), c.interchange_prop, c.interchange_mode, c.interchange_min_token,
-                               c.interchange_max_token, c.pairing == "derangement", generator)
-        return x.to(attention_mask.device)
-
-    def _counterfactual(self, model, inputs, out, x: Interchange, sites) -> Counterfactual:
-        if self.fast:
-            return counterfactual(model, inputs, out.hidden_states, x, sites)
-        return reference_counterfactual(model, inputs, x, sites)
-
-    @torch.no_grad()
-    def evaluate_interventions(self, student, teacher, batches, seed: int) -> dict[str, float]:
-        """Interchange-intervention accuracy and efficacy on fixed pairs: the same seed gives the
-        same entries, pairs and positions at every evaluation, so the numbers are comparable."""
-        generator = torch.Generator().manual_seed(seed)
-        sums: dict[str, float] = {}
-        count = 0
-        for batch in batches:
-            inputs = model_inputs(batch)
-            entry = self.mapping[int(torch.randint(len(self.mapping), (1,), generator=generator))]
-            x = self.sample(inputs["attention_mask"], generator)
-            teacher_out = teacher(**inputs, output_hidden_states=True)
-            student_out = student(**inputs, output_hidden_states=True)
-            teacher_cf = self._counterfactual(teacher, inputs, teacher_out, x, entry.teacher)
-            student_cf = self._counterfactual(student, inputs, student_out, x, entry.student)
-            n = len(batch["input_ids"])
-            for name, value in intervention_diagnostics(student_cf.logits, teacher_cf.logits, teacher_out.logits).items():
-                sums[name] = sums.get(name, 0.0) + float(value) * n
-            count += n
-        return {name: value / count for name, value in sums.items()}
-
-    def __call__(self, student_out, teacher_out, labels: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-        c = self.config
-        terms: dict[str, Tensor] = {}
-        weighted: list[Tensor] = []
-        if c.alpha > 0:
-            terms["kd"] = kd_loss(student_out.logits, teacher_out.logits, c.T, c.kl_reduction)
-            weighted.append(c.alpha * terms["kd"])
-        if c.alpha < 1:
-            terms["ce"] = task_loss(student_out.logits, labels)
-            weighted.append((1 - c.alpha) * terms["ce"])
-        if c.beta > 0:
-            # hidden_states[0] is the embedding output; block i's output is hidden_states[i + 1].
-            student_cls = [h[:, 0] for h in student_out.hidden_states[1:-1]]
-            teacher_cls = [teacher_out.hidden_states[i + 1][:, 0] for i in self.patience_layers]
-            terms["patience"] = patience_loss(student_cls, teacher_cls, c.normalize_patience)
-            weighted.append(c.beta * terms["patience"])
-        return torch.stack(weighted).sum(), terms  # alpha in [0, 1]: KD or CE is always on
-
-
 def intervention_diagnostics(student_cf: Tensor, teacher_cf: Tensor, teacher_base: Tensor) -> dict[str, Tensor]:
     """iia: how often student and teacher agree on the counterfactual's class; efficacy: how often
     the intervention changes the teacher's predicted class."""
@@ -186,3 +108,95 @@ def intervention_diagnostics(student_cf: Tensor, teacher_cf: Tensor, teacher_bas
         "iia": (student_cf.argmax(-1) == teacher_class).float().mean().detach(),
         "efficacy": (teacher_class != teacher_base.argmax(-1)).float().mean().detach(),
     }
+
+
+def default_patience_layers(teacher_layers: int, student_layers: int) -> list[int]:
+    """Teacher blocks matched to student blocks 0..k-2, evenly spaced (12 -> 6: 1, 3, 5, 7, 9)."""
+    return [(i + 1) * teacher_layers // student_layers - 1 for i in range(student_layers - 1)]
+
+
+# -- the objective -----------------------------------------------------------------------------------
+BASE_TERMS = ("kd", "ce", "patience")  # read the base runs
+COUNTERFACTUAL_TERMS = ("diito", "cosine")  # read the counterfactual pair
+@dataclass
+class Outputs:
+    """One batch through both models: what every term reads."""
+
+    student: Any  # the models' outputs (logits, and hidden_states when a term needs them)
+    teacher: Any
+    labels: Tensor | None
+    attention_mask: Tensor
+    model_inputs: dict[str, Tensor] | None = None
+    student_cf: Counterfactual | None = None  # the counterfactual pair (see DistillationObjective.intervene)
+    teacher_cf: Counterfactual | None = None
+
+
+class DistillationObjective:
+    """The weighted sum the config describes. ``fast=False`` computes the counterfactual runs the
+    original's way (three full passes per model); the fast path gives the same losses and gradients
+    at a fraction of the cost."""
+
+    def __init__(self, config: LossConfig, patience_layers: list[int], mapping: list[MappingEntry] | None = None, fast: bool = True):
+        if config.intervenes and not mapping:
+            raise ValueError("loss.gamma / loss.cosine need a mapping")
+        self.config, self.patience_layers, self.fast = config, patience_layers, fast
+        self.intervention = Intervention(mapping, config.interchange) if config.intervenes else None
+        self.weights = {name: w for name, w in config.weights.items() if w > 0}
+
+    def forward(self, student, teacher, batch: dict[str, Tensor]) -> Outputs:
+        """The base runs of one batch (the teacher frozen)."""
+        inputs = model_inputs(batch)
+        hidden = self.config.beta > 0 or self.intervention is not None
+        with torch.no_grad():
+            teacher_out = teacher(**inputs, output_hidden_states=hidden)
+        student_out = student(**inputs, output_hidden_states=hidden)
+        return Outputs(student_out, teacher_out, batch.get("labels"), inputs["attention_mask"], model_inputs=inputs)
+
+    def intervene(self, out: Outputs, student, teacher, generator: torch.Generator | None = None) -> None:
+        """Add the counterfactual pair to ``out``: one mapping entry and interchange drawn from
+        ``generator`` (the global RNG when None), applied to both models."""
+        entry, x = self.intervention.draw(out.attention_mask, generator)
+        with torch.no_grad():
+            out.teacher_cf = self._counterfactual(teacher, out.model_inputs, out.teacher, x, entry.teacher)
+        out.student_cf = self._counterfactual(student, out.model_inputs, out.student, x, entry.student)
+
+    def _counterfactual(self, model, inputs, base_out, x, sites) -> Counterfactual:
+        if self.fast:
+            return counterfactual(model, inputs, base_out.hidden_states, x, sites)
+        return reference_counterfactual(model, inputs, x, sites)
+
+    def terms(self, out: Outputs, names: tuple[str, ...]) -> dict[str, Tensor]:
+        """The terms among ``names`` that have a non-zero weight, unweighted."""
+        c = self.config
+        compute = {
+            "kd": lambda: kd_loss(out.student.logits, out.teacher.logits, c.T, c.kl_reduction),
+            "ce": lambda: task_loss(out.student.logits, out.labels),
+            # hidden_states[0] is the embedding output; block i's output is hidden_states[i + 1].
+            "patience": lambda: patience_loss([h[:, 0] for h in out.student.hidden_states[1:-1]],
+                                              [out.teacher.hidden_states[i + 1][:, 0] for i in self.patience_layers],
+                                              c.normalize_patience),
+            "diito": lambda: kd_loss(out.student_cf.logits, out.teacher_cf.logits, c.T, c.kl_reduction),
+            "cosine": lambda: causal_cosine_loss(out.student_cf.last_hidden, out.teacher_cf.last_hidden, out.attention_mask),
+        }
+        return {name: compute[name]() for name in self.weights if name in names}
+
+    def total(self, terms: dict[str, Tensor]) -> Tensor:
+        """The weighted sum (alpha is in [0, 1], so KD or CE is always there)."""
+        weighted = [self.weights[name] * value for name, value in terms.items()]
+        return functools.reduce(operator.add, weighted)
+
+    def __call__(self, student, teacher, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+        """The training loss of one batch, and what to log: every term and, when intervening on a
+        classifier, the intervention diagnostics."""
+        out = self.forward(student, teacher, batch)
+        # The base terms are built before the counterfactual runs: the order in which the terms'
+        # graphs are built fixes the order in which backward sums gradients (the result's last bits).
+        terms = self.terms(out, BASE_TERMS)
+        logged = dict(terms)
+        if self.intervention is not None:
+            self.intervene(out, student, teacher)
+            terms |= self.terms(out, COUNTERFACTUAL_TERMS)
+            logged = dict(terms)
+            if out.student_cf.logits.shape[-1] > 1:  # accuracy-style diagnostics need classes
+                logged |= intervention_diagnostics(out.student_cf.logits, out.teacher_cf.logits, out.teacher.logits)
+        return self.total(terms), logged

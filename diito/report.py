@@ -13,37 +13,22 @@ import os
 import statistics
 from pathlib import Path
 
-from mlflow import MlflowClient
-from mlflow.entities import Run
+from typing import Any
 
-IGNORED = ("seed", "paths.", "tracking.run_name", "sweep.")
+from diito import tracking
 
-
-def find_runs(client: MlflowClient, target: str) -> tuple[list[Run], Run | None]:
-    """The finished student runs of a sweep (by sweep id or parent run id) or of an experiment."""
-    experiments = [e.experiment_id for e in client.search_experiments()]
-    parents = client.search_runs(experiments, filter_string=f"tags.`diito.role` = 'sweep' and tags.`diito.sweep_id` = '{target}'")
-    if not parents:
-        parents = [r for r in client.search_runs(experiments, filter_string="tags.`diito.role` = 'sweep'") if r.info.run_id == target]
-    if parents:
-        parent = parents[0]
-        query = f"tags.`diito.sweep_id` = '{parent.data.tags['diito.sweep_id']}' and tags.`diito.role` = 'student'"
-        return client.search_runs([parent.info.experiment_id], filter_string=query + " and attributes.status = 'FINISHED'"), parent
-    experiment = client.get_experiment_by_name(target)
-    if experiment is None:
-        raise SystemExit(f"error: no experiment, sweep id or sweep run named {target!r}")
-    query = "tags.`diito.role` = 'student' and attributes.status = 'FINISHED'"
-    return client.search_runs([experiment.experiment_id], filter_string=query), None
+REPLICATES = "seed"  # runs that differ only in their seed are one configuration
 
 
-def varying_keys(runs: list[Run]) -> list[str]:
+def varying_keys(runs: list[Any]) -> list[str]:
     """Params with more than one value among the runs that have them (a KD baseline has no
-    interchange_prop: that alone does not make it another configuration)."""
-    keys = sorted({k for r in runs for k in r.data.params if not k.startswith(IGNORED)})
+    interchange_prop: that alone does not make it another configuration). Runs log only settings
+    that can change a result, so only those, and never the seed, tell configurations apart."""
+    keys = sorted({k for r in runs for k in tracking.result_settings(r.data.params) if k != REPLICATES and not k.startswith("sweep.")})
     return [k for k in keys if len({r.data.params[k] for r in runs if k in r.data.params}) > 1]
 
 
-def table(runs: list[Run], metric: str) -> tuple[list[str], list[dict]]:
+def table(runs: list[Any], metric: str) -> tuple[list[str], list[dict]]:
     """One row per configuration: its varying params, the number of seeds, mean and std, best first."""
     keys = varying_keys(runs)
     groups: dict[tuple, list[float]] = {}
@@ -106,8 +91,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI", f"sqlite:///{Path.cwd() / 'mlflow.db'}"))
     args = parser.parse_args(argv)
 
-    client = MlflowClient(tracking_uri=args.tracking_uri)
-    runs, parent = find_runs(client, args.target)
+    try:
+        runs, parent_id = tracking.find_student_runs(args.tracking_uri, args.target)
+    except LookupError as e:
+        raise SystemExit(f"error: {e}") from None
     if not runs:
         raise SystemExit(f"error: no finished runs for {args.target!r}")
     keys, rows = table(runs, args.metric)
@@ -121,10 +108,9 @@ def main(argv: list[str] | None = None) -> None:
     if len(axes) == 2:
         files.append(heatmap(rows, axes[0], axes[1], args.metric, out / "heatmap.png"))
         print(f"heatmap: {files[-1]}")
-    if parent is not None:
-        for f in files:
-            client.log_artifact(parent.info.run_id, str(f), "report")
-        print(f"logged to the sweep's parent run {parent.info.run_id}")
+    if parent_id is not None:
+        tracking.log_files(args.tracking_uri, parent_id, files, "report")
+        print(f"logged to the sweep's parent run {parent_id}")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,8 @@
-"""MLflow runs: params, metrics, tags and artifacts, through an explicit run handle.
+"""Runs: the one module that talks to MLflow.
+
+It names the tags, opens, resumes, finishes and fails runs, builds their params, makes sweeps'
+parent runs and summaries, answers the report's queries, and defines a job's identity: the digest
+of everything that can change its result (:data:`RESULT_INDEPENDENT` lists what cannot).
 
 Everything goes through ``MlflowClient`` with an explicit run id instead of MLflow's global
 "active run", so a job can never log into a run that another job (or an earlier job of the same
@@ -8,19 +12,44 @@ worker process) left open.
 from __future__ import annotations
 
 import contextlib
+import functools
+import hashlib
+import json
+import math
 import subprocess
 import time
+import uuid
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from filelock import FileLock
+from filelock import FileLock, Timeout
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from pydantic import BaseModel, ConfigDict
 
+# -- tags ------------------------------------------------------------------------------------------
+ROLE = "diito.role"  # teacher | student | sweep
+SWEEP_ID = "diito.sweep_id"
+PARENT_RUN = "mlflow.parentRunId"  # MLflow's own: nests a job under its sweep in the UI
+CONFIG_HASH = "config_hash"
+TEACHER_RUN = "diito.teacher_run_id"
+TEACHER_SOURCE = "diito.teacher_source"  # checkpoint | cache | fine-tuned
+TEACHER_PATH = "diito.teacher_path"
+PLATEAU = "diito.plateau"
+ERROR = "error"
+BEST_RUN, BEST_RUN_ID = "best_run", "best_run_id"
+
 MAX_PARAM_LENGTH = 6000  # MLflow's limit on a param value
+
+RESULT_INDEPENDENT = frozenset({
+    "paths", "rerun", "trainer.progress", "trainer.resume", "trainer.log_every", "trainer.save_every",
+    "trainer.num_threads", "trainer.eval_batch_size", "tracking.run_name", "tracking.log_model",
+})
+"""Settings that change where a job writes, how fast it runs or how it looks, never what it computes:
+left out of a job's identity (so changing them neither reruns a finished job nor fine-tunes another
+teacher), of its params, and of what tells configurations apart in a report."""
 
 
 class TrackingConfig(BaseModel):
@@ -33,6 +62,15 @@ class TrackingConfig(BaseModel):
     log_model: bool = True
 
 
+class RunFailed(Exception):
+    """A job failed inside its run, which is already marked FAILED with the error (the cause)."""
+
+    def __init__(self, run_id: str, error: BaseException):
+        super().__init__(f"{type(error).__name__}: {error}")
+        self.run_id = run_id
+
+
+# -- identity and params -----------------------------------------------------------------------------
 def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     """``{"loss": {"alpha": 0.7}}`` -> ``{"loss.alpha": 0.7}``; lists stay whole values."""
     flat: dict[str, Any] = {}
@@ -45,8 +83,30 @@ def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def git_tags(folder: Path) -> dict[str, str]:
-    """The commit the code ran at, and whether the working tree had uncommitted changes."""
+def result_settings(flat: Mapping[str, Any]) -> dict[str, Any]:
+    """The flattened settings that can change a result (all but :data:`RESULT_INDEPENDENT`)."""
+    return {k: v for k, v in flat.items() if not any(k == d or k.startswith(d + ".") for d in RESULT_INDEPENDENT)}
+
+
+def identity(tree: Mapping[str, Any]) -> str:
+    """A short digest of the settings in ``tree`` that can change a result. Take it on validated
+    values, so ``loss.T=4`` and ``loss.T=4.0`` are one job."""
+    flat = result_settings(flatten(json.loads(json.dumps(tree, default=str))))
+    return hashlib.sha256(json.dumps(flat, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def params(tree: Mapping[str, Any], leave_out: frozenset[str] = frozenset()) -> dict[str, Any]:
+    """A run's params: the settings that can change its result, flattened, less ``leave_out``
+    (settings the run does not use, like a KD baseline's interchange_prop)."""
+    return {k: v for k, v in result_settings(flatten(tree)).items() if k not in leave_out}
+
+
+@functools.cache
+def git_tags() -> dict[str, str]:
+    """The commit of the code that runs (not of the working directory), and whether its tree had
+    uncommitted changes."""
+    folder = Path(__file__).resolve().parent
+
     def git(*args: str) -> str:
         return subprocess.run(["git", *args], cwd=folder, capture_output=True, text=True, check=True).stdout.strip()
 
@@ -56,6 +116,7 @@ def git_tags(folder: Path) -> dict[str, str]:
         return {}
 
 
+# -- runs --------------------------------------------------------------------------------------------
 class Run:
     """One MLflow run, addressed by id."""
 
@@ -106,25 +167,22 @@ def experiment_id(config: TrackingConfig) -> str:
     """The experiment's id, creating it (with artifacts under ``artifact_location`` for database
     stores, so they never land in a job's working directory) if it does not exist yet."""
     with _store_lock(config.uri):
-        return _get_or_create_experiment(config)
-
-
-def _get_or_create_experiment(config: TrackingConfig) -> str:
-    client = _client(config)
-    found = client.get_experiment_by_name(config.experiment)
-    if found is not None:
-        return found.experiment_id
-    is_database = not str(config.uri).startswith(("http://", "https://", "databricks"))
-    location = Path(config.artifact_location).resolve().as_uri() if config.artifact_location and is_database else None
-    try:
-        return client.create_experiment(config.experiment, artifact_location=location)
-    except MlflowException:  # created by a concurrent job in the meantime
-        return client.get_experiment_by_name(config.experiment).experiment_id
+        client = _client(config)
+        found = client.get_experiment_by_name(config.experiment)
+        if found is not None:
+            return found.experiment_id
+        is_database = not str(config.uri).startswith(("http://", "https://", "databricks"))
+        location = Path(config.artifact_location).resolve().as_uri() if config.artifact_location and is_database else None
+        try:
+            return client.create_experiment(config.experiment, artifact_location=location)
+        except MlflowException:  # created by a concurrent job in the meantime
+            return client.get_experiment_by_name(config.experiment).experiment_id
 
 
 @contextlib.contextmanager
-def open_run(config: TrackingConfig, run_name: str | None, tags: Mapping[str, str], run_id: str | None = None) -> Iterator[Run | NullRun]:
-    """Start a run (or continue ``run_id``) and end it FINISHED, FAILED on an error, KILLED on Ctrl-C."""
+def open_run(config: TrackingConfig, run_name: str | None, tags: Mapping[str, Any], run_id: str | None = None) -> Iterator[Run | NullRun]:
+    """Start a run (or continue ``run_id``) and end it FINISHED; an error marks it FAILED and comes
+    out as :class:`RunFailed`, Ctrl-C marks it KILLED."""
     if not config.enabled:
         yield NullRun()
         return
@@ -135,9 +193,116 @@ def open_run(config: TrackingConfig, run_name: str | None, tags: Mapping[str, st
         client.update_run(run_id, status="RUNNING")
     try:
         yield Run(client, run_id)
-    except BaseException as error:
-        client.set_tag(run_id, "error", f"{type(error).__name__}: {error}"[:5000])
-        client.set_terminated(run_id, status="KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED")
-        error.mlflow_run_id = run_id  # lets a sweep tell that this failure is already on record
+    except Exception as error:
+        client.set_tag(run_id, ERROR, f"{type(error).__name__}: {error}"[:5000])
+        client.set_terminated(run_id, status="FAILED")
+        raise RunFailed(run_id, error) from error
+    except BaseException:
+        client.set_terminated(run_id, status="KILLED")
         raise
     client.set_terminated(run_id, status="FINISHED")
+
+
+@contextlib.contextmanager
+def resumable_run(state_dir: Path, config: TrackingConfig, run_name: str | None, tags: Mapping[str, Any]) -> Iterator[Run | NullRun]:
+    """A run whose id is kept in ``state_dir``, so re-running an interrupted job continues the same
+    run. Holding the folder's lock keeps two identical jobs from sharing one state."""
+    state_dir.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(state_dir / ".lock"))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        raise RuntimeError(f"an identical job is already running (its state: {state_dir})") from None
+    try:
+        id_file = state_dir / "run.json"
+        run_id = json.loads(id_file.read_text())["run_id"] if id_file.exists() else None
+        with open_run(config, run_name, tags, run_id=run_id) as run:
+            if run_id is None and run.run_id:
+                id_file.write_text(json.dumps({"run_id": run.run_id}))
+            yield run
+    finally:
+        lock.release()
+
+
+def finished_run(config: TrackingConfig, config_hash: str) -> tuple[Run, dict[str, float]] | None:
+    """A FINISHED student run of exactly this job, with its metrics, if there is one."""
+    client = _client(config)
+    found = client.search_runs([experiment_id(config)], max_results=1, filter_string=(
+        f"tags.{CONFIG_HASH} = '{config_hash}' and tags.`{ROLE}` = 'student' and attributes.status = 'FINISHED'"))
+    return (Run(client, found[0].info.run_id), found[0].data.metrics) if found else None
+
+
+def record_failure(config: TrackingConfig, run_name: str, tags: Mapping[str, Any], params: Mapping[str, Any], error: BaseException) -> None:
+    """A FAILED run for a job that failed before its own run existed (say, an invalid combination of
+    values in a sweep), so the sweep shows it with its error and its config."""
+    client = _client(config)
+    tags = {k: str(v) for k, v in tags.items()} | {ERROR: f"{type(error).__name__}: {error}"[:5000]}
+    run_id = client.create_run(experiment_id(config), run_name=run_name, tags=tags).info.run_id
+    Run(client, run_id).log_params(params)
+    client.set_terminated(run_id, status="FAILED")
+
+
+# -- sweeps ------------------------------------------------------------------------------------------
+def sweep_tags(sweep: Mapping[str, str] | None) -> dict[str, str]:
+    """Tags that make a job a child of its sweep's parent run."""
+    return {PARENT_RUN: sweep["parent_run_id"], SWEEP_ID: sweep["sweep_id"]} if sweep else {}
+
+
+def start_sweep(config: TrackingConfig, sweep_dir: Path, overrides: list[str]) -> dict[str, str]:
+    """Prepare the store and the experiment once, before any job starts, and open the sweep's
+    parent run (named after its folder, with the sweep's overrides as ``sweep.<key>`` params)."""
+    sweep_id = uuid.uuid4().hex[:12]
+    client = _client(config)
+    name = f"sweep {sweep_dir.parent.name}/{sweep_dir.name}"
+    run = client.create_run(experiment_id(config), run_name=name, tags={ROLE: "sweep", SWEEP_ID: sweep_id, "sweep_dir": str(sweep_dir)})
+    Run(client, run.info.run_id).log_params({"sweep.overrides": " ".join(overrides)} | {
+        f"sweep.{o.split('=', 1)[0]}": o.split("=", 1)[1] for o in overrides if "=" in o})
+    return {"parent_run_id": run.info.run_id, "sweep_id": sweep_id, "name": name}
+
+
+def finish_sweep(config: TrackingConfig, sweep: Mapping[str, str], metric: str) -> dict[str, Any]:
+    """The sweep's summary (jobs finished and failed, the best child by ``metric``), logged to its
+    parent run, which ends FAILED when a job failed."""
+    client = _client(config)
+    parent = client.get_run(sweep["parent_run_id"])
+    children = client.search_runs([parent.info.experiment_id], filter_string=f"tags.`{SWEEP_ID}` = '{sweep['sweep_id']}' and tags.`{ROLE}` != 'sweep'")
+    failed = [r for r in children if r.info.status != "FINISHED"]
+    scored = [r for r in children if r.info.status == "FINISHED" and math.isfinite(r.data.metrics.get(metric, math.nan))]
+    summary = {"jobs": len(children), "finished": len(children) - len(failed), "failed": len(failed), "metric": metric,
+               "failures": [{"run": r.info.run_name, "error": r.data.tags.get(ERROR, "")} for r in failed]}
+    run = Run(client, parent.info.run_id)
+    if scored:
+        best = max(scored, key=lambda r: r.data.metrics[metric])
+        summary |= {"best_run_id": best.info.run_id, "best_run": best.info.run_name, "best_value": best.data.metrics[metric]}
+        run.set_tags({BEST_RUN_ID: best.info.run_id, BEST_RUN: best.info.run_name})
+        run.log_metrics({f"best/{metric}": best.data.metrics[metric]}, step=0)
+    run.log_metrics({"jobs_finished": summary["finished"], "jobs_failed": summary["failed"]}, step=0)
+    run.log_dict(summary, "summary.json")
+    client.set_terminated(parent.info.run_id, status="FAILED" if failed else "FINISHED")
+    return summary
+
+
+# -- queries for reports -----------------------------------------------------------------------------
+def find_student_runs(tracking_uri: str, target: str) -> tuple[list[Any], str | None]:
+    """The finished student runs of a sweep (by sweep id or parent run id) or of an experiment (by
+    name), and the sweep's parent run id (None for an experiment)."""
+    client = MlflowClient(tracking_uri=tracking_uri)
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    parents = client.search_runs(experiments, filter_string=f"tags.`{ROLE}` = 'sweep' and tags.`{SWEEP_ID}` = '{target}'")
+    if not parents:
+        parents = [r for r in client.search_runs(experiments, filter_string=f"tags.`{ROLE}` = 'sweep'") if r.info.run_id == target]
+    students = f"tags.`{ROLE}` = 'student' and attributes.status = 'FINISHED'"
+    if parents:
+        parent = parents[0]
+        query = f"tags.`{SWEEP_ID}` = '{parent.data.tags[SWEEP_ID]}' and " + students
+        return client.search_runs([parent.info.experiment_id], filter_string=query), parent.info.run_id
+    experiment = client.get_experiment_by_name(target)
+    if experiment is None:
+        raise LookupError(f"no experiment, sweep id or sweep run named {target!r}")
+    return client.search_runs([experiment.experiment_id], filter_string=students), None
+
+
+def log_files(tracking_uri: str, run_id: str, files: list[Path], artifact_path: str) -> None:
+    client = MlflowClient(tracking_uri=tracking_uri)
+    for f in files:
+        client.log_artifact(run_id, str(f), artifact_path)

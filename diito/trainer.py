@@ -9,6 +9,7 @@ end, keep-best, early stopping, and checkpoints that hold everything needed to r
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import os
 import random
@@ -23,11 +24,9 @@ from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveInt
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from diito.data import model_inputs
-
+log = logging.getLogger(__name__)
 Batch = dict[str, Tensor]
 LossFn = Callable[[Batch], tuple[Tensor, dict[str, Tensor]]]
-EvaluateFn = Callable[[], dict[str, float]]
 LogFn = Callable[[dict[str, float], int], None]
 
 
@@ -124,6 +123,12 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
+def autocast(precision: str, device: torch.device):
+    """The mixed-precision context of ``precision`` on ``device``: training and prediction share it."""
+    dtype = autocast_dtype(precision, device)
+    return torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext()
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -173,33 +178,31 @@ def _atomic_save(obj: Any, path: Path) -> None:
     os.replace(tmp, path)
 
 
-class Trainer:
-    """Trains ``model`` on the batches of ``loader`` with ``loss_fn``; ``evaluate`` returns metrics
-    (the key ``main_metric`` among them, higher is better)."""
+@dataclass(frozen=True)
+class Validation:
+    """How the loop judges the model: ``score()`` returns metrics, among them ``main_metric``
+    (higher is better), which picks the best weights and decides early stopping."""
 
-    def __init__(
-        self,
-        model: torch.nn.Module,
-        loss_fn: LossFn,
-        loader: torch.utils.data.DataLoader,
-        evaluate: EvaluateFn,
-        main_metric: str,
-        config: TrainerConfig,
-        optim: OptimConfig,
-        checkpoint_dir: Path,
-        log: LogFn,
-        device: torch.device,
-        desc: str = "train",
-    ):
-        self.model, self.loss_fn, self.loader, self.evaluate = model, loss_fn, loader, evaluate
-        self.main_metric, self.config, self.log, self.device, self.desc = main_metric, config, log, device, desc
-        self.checkpoint_dir = checkpoint_dir
+    score: Callable[[], dict[str, float]]
+    main_metric: str
+
+
+class Trainer:
+    """Trains ``model`` on the batches of ``loader`` with ``loss_fn``; checkpoints go to
+    ``checkpoint_dir``, metrics to ``log``; ``name`` labels the progress bar and log lines."""
+
+    def __init__(self, model: torch.nn.Module, loss_fn: LossFn, loader: torch.utils.data.DataLoader, config: TrainerConfig,
+                 optim: OptimConfig, checkpoint_dir: Path, validation: Validation, log: LogFn, name: str = "train"):
+        self.model, self.loss_fn, self.loader, self.config = model, loss_fn, loader, config
+        self.checkpoint_dir, self.validation, self.log, self.name = checkpoint_dir, validation, log, name
+        self.device = resolve_device(config.device)
         self.batches_per_epoch = len(loader)
         self.total_steps = config.total_steps(self.batches_per_epoch)
-        self.optimizer, self.scheduler = build_optimizer(model, optim, self.total_steps, device)
-        self.amp_dtype = autocast_dtype(config.precision, device)
-        self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp_dtype == torch.float16)
+        self.optimizer, self.scheduler = build_optimizer(model, optim, self.total_steps, self.device)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=autocast_dtype(config.precision, self.device) == torch.float16)
         self.state = TrainState()
+        self._sums: dict[str, Tensor] = {}  # training losses summed since they were last logged
+        self._count = 0
 
     # -- checkpoints -----------------------------------------------------------------------------
     @property
@@ -238,57 +241,67 @@ class Trainer:
         return True
 
     # -- the loop ----------------------------------------------------------------------------------
-    def autocast(self):
-        if self.amp_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.amp_dtype)
-
     def fit(self) -> TrainState:
-        c, s = self.config, self.state
-        bar = tqdm(total=self.total_steps, initial=s.step, desc=self.desc, disable=not c.progress, dynamic_ncols=True)
-        sums: dict[str, Tensor] = {}
-        count = 0
+        """Train to the last step (or until early stopping), resuming from the last checkpoint when
+        ``config.resume`` allows; with ``keep_best``, end with the best evaluation's weights."""
+        if self.config.resume and self.try_resume():
+            log.info("%s: resuming from step %d", self.name, self.state.step)
+        c, s = self.config, self.state  # after resuming, which replaces the state
+        bar = tqdm(total=self.total_steps, initial=s.step, desc=self.name, disable=not c.progress, dynamic_ncols=True)
         while s.step < self.total_steps and not s.stopped_early:
-            self.model.train()
-            sampler = self.loader.batch_sampler
-            sampler.set_epoch(s.epoch, skip=s.batch_in_epoch)
-            batches_left = self.batches_per_epoch - s.batch_in_epoch
-            for i, batch in enumerate(self.loader):
-                batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
-                with self.autocast():
-                    loss, terms = self.loss_fn(batch)
-                self.scaler.scale(loss / c.grad_accum).backward()
-                s.batch_in_epoch += 1
-                for name, value in {"loss": loss, **terms}.items():
-                    sums[name] = sums.get(name, 0.0) + value.detach().float()
-                count += 1
-                if s.batch_in_epoch % c.grad_accum and i + 1 < batches_left:
-                    continue
-                self._optimizer_step()
-                bar.update(1)
-                if s.step % c.log_every == 0:
-                    means = {f"train/{k}": float(v) / count for k, v in sums.items()}
-                    self.log(means | {"train/lr": self.scheduler.get_last_lr()[0]}, s.step)
-                    bar.set_postfix(loss=f"{means['train/loss']:.4f}")
-                    sums, count = {}, 0
-                last_step = s.step >= self.total_steps
-                if c.eval_every and s.step % c.eval_every == 0 and not last_step:
-                    self._evaluate()
-                    self.model.train()
-                if last_step or s.stopped_early:
-                    break
-                if c.save_every and s.step % c.save_every == 0:
-                    self.save_checkpoint()
-            else:
+            self._train_rest_of_epoch(bar)
+            finished = s.step >= self.total_steps
+            if s.batch_in_epoch == self.batches_per_epoch and not finished and not s.stopped_early:
                 s.epoch, s.batch_in_epoch = s.epoch + 1, 0
-            if s.step >= self.total_steps or s.batch_in_epoch == 0:
+            if finished or s.batch_in_epoch == 0:
                 self._evaluate()  # at each epoch end, and once at the very end
-                if s.step < self.total_steps and not s.stopped_early:
+                if not finished and not s.stopped_early:
                     self.save_checkpoint()
         bar.close()
         if c.keep_best and self._best.exists():
             self.model.load_state_dict(torch.load(self._best, map_location=self.device))
         return s
+
+    def _train_rest_of_epoch(self, bar: tqdm) -> None:
+        """Optimizer steps over the rest of the current epoch, until it ends or training stops."""
+        c, s = self.config, self.state
+        self.model.train()
+        self.loader.batch_sampler.set_epoch(s.epoch, skip=s.batch_in_epoch)
+        batches = iter(self.loader)
+        while s.batch_in_epoch < self.batches_per_epoch:
+            # One optimizer step: grad_accum micro-batches, fewer at the end of an epoch. Checkpoints
+            # are taken only between steps, so a resumed epoch starts on a step boundary.
+            for _ in range(min(c.grad_accum, self.batches_per_epoch - s.batch_in_epoch)):
+                self._micro_step(next(batches))
+            self._optimizer_step()
+            bar.update(1)
+            if s.step % c.log_every == 0:
+                self._log_training(bar)
+            last_step = s.step >= self.total_steps
+            if c.eval_every and s.step % c.eval_every == 0 and not last_step:
+                self._evaluate()
+                self.model.train()
+            if last_step or s.stopped_early:
+                return
+            if c.save_every and s.step % c.save_every == 0:
+                self.save_checkpoint()
+
+    def _micro_step(self, batch: Batch) -> None:
+        """Forward and backward of one micro-batch; its loss is scaled so the step averages them."""
+        batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+        with autocast(self.config.precision, self.device):
+            loss, terms = self.loss_fn(batch)
+        self.scaler.scale(loss / self.config.grad_accum).backward()
+        self.state.batch_in_epoch += 1
+        for name, value in {"loss": loss, **terms}.items():  # summed on the device: no host sync per batch
+            self._sums[name] = self._sums.get(name, 0.0) + value.detach().float()
+        self._count += 1
+
+    def _log_training(self, bar: tqdm) -> None:
+        means = {f"train/{k}": float(v) / self._count for k, v in self._sums.items()}
+        self.log(means | {"train/lr": self.scheduler.get_last_lr()[0]}, self.state.step)
+        bar.set_postfix(loss=f"{means['train/loss']:.4f}")
+        self._sums, self._count = {}, 0
 
     def _optimizer_step(self) -> None:
         if self.config.max_grad_norm is not None:
@@ -302,8 +315,8 @@ class Trainer:
 
     def _evaluate(self) -> None:
         s = self.state
-        metrics = self.evaluate()
-        value = metrics[self.main_metric]
+        metrics = self.validation.score()
+        value = metrics[self.validation.main_metric]
         self.log(metrics, s.step)
         if s.best_metric is None or value > s.best_metric:
             s.best_metric, s.best_step, s.evals_since_best = value, s.step, 0
@@ -314,15 +327,3 @@ class Trainer:
             s.evals_since_best += 1
             if self.config.early_stopping and s.evals_since_best >= self.config.early_stopping:
                 s.stopped_early = True
-
-
-@torch.no_grad()
-def predict(model: torch.nn.Module, loader: torch.utils.data.DataLoader, device: torch.device, amp_dtype: torch.dtype | None) -> np.ndarray:
-    """Logits for every example of ``loader``, in the loader's order; dropout off."""
-    model.eval()
-    outputs = []
-    for batch in loader:
-        inputs = {k: v.to(device) for k, v in model_inputs(batch).items()}
-        with torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext():
-            outputs.append(model(**inputs).logits.float().cpu())
-    return torch.cat(outputs).numpy()

@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 
-import diito  # noqa: F401  (registers the config resolvers)
 
 ROOT = Path(__file__).resolve().parents[1]
 GLUE = ROOT.parent / "shared" / "data" / "glue"  # real GLUE files, when this checkout has them

@@ -2,7 +2,7 @@
 
 import pytest
 
-from diito.config import ConfigError, job_hash, validate
+from diito.config import ConfigError, validate
 from tests.conftest import GLUE, compose_config, run_cli
 
 
@@ -33,10 +33,9 @@ def test_environment_overrides_the_tracking_uri(home, monkeypatch):
 def test_original_readme_experiment_preset(home):
     cfg = compose_config(["experiment=diito_xxs_sst2"])
     assert cfg.task.name == "sst2" and cfg.teacher.model == "bert-base-uncased" and cfg.mapping.name == "full"
-    assert (cfg.loss.name, cfg.loss.gamma, cfg.loss.kl_reduction, cfg.loss.pairing, cfg.loss.interchange_min_token) == (
-        "diito", 1.0, "mean", "permutation", 0)
+    assert (cfg.loss.gamma, cfg.loss.kl_reduction, cfg.loss.pairing, cfg.loss.interchange_min_token) == (1.0, "mean", "permutation", 0)
     assert (cfg.student.init, cfg.student.init_from, cfg.loss.interchange_prop) == ("first_k", "pretrained", 0.3)
-    assert compose_config(["experiment=kd_xxs_sst2"]).loss.name == "kd"
+    assert compose_config(["experiment=kd_xxs_sst2"]).loss.gamma == 0
     assert (cfg.student.layers, cfg.loss.alpha, cfg.loss.T, cfg.optim.lr) == (6, 0.7, 20.0, 2e-5)
     assert (cfg.trainer.batch_size, cfg.trainer.epochs, cfg.trainer.min_steps, cfg.task.max_length) == (32, 5, 0, 128)
     assert list(cfg.loss.patience_layers) == [1, 3, 5, 7, 9]
@@ -100,10 +99,14 @@ def test_unknown_key_is_refused_by_hydra(home):
         compose_config(["trainer.epoch=3"])
 
 
-def test_job_hash_ignores_cosmetic_keys(home):
-    base = validate(compose_config()).resolved
-    assert job_hash(base) == job_hash(validate(compose_config(["trainer.progress=false", "tracking.run_name=x"])).resolved)
-    assert job_hash(base) != job_hash(validate(compose_config(["loss.T=3"])).resolved)
+def test_job_identity_ignores_what_cannot_change_a_result(home):
+    base = validate(compose_config()).hash
+    cosmetic = ["trainer.progress=false", "tracking.run_name=x", "trainer.num_threads=1", "trainer.save_every=7", "trainer.log_every=3"]
+    assert base == validate(compose_config(cosmetic)).hash
+    assert base != validate(compose_config(["loss.T=3"])).hash
+    assert base != validate(compose_config(["trainer.max_train_examples=500"])).hash
+    # taken on validated values: 4 and 4.0 are the same temperature
+    assert validate(compose_config(["loss.T=4"])).hash == validate(compose_config(["loss.T=4.0"])).hash
 
 
 def test_cli_error_is_one_line_with_nonzero_exit_and_no_run(home):

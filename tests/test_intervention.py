@@ -7,10 +7,11 @@ import torch
 from transformers import AutoModelForSequenceClassification, BertConfig, DistilBertConfig, ElectraConfig, RobertaConfig
 
 from diito.intervention import (
-    EntrySpec, MappingConfig, Shape, SiteSpec, build_mapping, mapping_table, pairing, preset, sample_interchange, swap_count,
+    EntrySpec, Interchange, MappingConfig, Shape, Site, SiteSpec, build_mapping, counterfactual, mapping_table, pairing, preset,
+    sample_interchange, swap_count,
 )
 from diito.models import build_student
-from diito.objective import DistillationObjective, LossConfig
+from diito.objective import DistillationObjective, LossConfig, causal_cosine_loss, intervention_diagnostics
 
 
 # -- mapping presets -------------------------------------------------------------------------------
@@ -111,9 +112,15 @@ def _batch(seed: int = 0):
 def _loss_and_grads(objective, student, teacher, batch, seed):
     student.zero_grad()
     torch.manual_seed(seed)
-    total, terms = objective.step(student, teacher, batch)
+    total, terms = objective(student, teacher, batch)
     total.backward()
     return total.detach(), {k: v.detach() for k, v in terms.items()}, {n: p.grad.clone() for n, p in student.named_parameters() if p.grad is not None}
+
+
+def _weighted_sum(config: LossConfig, terms) -> torch.Tensor:
+    """alpha·KD + (1−alpha)·CE + gamma·DIITO + beta·patience + cosine·causal-cosine, written out."""
+    return (config.alpha * terms["kd"] + (1 - config.alpha) * terms["ce"] + config.gamma * terms["diito"]
+            + config.beta * terms["patience"] + config.cosine * terms["cosine"])
 
 
 MAPPINGS = {
@@ -124,27 +131,88 @@ MAPPINGS = {
         EntrySpec(student=SiteSpec(layers=[0], heads=(1, 3)), teacher=SiteSpec(layers=[1, 2], heads=(1, 3))),
         EntrySpec(student=SiteSpec(layers=[1], dims=(4, 20)), teacher=SiteSpec(layers=[3], dims=(4, 20)))]),
 }
+SETTINGS = {  # besides the defaults: the original's reduction, no minimum swap, one span per input
+    "default": {},
+    "original": {"kl_reduction": "mean", "interchange_min_token": 0, "pairing": "permutation"},
+    "consecutive": {"interchange_mode": "consecutive", "interchange_max_token": 3},
+}
 
 
-@pytest.mark.parametrize("family", ["bert", "roberta", "electra", "distilbert"])
-@pytest.mark.parametrize("mapping", list(MAPPINGS))
-def test_fast_path_matches_the_three_pass_reference(family, mapping):
+@pytest.mark.parametrize("family, mapping, settings", [
+    *[(family, mapping, "default") for family in ("bert", "roberta", "electra", "distilbert") for mapping in MAPPINGS],
+    *[("bert", mapping, settings) for mapping in ("full", "slices") for settings in ("original", "consecutive")],
+])
+def test_fast_path_matches_the_three_pass_reference(family, mapping, settings):
     torch.manual_seed(0)
     teacher = AutoModelForSequenceClassification.from_config(_family(family)).eval()
     student = build_student(teacher, [0, 2], copy_classifier=False).eval()  # dropout off
     entries = build_mapping(MAPPINGS[mapping], Shape.of(teacher.config), Shape.of(student.config))
-    config = LossConfig(alpha=0.5, T=2.0, gamma=1.0, cosine=0.5, interchange_prop=0.4)
-    results = [_loss_and_grads(DistillationObjective(config, [], entries, fast=fast), student, teacher, _batch(), seed=3)
-               for fast in (True, False)]
-    (fast_total, fast_terms, fast_grads), (ref_total, ref_terms, ref_grads) = results
-    assert {"kd", "ce", "diito", "cosine", "iia", "efficacy"} <= set(fast_terms)
-    assert fast_terms["diito"] > 0
-    torch.testing.assert_close(fast_total, ref_total, atol=1e-5, rtol=0)
-    for name in ref_terms:
-        torch.testing.assert_close(fast_terms[name], ref_terms[name], atol=1e-5, rtol=0)
-    assert fast_grads.keys() == ref_grads.keys() and len(fast_grads) == len(list(student.parameters()))
-    for name in ref_grads:
-        torch.testing.assert_close(fast_grads[name], ref_grads[name], atol=1e-5, rtol=0, msg=name)
+    config = LossConfig(alpha=0.5, T=2.0, gamma=1.0, cosine=0.5, beta=0.3, interchange_prop=0.4, **SETTINGS[settings])
+    for entry in entries:  # every entry of the mapping, not one seeded draw
+        results = [_loss_and_grads(DistillationObjective(config, [1], [entry], fast=fast), student, teacher, _batch(), seed=3)
+                   for fast in (True, False)]
+        (fast_total, fast_terms, fast_grads), (ref_total, ref_terms, ref_grads) = results
+        assert {"kd", "ce", "patience", "diito", "cosine", "iia", "efficacy"} <= set(fast_terms)
+        torch.testing.assert_close(fast_total, _weighted_sum(config, fast_terms), atol=1e-6, rtol=0)
+        torch.testing.assert_close(fast_total, ref_total, atol=1e-5, rtol=0)
+        for name in ref_terms:
+            torch.testing.assert_close(fast_terms[name], ref_terms[name], atol=1e-5, rtol=0)
+        assert fast_grads.keys() == ref_grads.keys() and len(fast_grads) == len(list(student.parameters()))
+        for name in ref_grads:
+            torch.testing.assert_close(fast_grads[name], ref_grads[name], atol=1e-5, rtol=0, msg=name)
+
+
+def test_counterfactual_changes_the_output():
+    """An intervention that wrote nothing would give the base run's logits."""
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_config(_family("bert")).eval()
+    batch = _batch()
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    with torch.no_grad():
+        base = model(**inputs, output_hidden_states=True)
+        x = sample_interchange(inputs["attention_mask"].sum(1), 0.5, generator=torch.Generator().manual_seed(0))
+        for layer in range(4):
+            cf = counterfactual(model, inputs, base.hidden_states, x, (Site(layer),))
+            changed = (cf.logits - base.logits).abs().amax(-1) > 1e-5
+            assert changed.any() and set(changed.nonzero().flatten().tolist()) <= set(x.pair.tolist()), layer
+            untouched = torch.tensor([b for b in range(6) if b not in x.pair.tolist()], dtype=torch.long)
+            torch.testing.assert_close(cf.logits[untouched], base.logits[untouched])
+
+
+@pytest.mark.parametrize("layer, q", [(0, 2), (2, 2), (3, 0)])  # after the last block only [CLS] (position 0) matters
+def test_counterfactual_against_a_hand_written_hook(layer, q):
+    """One pair, one position: base row 0 takes source row 3's block output at position 5 into its position q."""
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_config(_family("bert")).eval()
+    inputs = {k: v for k, v in _batch().items() if k != "labels"}
+    source = torch.tensor([3, 0, 1, 2, 5, 4])
+    x = Interchange(source, pair=torch.tensor([0]), base_pos=torch.tensor([q]), source_pos=torch.tensor([5]))
+    block = model.bert.encoder.layer[layer]
+    with torch.no_grad():
+        base = model(**inputs, output_hidden_states=True)
+        plain = block.register_forward_hook(lambda m, a, out: out.clone().index_put_(
+            (torch.tensor([0]), torch.tensor([q])), base.hidden_states[layer + 1][3, 5][None]))
+        try:
+            expected = model(**inputs).logits
+        finally:
+            plain.remove()
+        got = counterfactual(model, inputs, base.hidden_states, x, (Site(layer),)).logits
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=0)
+    assert (got[0] - base.logits[0]).abs().max() > 1e-5  # the swap reached the output
+    torch.testing.assert_close(got[1:], base.logits[1:], atol=1e-6, rtol=0)
+
+
+def test_diagnostics_and_causal_cosine_by_hand():
+    student_cf = torch.tensor([[2.0, 1.0], [0.0, 3.0], [1.0, 0.0], [0.0, 1.0]])  # classes 0, 1, 0, 1
+    teacher_cf = torch.tensor([[1.0, 0.0], [1.0, 0.0], [1.0, 0.0], [0.0, 2.0]])  # classes 0, 0, 0, 1
+    teacher_base = torch.tensor([[0.0, 1.0], [1.0, 0.0], [1.0, 0.0], [1.0, 0.0]])  # classes 1, 0, 0, 0
+    got = intervention_diagnostics(student_cf, teacher_cf, teacher_base)
+    assert got["iia"].item() == pytest.approx(3 / 4)  # rows 0, 2, 3 agree
+    assert got["efficacy"].item() == pytest.approx(2 / 4)  # rows 0 and 3 changed the teacher's class
+    s = torch.tensor([[[1.0, 0.0], [1.0, 1.0], [5.0, 5.0]]])
+    t = torch.tensor([[[0.0, 1.0], [2.0, 2.0], [-1.0, 0.0]]])
+    mask = torch.tensor([[1, 1, 0]])  # the third token is padding: not counted
+    assert causal_cosine_loss(s, t, mask).item() == pytest.approx(((1 - 0.0) + (1 - 1.0)) / 2)
 
 
 def test_fast_path_exact_when_teacher_and_student_differ_in_width_and_depth():
@@ -156,8 +224,8 @@ def test_fast_path_exact_when_teacher_and_student_differ_in_width_and_depth():
         EntrySpec(student=SiteSpec(layers=[1], dims=(8, 16)), teacher=SiteSpec(layers=[2, 3], heads=(2, 3)))])
     entries = build_mapping(mapping, Shape.of(teacher.config), Shape.of(student.config))
     config = LossConfig(alpha=0.5, gamma=1.0, interchange_prop=0.5)
-    for seed in range(4):  # both entries get drawn
-        (ft, _, fg), (rt, _, rg) = [_loss_and_grads(DistillationObjective(config, [], entries, fast=f), student, teacher, _batch(seed), seed)
+    for entry in entries:
+        (ft, _, fg), (rt, _, rg) = [_loss_and_grads(DistillationObjective(config, [], [entry], fast=f), student, teacher, _batch(1), 1)
                                     for f in (True, False)]
         torch.testing.assert_close(ft, rt, atol=1e-5, rtol=0)
         for name in rg:

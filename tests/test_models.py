@@ -2,7 +2,12 @@ import pytest
 import torch
 from transformers import AutoModelForSequenceClassification, DistilBertConfig
 
-from diito.models import block_modules, build_student, load_pretrained, select_blocks
+from diito.intervention import block_list
+from diito.models import build_student, load_pretrained, select_blocks
+
+
+def block_modules(model):
+    return block_list(model)[2]
 
 
 def test_select_blocks_strategies():

@@ -4,7 +4,9 @@ import pytest
 import torch
 from types import SimpleNamespace
 
-from diito.objective import DistillationObjective, LossConfig, default_patience_layers, kd_loss, patience_loss, task_loss
+from diito.objective import (
+    BASE_TERMS, DistillationObjective, LossConfig, Outputs, default_patience_layers, kd_loss, patience_loss, task_loss,
+)
 
 
 def _kl(p, q):
@@ -59,17 +61,22 @@ def _outputs(logits, hidden):
     return SimpleNamespace(logits=torch.tensor(logits), hidden_states=hidden)
 
 
+def _base_loss(objective, student, teacher, labels):
+    terms = objective.terms(Outputs(student, teacher, labels, torch.ones(len(labels), 1)), BASE_TERMS)
+    return objective.total(terms), terms
+
+
 def test_weighted_sum_and_terms_switched_off():
     s = _outputs([[0.0, 0.0]], None)
     t = _outputs([[math.log(3.0), 0.0]], None)
     y = torch.tensor([1])
     kd, ce = 0.75 * math.log(1.5) + 0.25 * math.log(0.5), -math.log(0.5)
-    total, terms = DistillationObjective(LossConfig(alpha=0.7, T=1.0), [])(s, t, y)
+    total, terms = _base_loss(DistillationObjective(LossConfig(alpha=0.7, T=1.0), []), s, t, y)
     assert set(terms) == {"kd", "ce"}
     assert total.item() == pytest.approx(0.7 * kd + 0.3 * ce, rel=1e-6)
-    total, terms = DistillationObjective(LossConfig(alpha=1.0, T=1.0), [])(s, t, y)
+    total, terms = _base_loss(DistillationObjective(LossConfig(alpha=1.0, T=1.0), []), s, t, y)
     assert set(terms) == {"kd"} and total.item() == pytest.approx(kd, rel=1e-6)
-    total, terms = DistillationObjective(LossConfig(alpha=0.0, T=1.0), [])(s, t, y)
+    total, terms = _base_loss(DistillationObjective(LossConfig(alpha=0.0, T=1.0), []), s, t, y)
     assert set(terms) == {"ce"} and total.item() == pytest.approx(ce, rel=1e-6)
 
 
@@ -80,7 +87,7 @@ def test_patience_term_uses_the_mapped_teacher_layers():
     s = _outputs([[0.0, 0.0]], student_hidden)
     t = _outputs([[0.0, 0.0]], teacher_hidden)
     objective = DistillationObjective(LossConfig(alpha=1.0, beta=2.0, normalize_patience=False), [1, 3])
-    total, terms = objective(s, t, torch.tensor([0]))
+    total, terms = _base_loss(objective, s, t, torch.tensor([0]))
     # block outputs 1 and 3 of the teacher have [CLS] = (1, 0) and (3, 0)
     assert terms["patience"].item() == pytest.approx((0.0 + 4.0 / 2) / 2)
     assert total.item() == pytest.approx(2.0 * terms["patience"].item())

@@ -44,12 +44,12 @@ def run_pinned_job(home: Path) -> dict:
     """Run the job in ``home`` and return its weights' digest and summary, and its metric histories."""
     import os
 
-    from diito import pipeline
+    from diito import evaluation, job
     from tests.conftest import compose_config
 
     os.environ["DIITO_HOME"] = str(home)
     os.environ.pop("MLFLOW_TRACKING_URI", None)
-    pipeline.run(compose_config(OVERRIDES), output_dir=home / "out")
+    job.run(compose_config(OVERRIDES), output_dir=home / "out")
     weights = load_file(home / "out" / "student" / "model.safetensors")
     digest = hashlib.sha256()
     for name in sorted(weights):

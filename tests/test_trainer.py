@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from diito.data import Encoded, make_loader
-from diito.trainer import OptimConfig, Trainer, TrainerConfig, autocast_dtype, param_groups
+from diito.batching import Encoded, make_loader
+from diito.trainer import OptimConfig, Trainer, TrainerConfig, Validation, autocast_dtype, param_groups
 
 OPTIM = OptimConfig(lr=0.1, weight_decay=0.01, warmup_ratio=0.0)
 
@@ -34,9 +34,8 @@ def make_trainer(tmp_path, scores: list[float], **config):
         return {"validation/score": scores[len(snapshots) - 1]}
 
     logged: list[tuple[dict, int]] = []
-    trainer = Trainer(model, loss_fn, toy_loader(), evaluate, "validation/score",
-                      TrainerConfig(progress=False, **config), OPTIM, tmp_path / "ckpt",
-                      log=lambda metrics, step: logged.append((metrics, step)), device=torch.device("cpu"))
+    trainer = Trainer(model, loss_fn, toy_loader(), TrainerConfig(progress=False, device="cpu", **config), OPTIM, tmp_path / "ckpt",
+                      Validation(evaluate, "validation/score"), log=lambda metrics, step: logged.append((metrics, step)))
     return trainer, model, snapshots, logged
 
 
@@ -106,13 +105,13 @@ def test_dropout_is_on_in_training_and_off_in_evaluation(tmp_path):
         out = model(batch["labels"].unsqueeze(1))
         return out.pow(2).mean(), {}
 
-    def evaluate():  # like diito.trainer.predict, evaluation switches dropout off
+    def evaluate():  # like diito.evaluation.predict, evaluation switches dropout off
         model.eval()
         modes.append(("eval", model.training))
         return {"m": 0.0}
 
-    trainer = Trainer(model, loss_fn, toy_loader(), evaluate, "m", TrainerConfig(progress=False, epochs=2),
-                      OPTIM, tmp_path / "c", log=lambda *a: None, device=torch.device("cpu"))
+    trainer = Trainer(model, loss_fn, toy_loader(), TrainerConfig(progress=False, epochs=2, device="cpu"), OPTIM, tmp_path / "c",
+                      Validation(evaluate, "m"), log=lambda *a: None)
     trainer.fit()
     assert {m for phase, m in modes if phase == "train"} == {True}
     assert [phase for phase, _ in modes].count("eval") == 2

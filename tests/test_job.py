@@ -14,7 +14,8 @@ from mlflow.artifacts import download_artifacts
 from safetensors.torch import load_file
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from diito import pipeline
+from diito import evaluation, job
+from diito.tracking import RunFailed
 from diito.trainer import Trainer
 from tests.conftest import ROOT, compose_config, run_cli
 
@@ -51,7 +52,8 @@ def test_end_to_end_run_logs_params_metrics_tags_and_artifacts(home):
     # DIITO (the default objective) logs its term and the intervention diagnostics
     assert {"train/diito", "train/iia", "train/efficacy", "validation/iia", "validation/efficacy"} <= set(student.data.metrics)
     assert 0.0 <= student.data.metrics["validation/iia"] <= 1.0
-    assert params["loss.name"] == "diito" and params["loss.interchange_prop"] == "0.3" and params["mapping.name"] == "full"
+    assert tags["loss"] == "diito" and params["loss.interchange_prop"] == "0.3" and params["mapping.name"] == "full"
+    assert "trainer.progress" not in params and "paths.root" not in params  # settings that cannot change a result
     assert "intervention mapping" in result.stdout
     assert client.get_metric_history(teacher.info.run_id, "train/ce")
 
@@ -78,7 +80,7 @@ def test_second_job_reuses_the_cached_teacher(home):
     assert len(teachers) == 1 and len(students) == 2
     assert {s.data.tags["diito.teacher_run_id"] for s in students} == {teachers[0].info.run_id}
     kd = students[1]
-    assert kd.data.params["loss.name"] == "kd" and kd.data.params["loss.gamma"] == "0.0"
+    assert kd.data.tags["loss"] == "kd" and kd.data.params["loss.gamma"] == "0.0"
     assert "loss.interchange_prop" not in kd.data.params and "train/diito" not in kd.data.metrics
 
 
@@ -107,22 +109,23 @@ class Killed(Exception):
 def test_resume_after_kill_ends_like_an_uninterrupted_run(home, tmp_path, monkeypatch):
     overrides = [*SMOKE, "trainer.max_steps=6", "trainer.save_every=2", "trainer.eval_every=2", "trainer.keep_best=false"]
     cfg = compose_config(overrides)
-    uninterrupted = pipeline.run(cfg, output_dir=tmp_path / "a")
+    uninterrupted = job.run(cfg, output_dir=tmp_path / "a")
 
     save = Trainer.save_checkpoint
 
     def save_then_die(self):
         save(self)
-        if self.desc == "student" and self.state.step == 4:
+        if self.name == "student" and self.state.step == 4:
             raise Killed
 
     monkeypatch.setattr(Trainer, "save_checkpoint", save_then_die)
-    with pytest.raises(Killed):
-        pipeline.run(cfg, output_dir=tmp_path / "b")
+    with pytest.raises(RunFailed) as failure:
+        job.run(cfg, output_dir=tmp_path / "b")
+    assert isinstance(failure.value.__cause__, Killed)
     client, students = runs_by_role(home, "student")
     assert students[-1].info.status == "FAILED"
     monkeypatch.setattr(Trainer, "save_checkpoint", save)
-    resumed = pipeline.run(cfg, output_dir=tmp_path / "b")
+    resumed = job.run(cfg, output_dir=tmp_path / "b")
 
     _, students = runs_by_role(home, "student")
     assert len(students) == 2 and all(s.info.status == "FINISHED" for s in students)
@@ -143,12 +146,12 @@ def test_regression_task_from_files_with_a_given_teacher_checkpoint(home, tmp_pa
     task = ["task=files", "task.name=scores", f"task.files.train={tmp_path / 'train.csv'}",
             f"task.files.validation={tmp_path / 'dev.csv'}", "task.label_field=score", "task.regression=true",
             "task.metrics=[pearson,spearman]", "task.main_metric=pearson"]
-    pipeline.run(compose_config([*SMOKE, *task, "stage=teacher"]), output_dir=tmp_path / "t")
+    job.run(compose_config([*SMOKE, *task, "stage=teacher"]), output_dir=tmp_path / "t")
     _, (teacher,) = runs_by_role(home, "teacher")
     folder = next((home / ".cache" / "teachers").glob("scores-*/model"))
     assert AutoModelForSequenceClassification.from_pretrained(folder).config.num_labels == 1
 
-    pearson = pipeline.run(compose_config([*SMOKE, *task, f"teacher.checkpoint={folder}", "student.layers=2",
+    pearson = job.run(compose_config([*SMOKE, *task, f"teacher.checkpoint={folder}", "student.layers=2",
                                            "student.init_from=pretrained"]), output_dir=tmp_path / "s")
     client, (student,) = runs_by_role(home, "student")
     assert -1.0 <= pearson <= 1.0 and student.data.metrics["validation/pearson"] == pytest.approx(pearson)
@@ -162,11 +165,11 @@ def test_regression_task_from_files_with_a_given_teacher_checkpoint(home, tmp_pa
 def test_student_settings_never_reach_the_teacher(home, tmp_path, caplog):
     """The teacher is its own stage: student-side keys reuse the one teacher; only teacher.recipe changes it."""
     caplog.set_level("INFO", logger="diito")
-    pipeline.run(compose_config([*SMOKE, "stage=teacher"]))
+    job.run(compose_config([*SMOKE, "stage=teacher"]))
     student_side = [["trainer.max_train_examples=16"], ["trainer.max_steps=2", "trainer.grad_accum=2"],
                     ["seed=7", "optim.lr=0.5", "optim.warmup_ratio=0"], ["trainer.precision=fp32", "trainer.max_eval_examples=8"]]
     for i, overrides in enumerate(student_side):
-        pipeline.run(compose_config([*SMOKE, *overrides]), output_dir=tmp_path / str(i))
+        job.run(compose_config([*SMOKE, *overrides]), output_dir=tmp_path / str(i))
     client, (teacher,) = runs_by_role(home, "teacher")
     _, students = runs_by_role(home, "student")
     assert len(students) == 4 and len(list((home / ".cache" / "teachers").glob("*/model"))) == 1
@@ -177,33 +180,25 @@ def test_student_settings_never_reach_the_teacher(home, tmp_path, caplog):
     # the teacher trained on its own recipe's examples, not the student's
     assert teacher.data.params["teacher.recipe.max_train_examples"] == "64" and teacher.data.params["teacher.recipe.seed"] == "42"
 
-    pipeline.run(compose_config([*SMOKE, "teacher.recipe.max_train_examples=32"]), output_dir=tmp_path / "new")
+    job.run(compose_config([*SMOKE, "teacher.recipe.max_train_examples=32"]), output_dir=tmp_path / "new")
     _, teachers = runs_by_role(home, "teacher")
     _, students = runs_by_role(home, "student")
     assert len(teachers) == 2 and students[-1].data.tags["diito.teacher_source"] == "fine-tuned"
 
     folder = next((home / ".cache" / "teachers").glob("*/model"))
-    pipeline.run(compose_config([*SMOKE, f"teacher.checkpoint={folder}"]), output_dir=tmp_path / "ckpt")
+    job.run(compose_config([*SMOKE, f"teacher.checkpoint={folder}"]), output_dir=tmp_path / "ckpt")
     _, students = runs_by_role(home, "student")
     tags = students[-1].data.tags
     assert tags["diito.teacher_source"] == "checkpoint" and tags["diito.teacher_path"] == str(folder)
     assert "diito.teacher_run_id" not in tags and f"teacher: the checkpoint {folder}" in caplog.text
 
 
-def test_a_student_stuck_on_one_class_says_so(caplog):
-    recorded = {}
-
-    class Recorder:
-        def set_tags(self, tags):
-            recorded.update(tags)
-
+def test_a_classifier_stuck_on_one_class_is_told_apart(caplog):
     spec = SimpleNamespace(eval_splits=["validation"], label_names=["negative", "positive"], main_metric="accuracy")
     data = SimpleNamespace(spec=spec, num_labels=2)
-    assert not pipeline.warn_if_one_class({"validation": np.array([0, 1, 1])}, data, Recorder(), "the student")
-    assert recorded == {} and "plateau" not in caplog.text
-    assert pipeline.warn_if_one_class({"validation": np.array([1, 1, 1])}, data, Recorder(), "the student")
-    assert recorded == {"diito.plateau": "one class (positive) on validation"}
+    assert evaluation.one_class({"validation": np.array([0, 1, 1])}, data) is None
+    assert evaluation.one_class({"validation": np.array([1, 1, 1])}, data) == "positive"
+    assert evaluation.one_class({"validation": np.array([0.5, 0.5])}, SimpleNamespace(spec=spec, num_labels=1)) is None
+    evaluation.warn_one_class("positive", data, "the student")
     assert "the student predicts one class ('positive') for every validation example" in caplog.text
     assert "chance plateau" in caplog.text
-    regression = SimpleNamespace(spec=spec, num_labels=1)
-    assert not pipeline.warn_if_one_class({"validation": np.array([0.5, 0.5])}, regression, Recorder(), "the student")

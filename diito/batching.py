@@ -1,0 +1,217 @@
+"""Encoding and batching: tokenised splits, dynamic padding, length-grouped batches that resume exactly.
+
+What the trainer and the objective need of the data, and nothing else.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+if TYPE_CHECKING:
+    from diito.sources import Examples, TaskData
+    from diito.tasks import TaskSpec
+
+
+@dataclass
+class Encoded:
+    """Unpadded token ids of one split; padding happens per batch in the collate function."""
+
+    input_ids: list[list[int]]
+    token_type_ids: list[list[int]] | None
+    """None for tokenizers without segment ids (e.g. RoBERTa)."""
+    labels: np.ndarray | None
+    ids: list[str]
+    lengths: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+    def head(self, n: int | None) -> Encoded:
+        """The first ``n`` examples (all of them for None): low-data runs and quick evaluations."""
+        if n is None or n >= len(self):
+            return self
+        types = None if self.token_type_ids is None else self.token_type_ids[:n]
+        labels = None if self.labels is None else self.labels[:n]
+        return Encoded(self.input_ids[:n], types, labels, self.ids[:n], self.lengths[:n])
+
+
+def encode(examples: Examples, tokenizer: Any, max_length: int) -> Encoded:
+    """Tokenise a split in one fast-tokenizer batch call, truncated to `max_length`, unpadded."""
+    first = [t[0] for t in examples.texts]
+    second = [t[1] for t in examples.texts] if examples.texts and len(examples.texts[0]) == 2 else None
+    enc = tokenizer(first, second, truncation=True, max_length=max_length, padding=False, return_attention_mask=False)
+    input_ids = enc["input_ids"]
+    lengths = np.fromiter(map(len, input_ids), dtype=np.int64, count=len(input_ids))
+    return Encoded(input_ids, enc.get("token_type_ids"), examples.labels, examples.ids, lengths)
+
+
+class _Indices(Dataset):
+    """Dataset of example indices; the collate function looks the examples up."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> int:
+        return i
+
+
+class PadCollate:
+    """Pad a batch only to its own longest sequence (a class so workers can pickle it)."""
+
+    def __init__(self, encoded: Encoded, pad_token_id: int) -> None:
+        self.encoded = encoded
+        self.pad_token_id = pad_token_id
+
+    def __call__(self, batch: list[int]) -> dict[str, torch.Tensor]:
+        enc = self.encoded
+        width = int(enc.lengths[batch].max())
+        input_ids = np.full((len(batch), width), self.pad_token_id, dtype=np.int64)
+        mask = np.zeros((len(batch), width), dtype=np.int64)
+        types = None if enc.token_type_ids is None else np.zeros((len(batch), width), dtype=np.int64)
+        for row, i in enumerate(batch):
+            n = enc.lengths[i]
+            input_ids[row, :n] = enc.input_ids[i]
+            mask[row, :n] = 1
+            if types is not None:
+                types[row, :n] = enc.token_type_ids[i]
+        out = {"input_ids": torch.from_numpy(input_ids), "attention_mask": torch.from_numpy(mask)}
+        if types is not None:
+            out["token_type_ids"] = torch.from_numpy(types)
+        if enc.labels is not None:
+            out["labels"] = torch.from_numpy(enc.labels[batch])  # int64 -> long, float32 -> float
+        return out
+
+
+class EpochBatchSampler(Sampler[list[int]]):
+    """Batches of indices, reshuffled deterministically from (seed, epoch).
+
+    With `length_grouped` (shuffled loaders only), like Hugging Face's
+    LengthGroupedSampler: shuffle, cut into mega-batches of about 50 batches,
+    sort each by length, cut into batches, shuffle the batch order. Batches then
+    hold similar lengths, so dynamic padding wastes little. Without `shuffle`,
+    batches are in data order (evaluation). The last partial batch is kept.
+    """
+
+    MEGA_BATCHES = 50
+
+    def __init__(self, lengths: np.ndarray, batch_size: int, *, shuffle: bool, seed: int, length_grouped: bool) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.lengths = np.asarray(lengths)
+        self.batch_size = batch_size
+        self.shuffle = shuffle
+        self.seed = seed
+        self.length_grouped = length_grouped
+        self.epoch = 0
+        self.skip = 0
+
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        """Select the epoch's order; `skip` drops its first batches (exact mid-epoch resume)."""
+        self.epoch = epoch
+        self.skip = skip
+
+    @property
+    def num_batches(self) -> int:
+        """Batches in a full epoch, ignoring `skip`."""
+        return -(-len(self.lengths) // self.batch_size)
+
+    def __len__(self) -> int:
+        """Batches the next iteration yields (a full epoch minus `skip`)."""
+        return max(self.num_batches - self.skip, 0)
+
+    def batches(self) -> list[np.ndarray]:
+        """All batches of the current epoch, including skipped ones."""
+        n, bs = len(self.lengths), self.batch_size
+        if not self.shuffle:
+            return [np.arange(i, min(i + bs, n)) for i in range(0, n, bs)]
+        rng = np.random.default_rng([self.seed, self.epoch])
+        order = rng.permutation(n)
+        if not self.length_grouped:
+            return [order[i : i + bs] for i in range(0, n, bs)]
+        # Fewer, smaller mega-batches on small data so batch composition still varies by epoch.
+        mega = bs * max(1, min(self.MEGA_BATCHES, n // (4 * bs)))
+        batches = []
+        for start in range(0, n, mega):
+            chunk = order[start : start + mega]
+            chunk = chunk[np.argsort(-self.lengths[chunk], kind="stable")]
+            batches += [chunk[i : i + bs] for i in range(0, len(chunk), bs)]
+        return [batches[i] for i in rng.permutation(len(batches))]
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for batch in self.batches()[self.skip :]:
+            yield batch.tolist()
+
+
+def make_loader(
+    encoded: Encoded,
+    batch_size: int,
+    *,
+    shuffle: bool,
+    seed: int,
+    length_grouped: bool,
+    pad_token_id: int,
+    num_workers: int = 0,
+) -> DataLoader:
+    """DataLoader with dynamic padding; control the order via `loader.batch_sampler.set_epoch`."""
+    sampler = EpochBatchSampler(encoded.lengths, batch_size, shuffle=shuffle, seed=seed, length_grouped=length_grouped)
+    return DataLoader(
+        _Indices(len(encoded)),
+        batch_sampler=sampler,
+        collate_fn=PadCollate(encoded, pad_token_id),
+        num_workers=num_workers,
+        # Its own generator: iterating a DataLoader otherwise draws from the global torch RNG, so
+        # a resumed run's dropout masks would drift from an uninterrupted run's.
+        generator=torch.Generator().manual_seed(seed),
+    )
+
+
+def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A collated batch without its labels: what a model's forward takes."""
+    return {k: v for k, v in batch.items() if k != "labels"}
+
+
+@dataclass
+class Prepared:
+    """A task's splits, tokenised once, and how to batch them."""
+
+    spec: TaskSpec
+    encoded: dict[str, Encoded]
+    fingerprint: str  # of the examples and the tokenisation: part of the teacher cache key
+    pad_token_id: int
+    num_labels: int  # 1 for regression
+    test_splits: list[str]  # the test splits actually present (a `files` task may have none)
+
+    @classmethod
+    def from_task(cls, data: TaskData, tokenizer: Any) -> Prepared:
+        """Every split of the task, tokenised once (each stage then takes its own slice: ``limited``)."""
+        spec = data.spec
+        encoded = {split: encode(examples, tokenizer, spec.max_length) for split, examples in data.splits.items()}
+        fingerprint = hashlib.sha256(f"{data.fingerprint()} {spec.max_length}".encode()).hexdigest()[:16]
+        return cls(spec, encoded, fingerprint, tokenizer.pad_token_id, data.num_labels, data.test_splits)
+
+    def limited(self, max_train_examples: int | None, max_eval_examples: int | None) -> Prepared:
+        """What one stage sees: the first ``max_train_examples`` training examples and the first
+        ``max_eval_examples`` of every other split (each stage has its own limits)."""
+        encoded = {split: enc.head(max_train_examples if split == "train" else max_eval_examples)
+                   for split, enc in self.encoded.items()}
+        return dataclasses.replace(self, encoded=encoded)
+
+    def loader(self, split: str, batch_size: int, *, train: bool = False, seed: int = 0, length_grouped: bool = True) -> DataLoader:
+        """Shuffled (``train``: reshuffled each epoch from ``seed``, length-grouped) or in order."""
+        return make_loader(self.encoded[split], batch_size, shuffle=train, seed=seed,
+                           length_grouped=length_grouped and train, pad_token_id=self.pad_token_id)
+
+    @property
+    def labelled_eval_splits(self) -> list[str]:
+        return [s for s in self.spec.eval_splits if self.encoded[s].labels is not None]

@@ -1,0 +1,114 @@
+"""Evaluation: predictions and metrics for the evaluation and test splits, the intervention probe,
+the one-class (chance plateau) check, and GLUE submission files.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from diito.batching import Prepared, make_loader, model_inputs
+from diito.metrics import compute_metrics, write_glue_predictions
+from diito.objective import DistillationObjective, intervention_diagnostics
+from diito.trainer import autocast
+
+log = logging.getLogger(__name__)
+
+
+@torch.no_grad()
+def predict(model: torch.nn.Module, loader: torch.utils.data.DataLoader, precision: str, device: torch.device) -> np.ndarray:
+    """Logits for every example of ``loader``, in the loader's order; dropout off."""
+    model.eval()
+    outputs = []
+    for batch in loader:
+        inputs = {k: v.to(device) for k, v in model_inputs(batch).items()}
+        with autocast(precision, device):
+            outputs.append(model(**inputs).logits.float().cpu())
+    return torch.cat(outputs).numpy()
+
+
+class Evaluator:
+    """Predicts and scores a model on the splits of ``data``."""
+
+    def __init__(self, data: Prepared, batch_size: int, precision: str, device: torch.device):
+        self.data, self.batch_size, self.precision, self.device = data, batch_size, precision, device
+
+    def predict(self, model: torch.nn.Module, splits: list[str]) -> dict[str, np.ndarray]:
+        """Predicted class ids (or scores, for regression) for each split."""
+        out = {}
+        for split in splits:
+            logits = predict(model, self.data.loader(split, self.batch_size), self.precision, self.device)
+            out[split] = logits[:, 0] if self.data.spec.regression else logits.argmax(-1)
+        return out
+
+    def score(self, predictions: dict[str, np.ndarray]) -> dict[str, float]:
+        """``<split>/<metric>`` for each labelled split."""
+        metrics = {}
+        for split, predicted in predictions.items():
+            labels = self.data.encoded[split].labels
+            if labels is not None:
+                for name, value in compute_metrics(self.data.spec.metrics, predicted, labels).items():
+                    metrics[f"{split}/{name}"] = value
+        return metrics
+
+    def metrics(self, model: torch.nn.Module) -> dict[str, float]:
+        """The metrics of every labelled evaluation split."""
+        return self.score(self.predict(model, self.data.labelled_eval_splits))
+
+
+def intervention_probe(objective: DistillationObjective, student, teacher, data: Prepared, batch_size: int, seed: int,
+                       device: torch.device) -> Callable[[], dict[str, float]] | None:
+    """Interchange-intervention accuracy and efficacy on fixed pairs: the first ``eval_pairs``
+    examples of the first evaluation split, with entries, pairs and positions drawn from ``seed``, so
+    every evaluation measures the same interventions. None when there is nothing to measure."""
+    if objective.intervention is None or data.num_labels == 1 or objective.intervention.config.eval_pairs == 0:
+        return None
+    split = data.spec.eval_splits[0]
+    subset = data.encoded[split].head(objective.intervention.config.eval_pairs)
+    subset = type(subset)(subset.input_ids, subset.token_type_ids, None, subset.ids, subset.lengths)
+    loader = make_loader(subset, batch_size, shuffle=False, seed=0, length_grouped=False, pad_token_id=data.pad_token_id)
+
+    @torch.no_grad()
+    def probe() -> dict[str, float]:
+        student.eval()
+        generator = torch.Generator().manual_seed(seed)
+        sums: dict[str, float] = {}
+        count = 0
+        for batch in loader:
+            out = objective.forward(student, teacher, {k: v.to(device) for k, v in batch.items()})
+            objective.intervene(out, student, teacher, generator)
+            n = len(batch["input_ids"])
+            for name, value in intervention_diagnostics(out.student_cf.logits, out.teacher_cf.logits, out.teacher.logits).items():
+                sums[name] = sums.get(name, 0.0) + float(value) * n
+            count += n
+        return {f"{split}/{name}": value / count for name, value in sums.items()}
+
+    return probe
+
+
+def one_class(predictions: dict[str, np.ndarray], data: Prepared) -> str | None:
+    """The class a classifier predicts for every example of its first evaluation split, if it
+    predicts only one: it never left the chance plateau, and its accuracy is the class prior."""
+    predicted = predictions.get(data.spec.eval_splits[0])
+    if data.num_labels == 1 or predicted is None or len(np.unique(predicted)) > 1:
+        return None
+    names = data.spec.label_names
+    return names[int(predicted[0])] if names else str(int(predicted[0]))
+
+
+def warn_one_class(label: str, data: Prepared, who: str) -> None:
+    log.warning("%s predicts one class (%r) for every %s example: it never left the chance plateau, so its %s is the "
+                "class prior, not a result. Train longer (trainer.min_steps) or with a higher learning rate.",
+                who, label, data.spec.eval_splits[0], data.spec.main_metric)
+
+
+def write_predictions(data: Prepared, predictions: dict[str, np.ndarray], folder: Path) -> list[Path]:
+    """GLUE-format prediction files of the test splits (``SST-2.tsv``, ``MNLI-m.tsv`` ...)."""
+    spec = data.spec
+    return [write_glue_predictions(folder / spec.submission_files.get(split, f"{split}.tsv"), data.encoded[split].ids,
+                                   predictions[split], label_names=spec.submission_label_names, regression=spec.regression)
+            for split in data.test_splits]

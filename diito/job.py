@@ -1,0 +1,109 @@
+"""The job: config -> data -> teacher -> student -> fit -> evaluate -> log, top to bottom.
+
+With :mod:`diito.config`, the only code that reads the config tree; every step hands plain objects
+(tensors, dataclasses, Hugging Face models) to the next.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from diito import tracking
+from diito.batching import Prepared
+from diito.config import Job, validate
+from diito.evaluation import Evaluator, intervention_probe, one_class, warn_one_class, write_predictions
+from diito.intervention import mapping_table
+from diito.models import build_student, load_pretrained, load_tokenizer, save_model
+from diito.objective import DistillationObjective
+from diito.sources import load_task
+from diito.teacher import obtain_teacher
+from diito.trainer import Trainer, Validation, resolve_device, seed_everything
+
+log = logging.getLogger(__name__)
+
+
+def run(cfg: DictConfig, output_dir: Path | None = None, hydra_dir: Path | None = None, job_name: str = "default",
+        sweep: dict[str, str] | None = None) -> float:
+    """Run the job ``cfg`` describes; returns the student's main validation metric (the teacher's
+    with ``stage=teacher``), which Hydra sweepers optimise. ``job_name`` (the command line's
+    overrides, under Hydra) names the MLflow run unless ``tracking.run_name`` does. In a ``sweep``
+    the run is a child of the sweep's parent, and a job that already FINISHED with the same config
+    is not run again (unless ``rerun=true``): its run joins this sweep instead."""
+    job = validate(cfg)
+    c = job.config
+    if sweep and c.tracking.enabled and not c.rerun and c.stage == "distill":
+        done = tracking.finished_run(c.tracking, job.hash)
+        if done is not None:
+            run_, metrics = done
+            log.info("already finished as run %s: skipped (rerun=true runs it again)", run_.run_id)
+            run_.set_tags(tracking.sweep_tags(sweep))
+            return metrics.get(c.task.main_metric_key, float("nan"))
+    if c.trainer.num_threads:
+        torch.set_num_threads(c.trainer.num_threads)
+    device = resolve_device(c.trainer.device)
+
+    # data and teacher
+    tokenizer = load_tokenizer(c.teacher.checkpoint or c.teacher.model)
+    all_data = Prepared.from_task(load_task(c.task), tokenizer)
+    teacher = obtain_teacher(c.teacher, all_data, tokenizer, c.trainer, c.tracking, Path(c.paths.cache), device)
+    if c.stage == "teacher":
+        return teacher.metrics.get(c.task.main_metric_key, float("nan"))
+    data = all_data.limited(c.trainer.max_train_examples, c.trainer.max_eval_examples)
+
+    state_dir = Path(c.paths.cache) / "runs" / job.hash
+    tags = tracking.sweep_tags(sweep) | teacher.tags | tracking.git_tags() | {
+        tracking.ROLE: "student", "task": c.task.name, "teacher": c.teacher.name, "student_layers": c.student.layers,
+        "loss": c.loss.kind, tracking.CONFIG_HASH: job.hash,
+    }
+    with tracking.resumable_run(state_dir, c.tracking, c.tracking.run_name or job_name, tags) as run_:
+        log_config(run_, job, cfg, hydra_dir)
+
+        # student and objective
+        seed_everything(c.seed)  # the student's fresh weights (a new classifier) come from the job's seed
+        source = teacher.model if c.student.init_from == "teacher" else load_pretrained(c.teacher.model, data.num_labels, c.seed)
+        student = build_student(source, job.student_blocks, copy_classifier=c.student.init_from == "teacher").to(device)
+        objective = DistillationObjective(c.loss, job.patience_layers, job.mapping)
+        if job.mapping:
+            log.info("intervention mapping (student <-> teacher blocks):\n%s", mapping_table(job.mapping))
+
+        # fit
+        evaluator = Evaluator(data, c.trainer.eval_batch_size, c.trainer.precision, device)
+        probe = intervention_probe(objective, student, teacher.model, data, c.trainer.eval_batch_size, c.seed, device)
+        seed_everything(c.seed)
+        trainer = Trainer(student, lambda batch: objective(student, teacher.model, batch),
+                          data.loader("train", c.trainer.batch_size, train=True, seed=c.seed, length_grouped=c.trainer.length_grouped),
+                          c.trainer, c.optim, state_dir / "checkpoint",
+                          Validation(lambda: evaluator.metrics(student) | (probe() if probe else {}), c.task.main_metric_key),
+                          run_.log_metrics, name="student")
+        state = trainer.fit()
+
+        # evaluate and log
+        predictions = evaluator.predict(student, list(c.task.eval_splits) + data.test_splits)
+        final = evaluator.score(predictions)
+        run_.log_metrics(final | {"best_step": state.best_step or state.step}, state.step)
+        if (label := one_class(predictions, data)) is not None:
+            warn_one_class(label, data, "the student")
+            run_.set_tags({tracking.PLATEAU: f"one class ({label}) on {c.task.eval_splits[0]}"})
+        output_dir = Path(output_dir or tempfile.mkdtemp(prefix="diito-"))
+        if write_predictions(data, predictions, output_dir / "predictions"):
+            run_.log_artifacts(output_dir / "predictions", "predictions")
+        if c.tracking.log_model:
+            run_.log_artifacts(save_model(student, tokenizer, output_dir / "student"), "student")
+        shutil.rmtree(state_dir / "checkpoint", ignore_errors=True)
+        (state_dir / "run.json").unlink(missing_ok=True)  # a later identical job is a new run
+    return final[c.task.main_metric_key]
+
+
+def log_config(run: tracking.Run | tracking.NullRun, job: Job, cfg: DictConfig, hydra_dir: Path | None) -> None:
+    """Params (the validated settings, so 4 and 4.0 log alike; a run that makes no interventions
+    leaves out their settings), the resolved config, and Hydra's record of the command line."""
+    run.log_params(tracking.params(job.config.model_dump(mode="json"), leave_out=job.unused_settings))
+    run.log_dict(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
+    if hydra_dir and hydra_dir.exists():
+        run.log_artifacts(hydra_dir, ".hydra")
