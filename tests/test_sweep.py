@@ -76,15 +76,16 @@ def test_failing_job_is_recorded_and_the_others_finish(home):
 
 
 def test_rerun_of_a_sweep_skips_finished_jobs(home):
-    assert run_cli(["-m", *SMOKE, "loss.alpha=0.3,0.7"], home).returncode == 0
-    again = run_cli(["-m", *SMOKE, "loss.alpha=0.3,0.7,0.9"], home)
+    assert run_cli(["-m", *SMOKE, "loss.alpha=0.3,0.7", "loss.T=4"], home).returncode == 0
+    # the same jobs, spelled differently (4.0 is 4) and with settings that cannot change a result
+    again = run_cli(["-m", *SMOKE, "loss.alpha=0.3,0.7,0.9", "loss.T=4.0", "trainer.num_threads=1", "trainer.progress=true"], home)
     assert again.returncode == 0, again.stderr[-3000:]
     assert again.stdout.count("skipped (rerun=true runs it again)") + again.stderr.count("skipped (rerun=true runs it again)") == 2
     _, parents, children = sweep_runs(home)
     assert len(children) == 3  # only alpha=0.9 ran anew
     newest = max(parents, key=lambda p: p.info.start_time)
     assert {c.data.tags["mlflow.parentRunId"] for c in children} == {newest.info.run_id}
-    forced = run_cli(["-m", *SMOKE, "loss.alpha=0.3", "rerun=true"], home)
+    forced = run_cli(["-m", *SMOKE, "loss.alpha=0.3", "loss.T=4", "rerun=true"], home)
     assert forced.returncode == 0
     assert len(sweep_runs(home)[2]) == 4
 
