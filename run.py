@@ -23,6 +23,7 @@ def main(cfg: DictConfig) -> float:
     from diito.job import run
     from diito.sources import DataError
     from diito.sweep import sweep_info
+    from diito.trainer import NonFiniteLoss
 
     hydra_cfg = HydraConfig.get()
     output_dir = Path(hydra_cfg.runtime.output_dir)
@@ -38,9 +39,12 @@ def main(cfg: DictConfig) -> float:
                 tracking.record_failure(config.tracking_settings(cfg), job_name, tracking.sweep_tags(sweep) | {tracking.ROLE: "student"},
                                         config.raw_params(cfg), e)
             return float("nan")
-        if isinstance(e, (config.ConfigError, DataError)):
+        if isinstance(e, (config.ConfigError, DataError)):  # bad input: nothing was started
             print(f"error: {e}", file=sys.stderr)
             sys.exit(2)
+        if isinstance(e.__cause__, NonFiniteLoss):  # recorded in its FAILED run; the traceback adds nothing
+            print(f"error: {e.__cause__}", file=sys.stderr)
+            sys.exit(1)
         raise
 
 

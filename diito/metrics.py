@@ -15,6 +15,7 @@ import numpy as np
 from scipy.stats import pearsonr, spearmanr
 from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
 
+from diito.files import atomic_write
 from diito.tasks import METRICS
 
 _Metric = Callable[[np.ndarray, np.ndarray], float]
@@ -70,10 +71,11 @@ def write_glue_predictions(
         values = [label_names[int(p)] for p in predictions]
     else:
         values = [str(int(p)) for p in predictions]
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", newline="", encoding="utf-8") as f:
-        writer = csv.writer(f, delimiter="\t", lineterminator="\n")
-        writer.writerow(["index", "prediction"])
-        writer.writerows(zip(ids, values))
-    return path
+
+    def write(tmp: Path) -> None:
+        with tmp.open("w", newline="", encoding="utf-8") as f:
+            writer = csv.writer(f, delimiter="\t", lineterminator="\n")
+            writer.writerow(["index", "prediction"])
+            writer.writerows(zip(ids, values))
+
+    return atomic_write(Path(path), write)

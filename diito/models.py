@@ -26,6 +26,8 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from diito.files import atomic_folder
+
 PACKAGE_PREFIX = "package:"
 TINY = "tiny"
 # The tiny test model borrows the packaged model's real WordPiece vocabulary.
@@ -147,7 +149,10 @@ def _head_prefixes(model: PreTrainedModel) -> tuple[str, ...]:
 
 
 def save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, folder: Path) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
+    """The model and its tokenizer in Hugging Face format (weights in safetensors), written whole or
+    not at all."""
+    def fill(tmp: Path) -> None:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+
+    return atomic_folder(folder, fill)

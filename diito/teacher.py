@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Literal
 
 import torch
+from safetensors import safe_open
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt
 from transformers import PreTrainedModel
 
@@ -72,7 +73,9 @@ def obtain_teacher(config: TeacherConfig, data: Prepared, tokenizer, run_setting
         return Teacher(load_finetuned(config.checkpoint).to(device).eval(), "checkpoint", config.checkpoint)
     key = tracking.identity({"data": data.fingerprint, "model": config.model, "recipe": config.recipe.model_dump(mode="json")})
     folder = cache_dir / "teachers" / f"{data.spec.name}-{key}"
-    info, built = cache.build_once(folder, lambda folder: _fine_tune(config, data, tokenizer, run_settings, tracking_config, folder, device))
+    info, built = cache.build_once(folder, lambda folder: _fine_tune(config, data, tokenizer, run_settings, tracking_config, folder, device),
+                                   check=_damage)
+    shutil.rmtree(folder / "checkpoint", ignore_errors=True)  # only once the entry is complete
     main = info.get("metrics", {}).get(data.spec.main_metric_key)
     log.info("teacher: %s %s (%s%s)", "fine-tuned now," if built else "from the cache,", folder,
              f"{data.spec.main_metric_key} {main:.4f}" if main is not None else "no metric", f", run {info['run_id']}" if info.get("run_id") else "")
@@ -110,5 +113,18 @@ def _fine_tune(config: TeacherConfig, data: Prepared, tokenizer, run_settings: T
             warn_one_class(label, data, "the teacher")
             run.set_tags({tracking.PLATEAU: f"one class ({label}) on {data.spec.eval_splits[0]}"})
         save_model(model, tokenizer, folder / "model")
-        shutil.rmtree(folder / "checkpoint", ignore_errors=True)
         return {"run_id": run.run_id, "metrics": metrics, "steps": state.step}
+
+
+def _damage(folder: Path) -> str | None:
+    """What is wrong with a cached teacher's saved model, or None."""
+    model = folder / "model"
+    if not (model / "config.json").is_file() or not any(model.glob("*.safetensors")):
+        return f"{model} holds no model (config.json and *.safetensors)"
+    try:
+        for weights in model.glob("*.safetensors"):
+            with safe_open(str(weights), "pt") as f:
+                f.keys()
+    except Exception as e:  # noqa: BLE001 - any unreadable weights file is damage
+        return f"{weights.name} is unreadable ({type(e).__name__})"
+    return None

@@ -15,10 +15,12 @@ import contextlib
 import functools
 import hashlib
 import json
+import logging
 import math
 import subprocess
 import time
 import uuid
+from collections import Counter
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -28,6 +30,10 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from pydantic import BaseModel, ConfigDict
+
+from diito.files import atomic_write_text
+
+log = logging.getLogger(__name__)
 
 # -- tags ------------------------------------------------------------------------------------------
 ROLE = "diito.role"  # teacher | student | sweep
@@ -118,17 +124,32 @@ def git_tags() -> dict[str, str]:
 
 # -- runs --------------------------------------------------------------------------------------------
 class Run:
-    """One MLflow run, addressed by id."""
+    """One MLflow run, addressed by id. A run continued after an interruption knows what it had
+    logged (``logged``: the steps of each metric): the resumed job recomputes those values exactly,
+    so they are not logged twice."""
 
-    def __init__(self, client: MlflowClient, run_id: str):
+    def __init__(self, client: MlflowClient, run_id: str, logged: dict[str, Counter] | None = None):
         self.client, self.run_id = client, run_id
+        self._replay = logged or {}
+
+    @classmethod
+    def continued(cls, client: MlflowClient, run_id: str) -> Run:
+        logged = {key: Counter(m.step for m in client.get_metric_history(run_id, key)) for key in client.get_run(run_id).data.metrics}
+        return cls(client, run_id, logged)
 
     def log_params(self, params: Mapping[str, Any]) -> None:
         self.client.log_batch(self.run_id, params=[Param(k, str(v)[:MAX_PARAM_LENGTH]) for k, v in params.items()])
 
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
         now = int(time.time() * 1000)
-        self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
+        new = []
+        for key, value in metrics.items():
+            if self._replay.get(key, {}).get(step, 0) > 0:  # logged before the interruption
+                self._replay[key][step] -= 1
+            else:
+                new.append(Metric(key, float(value), now, step))
+        if new:
+            self.client.log_batch(self.run_id, metrics=new)
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
@@ -187,12 +208,20 @@ def open_run(config: TrackingConfig, run_name: str | None, tags: Mapping[str, An
         yield NullRun()
         return
     client = _client(config)
+    if run_id is not None:
+        try:
+            client.update_run(run_id, status="RUNNING")
+            if ERROR in client.get_run(run_id).data.tags:
+                client.delete_tag(run_id, ERROR)  # the interruption's error no longer describes the run
+            run = Run.continued(client, run_id)
+        except MlflowException as e:
+            log.warning("cannot continue MLflow run %s (%s); this job starts a new run", run_id, str(e).splitlines()[0])
+            run_id = None
     if run_id is None:
         run_id = client.create_run(experiment_id(config), run_name=run_name, tags={k: str(v) for k, v in tags.items()}).info.run_id
-    else:
-        client.update_run(run_id, status="RUNNING")
+        run = Run(client, run_id)
     try:
-        yield Run(client, run_id)
+        yield run
     except Exception as error:
         client.set_tag(run_id, ERROR, f"{type(error).__name__}: {error}"[:5000])
         client.set_terminated(run_id, status="FAILED")
@@ -215,13 +244,24 @@ def resumable_run(state_dir: Path, config: TrackingConfig, run_name: str | None,
         raise RuntimeError(f"an identical job is already running (its state: {state_dir})") from None
     try:
         id_file = state_dir / "run.json"
-        run_id = json.loads(id_file.read_text())["run_id"] if id_file.exists() else None
+        run_id = _saved_run_id(id_file)
         with open_run(config, run_name, tags, run_id=run_id) as run:
-            if run_id is None and run.run_id:
-                id_file.write_text(json.dumps({"run_id": run.run_id}))
+            if run.run_id and run.run_id != run_id:
+                atomic_write_text(id_file, json.dumps({"run_id": run.run_id}))
             yield run
     finally:
         lock.release()
+
+
+def _saved_run_id(id_file: Path) -> str | None:
+    """The run an interrupted job was logging to; an unreadable record starts a new run (said aloud)."""
+    if not id_file.exists():
+        return None
+    try:
+        return json.loads(id_file.read_text())["run_id"]
+    except (OSError, ValueError, KeyError) as e:
+        log.warning("run state %s is unreadable (%s); this job starts a new MLflow run", id_file, type(e).__name__)
+        return None
 
 
 def finished_run(config: TrackingConfig, config_hash: str) -> tuple[Run, dict[str, float]] | None:

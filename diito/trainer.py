@@ -24,6 +24,8 @@ from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveInt
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from diito.files import atomic_write
+
 log = logging.getLogger(__name__)
 Batch = dict[str, Tensor]
 LossFn = Callable[[Batch], tuple[Tensor, dict[str, Tensor]]]
@@ -48,6 +50,7 @@ class LoopConfig(BaseModel):
     length_grouped: bool = True
     max_train_examples: PositiveInt | None = None
     max_eval_examples: PositiveInt | None = None
+    skip_nonfinite: NonNegativeInt = 0
 
     def total_steps(self, batches_per_epoch: int) -> int:
         """Optimizer steps of the whole fit: ``max_steps`` when set, else ``epochs`` epochs but at
@@ -94,6 +97,7 @@ class TrainState:
     best_step: int | None = None
     evals_since_best: int = 0
     stopped_early: bool = False
+    skipped_nonfinite: int = 0  # optimizer steps skipped because a loss or the gradient was not finite
 
 
 def resolve_device(name: str) -> torch.device:
@@ -156,26 +160,28 @@ def build_optimizer(model: torch.nn.Module, optim: OptimConfig, total_steps: int
     return optimizer, scheduler
 
 
+class NonFiniteLoss(ArithmeticError):
+    """A loss term or the gradient stopped being a finite number; the message names the step and the term."""
+
+
 def _rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Every RNG's state, in types that ``torch.load(weights_only=True)`` reads back (tensors, lists)."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"python": random.getstate(), "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
+             "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
 def _set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _atomic_save(obj: Any, path: Path) -> None:
-    """Write-then-rename, so a kill mid-save never leaves a truncated checkpoint."""
-    tmp = path.with_suffix(".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
 
 
 @dataclass(frozen=True)
@@ -210,35 +216,53 @@ class Trainer:
         return self.checkpoint_dir / "last.pt"
 
     @property
+    def _previous(self) -> Path:
+        return self.checkpoint_dir / "previous.pt"
+
+    @property
     def _best(self) -> Path:
         return self.checkpoint_dir / "best.pt"
 
     def save_checkpoint(self) -> None:
+        """Everything needed to resume exactly, written to a temporary name and renamed into place;
+        the checkpoint before it is kept as ``previous.pt`` in case this one is ever damaged."""
         self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
-        _atomic_save(
-            {
-                "model": self.model.state_dict(),
-                "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(),
-                "scaler": self.scaler.state_dict(),
-                "state": asdict(self.state),
-                "rng": _rng_state(),
-            },
-            self._last,
-        )
+        log.info("%s: writing checkpoint at step %d", self.name, self.state.step)
+        checkpoint = {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "state": asdict(self.state),
+            "rng": _rng_state(),
+            "running": {"sums": self._sums, "count": self._count},  # so a resumed train/loss average is exact
+        }
+        if self._last.exists():
+            os.replace(self._last, self._previous)
+        atomic_write(self._last, lambda tmp: torch.save(checkpoint, tmp))
 
     def try_resume(self) -> bool:
-        """Load the last checkpoint if there is one; True when training resumes from it."""
-        if not self._last.exists():
-            return False
-        ckpt = torch.load(self._last, map_location=self.device, weights_only=False)
-        self.model.load_state_dict(ckpt["model"])
-        self.optimizer.load_state_dict(ckpt["optimizer"])
-        self.scheduler.load_state_dict(ckpt["scheduler"])
-        self.scaler.load_state_dict(ckpt["scaler"])
-        self.state = TrainState(**ckpt["state"])
-        _set_rng_state(ckpt["rng"])
-        return True
+        """Load the newest readable checkpoint; True when training resumes from one. A damaged
+        one is reported and passed over for the one before it (or a fresh start)."""
+        for path in (self._last, self._previous):
+            if not path.exists():
+                continue
+            try:
+                ckpt = torch.load(path, map_location=self.device, weights_only=True)
+                state = TrainState(**ckpt["state"])
+            except Exception as e:  # noqa: BLE001 - any unreadable file is handled alike
+                log.warning("%s: checkpoint %s is damaged (%s: %s); trying an earlier one", self.name, path, type(e).__name__,
+                            str(e).splitlines()[0] if str(e) else "")
+                continue
+            self.model.load_state_dict(ckpt["model"])
+            self.optimizer.load_state_dict(ckpt["optimizer"])
+            self.scheduler.load_state_dict(ckpt["scheduler"])
+            self.scaler.load_state_dict(ckpt["scaler"])
+            self.state = state
+            self._sums, self._count = ckpt["running"]["sums"], ckpt["running"]["count"]
+            _set_rng_state(ckpt["rng"])
+            return True
+        return False
 
     # -- the loop ----------------------------------------------------------------------------------
     def fit(self) -> TrainState:
@@ -259,7 +283,7 @@ class Trainer:
                     self.save_checkpoint()
         bar.close()
         if c.keep_best and self._best.exists():
-            self.model.load_state_dict(torch.load(self._best, map_location=self.device))
+            self.model.load_state_dict(torch.load(self._best, map_location=self.device, weights_only=True))
         return s
 
     def _train_rest_of_epoch(self, bar: tqdm) -> None:
@@ -271,14 +295,15 @@ class Trainer:
         while s.batch_in_epoch < self.batches_per_epoch:
             # One optimizer step: grad_accum micro-batches, fewer at the end of an epoch. Checkpoints
             # are taken only between steps, so a resumed epoch starts on a step boundary.
-            for _ in range(min(c.grad_accum, self.batches_per_epoch - s.batch_in_epoch)):
-                self._micro_step(next(batches))
-            self._optimizer_step()
+            step_terms = [self._micro_step(next(batches)) for _ in range(min(c.grad_accum, self.batches_per_epoch - s.batch_in_epoch))]
+            if not self._optimizer_step(step_terms):
+                continue  # a non-finite batch, skipped (trainer.skip_nonfinite)
             bar.update(1)
             if s.step % c.log_every == 0:
                 self._log_training(bar)
             last_step = s.step >= self.total_steps
-            if c.eval_every and s.step % c.eval_every == 0 and not last_step:
+            epoch_end = s.batch_in_epoch == self.batches_per_epoch  # evaluated by fit() right after
+            if c.eval_every and s.step % c.eval_every == 0 and not last_step and not epoch_end:
                 self._evaluate()
                 self.model.train()
             if last_step or s.stopped_early:
@@ -286,16 +311,15 @@ class Trainer:
             if c.save_every and s.step % c.save_every == 0:
                 self.save_checkpoint()
 
-    def _micro_step(self, batch: Batch) -> None:
-        """Forward and backward of one micro-batch; its loss is scaled so the step averages them."""
+    def _micro_step(self, batch: Batch) -> dict[str, Tensor]:
+        """Forward and backward of one micro-batch (its loss scaled so the step averages them);
+        returns the loss and its terms, detached."""
         batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
         with autocast(self.config.precision, self.device):
             loss, terms = self.loss_fn(batch)
         self.scaler.scale(loss / self.config.grad_accum).backward()
         self.state.batch_in_epoch += 1
-        for name, value in {"loss": loss, **terms}.items():  # summed on the device: no host sync per batch
-            self._sums[name] = self._sums.get(name, 0.0) + value.detach().float()
-        self._count += 1
+        return {name: value.detach().float() for name, value in {"loss": loss, **terms}.items()}
 
     def _log_training(self, bar: tqdm) -> None:
         means = {f"train/{k}": float(v) / self._count for k, v in self._sums.items()}
@@ -303,26 +327,56 @@ class Trainer:
         bar.set_postfix(loss=f"{means['train/loss']:.4f}")
         self._sums, self._count = {}, 0
 
-    def _optimizer_step(self) -> None:
-        if self.config.max_grad_norm is not None:
-            self.scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.max_grad_norm)
+    def _optimizer_step(self, step_terms: list[dict[str, Tensor]]) -> bool:
+        """Clip, step and count, once the step's losses and gradient are known to be finite (one
+        host sync per step); False when the step was skipped instead."""
+        self.scaler.unscale_(self.optimizer)
+        max_norm = self.config.max_grad_norm if self.config.max_grad_norm is not None else math.inf
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+        losses = torch.stack([value for terms in step_terms for value in terms.values()])
+        # With fp16 the scaler expects an occasional overflowing gradient and skips that step itself.
+        finite = torch.isfinite(losses).all() & (torch.isfinite(grad_norm) | self.scaler.is_enabled())
+        if not bool(finite):
+            self._nonfinite(step_terms, grad_norm)
+            self.optimizer.zero_grad(set_to_none=True)
+            return False
+        for terms in step_terms:  # summed on the device: no further host sync per batch
+            for name, value in terms.items():
+                self._sums[name] = self._sums.get(name, 0.0) + value
+            self._count += 1
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.state.step += 1
+        return True
+
+    def _nonfinite(self, step_terms: list[dict[str, Tensor]], grad_norm: Tensor) -> None:
+        """Skip the step (within ``skip_nonfinite``) or stop, naming the step and the terms."""
+        s = self.state
+        bad = {name: float(value) for terms in step_terms for name, value in terms.items()
+               if name != "loss" and not math.isfinite(float(value))}
+        what = ", ".join(f"{name}={value}" for name, value in bad.items()) or f"the gradient (norm {float(grad_norm)})"
+        if s.skipped_nonfinite < self.config.skip_nonfinite:
+            s.skipped_nonfinite += 1
+            log.warning("%s: step %d: non-finite %s; batch skipped (%d of trainer.skip_nonfinite=%d)", self.name, s.step + 1, what,
+                        s.skipped_nonfinite, self.config.skip_nonfinite)
+            return
+        kept = f"the last good checkpoint is {self._last}" if self._last.exists() else "no checkpoint was written before it"
+        raise NonFiniteLoss(f"{self.name} step {s.step + 1}: non-finite {what}; training stopped ({kept}; "
+                            f"lower optim.lr, or let trainer.skip_nonfinite skip such batches)")
 
     def _evaluate(self) -> None:
         s = self.state
         metrics = self.validation.score()
         value = metrics[self.validation.main_metric]
         self.log(metrics, s.step)
-        if s.best_metric is None or value > s.best_metric:
+        if math.isfinite(value) and (s.best_metric is None or value > s.best_metric):  # NaN is never the best
             s.best_metric, s.best_step, s.evals_since_best = value, s.step, 0
             if self.config.keep_best:
                 self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
-                _atomic_save(self.model.state_dict(), self._best)
+                state = self.model.state_dict()
+                atomic_write(self._best, lambda tmp: torch.save(state, tmp))
         else:
             s.evals_since_best += 1
             if self.config.early_stopping and s.evals_since_best >= self.config.early_stopping:

@@ -202,3 +202,15 @@ def test_a_classifier_stuck_on_one_class_is_told_apart(caplog):
     evaluation.warn_one_class("positive", data, "the student")
     assert "the student predicts one class ('positive') for every validation example" in caplog.text
     assert "chance plateau" in caplog.text
+
+
+def test_a_diverging_job_fails_naming_step_and_term_and_keeps_its_checkpoint(home):
+    result = run_cli([*SMOKE, "optim.lr=1e12", "trainer.save_every=1"], home)
+    assert result.returncode == 1
+    message = result.stderr.strip().splitlines()[-1]
+    assert message.startswith("error: student step ") and "non-finite" in message and "Traceback" not in result.stderr
+    assert any(term in message for term in ("kd=", "ce=", "diito=", "the gradient"))
+    _, (student,) = runs_by_role(home, "student")
+    assert student.info.status == "FAILED" and "non-finite" in student.data.tags["error"]
+    (kept,) = (home / ".cache" / "runs").glob("*/checkpoint/last.pt")
+    assert kept.stat().st_size > 0 and f"the last good checkpoint is {kept}" in message

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from diito.batching import Encoded, make_loader
-from diito.trainer import OptimConfig, Trainer, TrainerConfig, Validation, autocast_dtype, param_groups
+from diito.trainer import NonFiniteLoss, OptimConfig, Trainer, TrainerConfig, Validation, autocast_dtype, param_groups
 
 OPTIM = OptimConfig(lr=0.1, weight_decay=0.01, warmup_ratio=0.0)
 
@@ -115,3 +115,47 @@ def test_dropout_is_on_in_training_and_off_in_evaluation(tmp_path):
     trainer.fit()
     assert {m for phase, m in modes if phase == "train"} == {True}
     assert [phase for phase, _ in modes].count("eval") == 2
+
+
+def nan_at(step_of_nan: int, calls: list[int]):
+    """A loss that turns NaN on the ``step_of_nan``-th batch, naming it ``kd``."""
+    model = torch.nn.Linear(1, 1)
+
+    def loss_fn(batch):
+        calls.append(1)
+        x = (batch["input_ids"].float().sum(1) / batch["attention_mask"].sum(1)).unsqueeze(1)
+        loss = torch.nn.functional.mse_loss(model(x).squeeze(1), batch["labels"])
+        if len(calls) == step_of_nan:
+            loss = loss * float("nan")
+        return loss, {"kd": loss}
+
+    return model, loss_fn
+
+
+def test_a_non_finite_loss_stops_training_naming_the_step_and_the_term(tmp_path):
+    model, loss_fn = nan_at(3, [])
+    trainer = Trainer(model, loss_fn, toy_loader(), TrainerConfig(progress=False, device="cpu", epochs=3, save_every=1), OPTIM,
+                      tmp_path / "c", Validation(lambda: {"m": 0.0}, "m"), log=lambda *a: None, name="student")
+    with pytest.raises(NonFiniteLoss, match=r"student step 3: non-finite kd=nan; training stopped \(the last good checkpoint is .*last.pt"):
+        trainer.fit()
+    kept = torch.load(tmp_path / "c" / "last.pt", weights_only=True)
+    assert kept["state"]["step"] == 2 and all(torch.isfinite(p).all() for p in kept["model"].values())
+
+
+def test_skip_nonfinite_skips_that_many_batches(tmp_path, caplog):
+    logged = []
+    model, loss_fn = nan_at(3, [])
+    trainer = Trainer(model, loss_fn, toy_loader(), TrainerConfig(progress=False, device="cpu", epochs=1, skip_nonfinite=1, log_every=1),
+                      OPTIM, tmp_path / "c", Validation(lambda: {"m": 0.0}, "m"), log=lambda m, s: logged.append((m, s)))
+    state = trainer.fit()
+    assert state.step == 4 and state.skipped_nonfinite == 1 and state.epoch == 1  # 5 batches for 4 steps: one skipped
+    assert "step 3: non-finite kd=nan; batch skipped (1 of trainer.skip_nonfinite=1)" in caplog.text
+    assert all(np.isfinite(m["train/kd"]) for m, _ in logged if "train/kd" in m)  # the skipped batch is not averaged in
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_a_nan_first_evaluation_does_not_freeze_keep_best(tmp_path):
+    trainer, model, snapshots, _ = make_trainer(tmp_path, [float("nan"), 0.4, 0.7, 0.5], epochs=4, keep_best=True)
+    state = trainer.fit()
+    assert state.best_step == 12 and state.best_metric == 0.7
+    assert torch.equal(model.weight, snapshots[2])
