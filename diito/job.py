@@ -84,6 +84,7 @@ def run(cfg: DictConfig, output_dir: Path | None = None, hydra_dir: Path | None 
         state = trainer.fit()
 
         # evaluate and log
+        log.info("student: final evaluation")
         predictions = evaluator.predict(student, list(c.task.eval_splits) + data.test_splits)
         final = evaluator.score(predictions)
         run_.log_metrics(final | {"best_step": state.best_step or state.step}, state.step)
@@ -94,6 +95,7 @@ def run(cfg: DictConfig, output_dir: Path | None = None, hydra_dir: Path | None 
         if write_predictions(data, predictions, output_dir / "predictions"):
             run_.log_artifacts(output_dir / "predictions", "predictions")
         if c.tracking.log_model:
+            log.info("student: saving to %s", output_dir / "student")
             run_.log_artifacts(save_model(student, tokenizer, output_dir / "student"), "student")
         shutil.rmtree(state_dir / "checkpoint", ignore_errors=True)
         (state_dir / "run.json").unlink(missing_ok=True)  # a later identical job is a new run

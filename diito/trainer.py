@@ -325,6 +325,8 @@ class Trainer:
         means = {f"train/{k}": float(v) / self._count for k, v in self._sums.items()}
         self.log(means | {"train/lr": self.scheduler.get_last_lr()[0]}, self.state.step)
         bar.set_postfix(loss=f"{means['train/loss']:.4f}")
+        if not self.config.progress:  # no bar (sweeps, CI, logs): a line instead
+            log.info("%s step %d/%d: loss %.4f", self.name, self.state.step, self.total_steps, means["train/loss"])
         self._sums, self._count = {}, 0
 
     def _optimizer_step(self, step_terms: list[dict[str, Tensor]]) -> bool:
