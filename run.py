@@ -22,7 +22,7 @@ def main(cfg: DictConfig) -> float:
     from diito import config, tracking
     from diito.job import run
     from diito.sources import DataError
-    from diito.sweep import sweep_info
+    from diito.sweep import record_job_failure, sweep_info
     from diito.trainer import NonFiniteLoss
 
     hydra_cfg = HydraConfig.get()
@@ -34,7 +34,8 @@ def main(cfg: DictConfig) -> float:
         return run(cfg, output_dir, hydra_dir=output_dir / hydra_cfg.output_subdir, job_name=job_name, sweep=sweep)
     except Exception as e:
         if in_sweep:  # one failing job must not stop the sweep; it shows there as a FAILED child
-            logging.getLogger("diito").error("job %s failed: %s", job_name, e)
+            logging.getLogger("diito").error("job %s failed: %s", tracking.mask(job_name), tracking.mask(str(e)))
+            record_job_failure(hydra_cfg.sweep.dir, output_dir, job_name, e)
             if sweep and not isinstance(e, tracking.RunFailed):  # it failed before its run existed
                 tracking.record_failure(config.tracking_settings(cfg), job_name, tracking.sweep_tags(sweep) | {tracking.ROLE: "student"},
                                         config.raw_params(cfg), e)

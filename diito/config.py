@@ -6,10 +6,14 @@ config tree.
 
 from __future__ import annotations
 
+import dataclasses
+import os
 import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
+import torch
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from pydantic import BaseModel, ConfigDict, ValidationError
@@ -18,7 +22,7 @@ from diito import tracking
 from diito.intervention import InterchangeConfig, MappingConfig, MappingEntry, Shape, build_mapping
 from diito.models import StudentConfig, load_model_config, num_layers, select_blocks
 from diito.objective import LossConfig, default_patience_layers
-from diito.sources import DataError, check_task
+from diito.sources import DataError, check_task, glue_folder
 from diito.tasks import TaskSpec
 from diito.teacher import TeacherConfig
 from diito.tracking import TrackingConfig
@@ -107,41 +111,86 @@ def validate(cfg: DictConfig) -> Job:
     except ValidationError as e:
         raise ConfigError("; ".join(_format(err) for err in e.errors())) from None
     try:
+        job.task = glue_folder(job.task)
         check_task(job.task)
     except DataError as e:
         raise ConfigError(str(e)) from None
+    check_device(job.trainer.device)
+    try:
+        tracking.check_store(job.tracking)
+    except ValueError as e:
+        raise ConfigError(f"tracking.uri: {e}") from None
 
-    teacher_source = job.teacher.checkpoint or job.teacher.model
+    teacher_config = _model_config(job.teacher.checkpoint or job.teacher.model, "teacher.checkpoint" if job.teacher.checkpoint else "teacher.model")
+    if job.teacher.checkpoint:
+        _check_checkpoint(Path(job.teacher.checkpoint), teacher_config, job.task)
+    teacher_layers = num_layers(teacher_config)
+    # The student copies its source's architecture: the teacher, or with init_from=pretrained the base
+    # model (which differs from a given teacher.checkpoint's, possibly in depth and width).
+    pretrained_source = job.student.init_from == "pretrained" and job.teacher.checkpoint
+    source_config = _model_config(job.teacher.model, "teacher.model") if pretrained_source else teacher_config
+    source_layers, k = num_layers(source_config), job.student.layers
+    if k > source_layers:
+        raise ConfigError(f"student.layers: {k} is deeper than the {source_layers}-layer {'teacher.model' if pretrained_source else 'teacher'}")
     try:
-        teacher_config = load_model_config(teacher_source)
-        teacher_layers = num_layers(teacher_config)
-    except (OSError, ValueError) as e:
-        key = "teacher.checkpoint" if job.teacher.checkpoint else "teacher.model"
-        raise ConfigError(f"{key}: cannot load model {teacher_source!r}: {str(e).splitlines()[0]}") from None
-    k = job.student.layers
-    if k > teacher_layers:
-        raise ConfigError(f"student.layers: {k} is deeper than the {teacher_layers}-layer teacher")
-    try:
-        blocks = select_blocks(job.student.init, teacher_layers, k, job.student.blocks)
+        blocks = select_blocks(job.student.init, source_layers, k, job.student.blocks)
     except ValueError as e:
         raise ConfigError(str(e)) from None
     patience = job.loss.patience_layers
     if patience is None:
         patience = default_patience_layers(teacher_layers, k)
     if job.loss.beta > 0:
+        if k < 2:
+            raise ConfigError("loss.beta: the patience loss matches student blocks 0..layers-2, so it needs student.layers >= 2")
         if len(patience) != k - 1:
             raise ConfigError(f"loss.patience_layers: {len(patience)} teacher layers given; a {k}-layer student matches {k - 1}")
         if any(not 0 <= p < teacher_layers for p in patience):
             raise ConfigError(f"loss.patience_layers: {patience} outside the teacher's blocks 0..{teacher_layers - 1}")
+    teacher_shape = Shape.of(teacher_config)
+    student_shape = dataclasses.replace(Shape.of(source_config), layers=k)
+    if job.loss.cosine > 0 and student_shape.hidden != teacher_shape.hidden:
+        raise ConfigError(f"loss.cosine: the causal cosine compares last-block outputs of equal width; the student's are "
+                          f"{student_shape.hidden} wide, the teacher's {teacher_shape.hidden} (set loss.cosine=0)")
+    if job.loss.beta > 0 and student_shape.hidden != teacher_shape.hidden:
+        raise ConfigError(f"loss.beta: the patience loss compares [CLS] vectors of equal width; the student's are "
+                          f"{student_shape.hidden} wide, the teacher's {teacher_shape.hidden} (set loss.beta=0)")
     mapping = None
     if job.loss.intervenes:
-        teacher_shape = Shape.of(teacher_config)
-        student_shape = Shape(k, teacher_shape.hidden, teacher_shape.heads)  # students keep the teacher's width
         try:
             mapping = build_mapping(job.mapping, teacher_shape, student_shape)
         except ValueError as e:
             raise ConfigError(str(e)) from None
     return Job(job, teacher_layers, blocks, patience, mapping)
+
+
+def _model_config(model: str, key: str):
+    try:
+        return load_model_config(model)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{key}: cannot load model {model!r}: {str(e).splitlines()[0]}") from None
+
+
+def _check_checkpoint(folder: Path, config, task: TaskSpec) -> None:
+    """A given teacher folder holds weights, and a head of the task's size."""
+    if not any(folder.glob("*.safetensors")) and not (folder / "pytorch_model.bin").is_file():
+        raise ConfigError(f"teacher.checkpoint: {folder} holds no weights (model.safetensors or pytorch_model.bin)")
+    expected = 1 if task.regression else len(task.label_names) if task.label_names else None
+    if expected is not None and config.num_labels != expected:
+        raise ConfigError(f"teacher.checkpoint: {folder} has a {config.num_labels}-output head; task {task.name} needs {expected}")
+
+
+def check_device(device: str) -> None:
+    """The device exists on this machine."""
+    if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", device):
+        raise ConfigError(f"trainer.device: {device!r} is not a device (auto, cpu, cuda, cuda:N, mps)")
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ConfigError(f"trainer.device: {device} asked for, but this machine has no CUDA device (use auto or cpu)")
+        index = int(device.partition(":")[2] or 0)
+        if index >= torch.cuda.device_count():
+            raise ConfigError(f"trainer.device: {device} asked for, but this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if device == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError("trainer.device: mps asked for, but this machine has no MPS device (use auto or cpu)")
 
 
 def tracking_settings(cfg: DictConfig) -> TrackingConfig:
@@ -157,3 +206,14 @@ def main_metric_key(cfg: DictConfig) -> str:
 def raw_params(cfg: DictConfig) -> dict[str, Any]:
     """The config as given, flattened and unresolved: what a job that failed validation was asked to do."""
     return tracking.flatten(OmegaConf.to_container(cfg, resolve=False))
+
+
+def from_environment(cfg: DictConfig) -> dict[str, str]:
+    """Settings whose value was read from an environment variable that is set: ``{key: variable}``.
+    Such values (a tracking URI with a token, say) are never logged."""
+    found = {}
+    for key, value in raw_params(cfg).items():
+        for name in re.findall(r"\$\{oc\.env:([A-Za-z_][A-Za-z0-9_]*)", str(value)):
+            if name in os.environ:
+                found[key] = name
+    return found

@@ -6,6 +6,7 @@ With :mod:`diito.config`, the only code that reads the config tree; every step h
 
 from __future__ import annotations
 
+import functools
 import logging
 import shutil
 import tempfile
@@ -14,7 +15,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from diito import tracking
+from diito import config, tracking
 from diito.batching import Prepared
 from diito.config import Job, validate
 from diito.evaluation import Evaluator, intervention_probe, one_class, warn_one_class, write_predictions
@@ -104,8 +105,18 @@ def run(cfg: DictConfig, output_dir: Path | None = None, hydra_dir: Path | None 
 
 def log_config(run: tracking.Run | tracking.NullRun, job: Job, cfg: DictConfig, hydra_dir: Path | None) -> None:
     """Params (the validated settings, so 4 and 4.0 log alike; a run that makes no interventions
-    leaves out their settings), the resolved config, and Hydra's record of the command line."""
-    run.log_params(tracking.params(job.config.model_dump(mode="json"), leave_out=job.unused_settings))
-    run.log_dict(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
+    leaves out their settings), the resolved config, and Hydra's record of the command line. Values
+    read from the environment are replaced by the variable's name, and credentials are masked."""
+    from_env = config.from_environment(cfg)
+    params = tracking.params(job.config.model_dump(mode="json"), leave_out=job.unused_settings)
+    run.log_params({k: f"<${from_env[k]}>" if k in from_env else v for k, v in params.items()})
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    for key, variable in from_env.items():
+        *parents, leaf = key.split(".")
+        functools.reduce(dict.get, parents, resolved)[leaf] = f"<${variable}>"
+    run.log_text(tracking.mask(OmegaConf.to_yaml(OmegaConf.create(resolved))), "config.yaml")
     if hydra_dir and hydra_dir.exists():
-        run.log_artifacts(hydra_dir, ".hydra")
+        with tempfile.TemporaryDirectory() as folder:
+            for file in hydra_dir.iterdir():
+                (Path(folder) / file.name).write_text(tracking.mask(file.read_text()))
+            run.log_artifacts(Path(folder), ".hydra")

@@ -11,6 +11,7 @@ import csv
 import hashlib
 import importlib.util
 import json
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +21,8 @@ import pandas as pd
 from sklearn.model_selection import train_test_split
 
 from diito.tasks import Column, TaskSpec, TsvColumns
+
+log = logging.getLogger(__name__)
 
 
 class DataError(ValueError):
@@ -70,29 +73,54 @@ class TaskData:
 # ---------------------------------------------------------------- reading files
 
 
-def _read_table(path: Path, key: str, header: bool = True) -> pd.DataFrame:
-    """Read a whole CSV/TSV/JSONL file as strings (JSONL keeps JSON types)."""
+ENCODING = "utf-8-sig"  # UTF-8, with or without the byte-order mark that files saved on Windows begin with
+
+
+def _check_readable(path: Path, key: str) -> None:
+    """The file exists, is not empty and is UTF-8 text."""
     if not path.is_file():
         raise DataError(f"{key}: file not found: {path}")
+    if path.stat().st_size == 0:
+        raise DataError(f"{path}: the file is empty; fix {key}")
     try:
-        if path.suffix == ".jsonl":
-            return _read_jsonl(path)
-        tsv = path.suffix == ".tsv"
-        return pd.read_csv(
+        with path.open(encoding=ENCODING) as f:
+            for _ in f:
+                pass
+    except UnicodeDecodeError as e:
+        line = path.read_bytes()[: e.start].count(b"\n") + 1
+        raise DataError(f"{path}:{line}: not UTF-8 text (byte 0x{e.object[e.start]:02x}); save the file as UTF-8") from None
+
+
+def _read_table(path: Path, key: str, header: bool = True) -> pd.DataFrame:
+    """Read a whole CSV/TSV/JSONL file as strings (JSONL keeps JSON types); a row with fewer fields
+    than the first line is an error naming its line (it would otherwise read as empty fields)."""
+    _check_readable(path, key)
+    if path.suffix == ".jsonl":
+        return _read_jsonl(path)
+    tsv = path.suffix == ".tsv"
+    try:
+        df = pd.read_csv(
             path,
             sep="\t" if tsv else ",",
             quoting=csv.QUOTE_NONE if tsv else csv.QUOTE_MINIMAL,
             header=0 if header else None,
             dtype=str,
             keep_default_na=False,
+            encoding=ENCODING,
         )
-    except (pd.errors.ParserError, UnicodeDecodeError) as e:
+    except (pd.errors.ParserError, pd.errors.EmptyDataError) as e:
         raise DataError(f"{path}: {str(e).strip().splitlines()[-1]}") from None
+    with path.open(encoding=ENCODING, newline="") as f:
+        reader = csv.reader(f, delimiter="\t" if tsv else ",", quoting=csv.QUOTE_NONE if tsv else csv.QUOTE_MINIMAL)
+        for row in reader:
+            if 0 < len(row) < len(df.columns):
+                raise DataError(f"{path}:{reader.line_num}: {len(row)} field(s), fewer than the {len(df.columns)} of the first line")
+    return df
 
 
 def _read_jsonl(path: Path) -> pd.DataFrame:
     rows = []
-    with path.open(encoding="utf-8") as f:
+    with path.open(encoding=ENCODING) as f:
         for lineno, line in enumerate(f, 1):
             if line.strip():
                 try:
@@ -103,10 +131,10 @@ def _read_jsonl(path: Path) -> pd.DataFrame:
 
 
 def _read_columns(path: Path, key: str, header: bool = True) -> list[Column]:
-    """Column names (or positions when headerless) from the first line only."""
-    if not path.is_file():
-        raise DataError(f"{key}: file not found: {path}")
-    with path.open(encoding="utf-8") as f:
+    """Column names (or positions when headerless) from the first line, once the file is known to
+    be non-empty UTF-8 text."""
+    _check_readable(path, key)
+    with path.open(encoding=ENCODING) as f:
         first = f.readline().rstrip("\r\n")
     if path.suffix == ".jsonl":
         try:
@@ -210,6 +238,22 @@ def _tsv_file(spec: TaskSpec, split: str) -> tuple[Path, TsvColumns, str]:
     return Path(spec.data_dir) / spec.tsv.files[split], getattr(spec.tsv, kind), f"task.tsv.{kind}"
 
 
+def glue_folder(spec: TaskSpec) -> TaskSpec:
+    """``spec`` reading the task's own folder: ``task.data_dir`` may name it, or the GLUE root that
+    holds it (``glue_data/`` with ``SST-2/`` inside); says which it uses."""
+    if spec.data_dir is None or spec.tsv is None:
+        return spec
+    given = Path(spec.data_dir)
+    if not given.is_dir():
+        raise DataError(f"task.data_dir: no such folder: {given}")
+    train = spec.tsv.files["train"]
+    if (given / train).is_file() or not spec.tsv.folder or not (given / spec.tsv.folder / train).is_file():
+        return spec
+    inside = given / spec.tsv.folder
+    log.info("task.data_dir: %s is a GLUE root; reading its %s folder %s", given, spec.tsv.folder, inside)
+    return spec.model_copy(update={"data_dir": str(inside)})
+
+
 def _load_glue_dir(spec: TaskSpec) -> dict[str, Examples]:
     out = {}
     for split in spec.split_names:
@@ -265,6 +309,11 @@ def _load_files(spec: TaskSpec) -> tuple[dict[str, Examples], list[str] | None]:
         label = spec.label_field if split != "test" or spec.label_field in df.columns else None
         _require(path, list(df.columns), [*spec.text_fields, label, spec.id_field], _FILES_KEYS)
         frames[split] = (path, df, label)
+    for split, (path, df, label) in frames.items():
+        if label is not None:  # a blank label would otherwise become a class of its own
+            blank = np.flatnonzero(df[label].astype(str).str.strip().eq("").to_numpy())
+            if len(blank):
+                raise DataError(f"{path}:{int(blank[0]) + (1 if path.suffix == '.jsonl' else 2)}: the label is empty")
     names = spec.label_names
     if names is None and not spec.regression:
         names = _sorted_labels(frames["train"][1][spec.label_field])

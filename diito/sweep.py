@@ -20,15 +20,29 @@ from omegaconf import DictConfig
 
 from diito import config as job_config
 from diito import tracking
+from diito.files import atomic_write_text
 
 log = logging.getLogger(__name__)
 SWEEP_FILE = "sweep.json"
+
+
+FAILURES = "failed"  # a file per failed job, so a sweep knows its failures even without tracking
 
 
 def sweep_info(sweep_dir: str | Path) -> dict[str, str] | None:
     """The parent run of the sweep writing to ``sweep_dir``, if tracking made one."""
     path = Path(sweep_dir) / SWEEP_FILE
     return json.loads(path.read_text()) if path.exists() else None
+
+
+def record_job_failure(sweep_dir: str | Path, job_dir: str | Path, job_name: str, error: BaseException) -> None:
+    """Note in the sweep's folder that a job failed (read back when the sweep ends)."""
+    text = json.dumps({"run": job_name, "error": tracking.mask(f"{type(error).__name__}: {error}")})
+    atomic_write_text(Path(sweep_dir) / FAILURES / f"{Path(job_dir).name}.json", text)
+
+
+def job_failures(sweep_dir: str | Path) -> list[dict[str, str]]:
+    return [json.loads(f.read_text()) for f in sorted((Path(sweep_dir) / FAILURES).glob("*.json"))]
 
 
 class SweepCallback(Callback):
@@ -45,9 +59,12 @@ class SweepCallback(Callback):
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         settings = job_config.tracking_settings(config)
         info = sweep_info(config.hydra.sweep.dir)
-        if not settings.enabled or info is None:
-            return
-        summary = tracking.finish_sweep(settings, info, job_config.main_metric_key(config))
+        if settings.enabled and info is not None:
+            summary = tracking.finish_sweep(settings, info, job_config.main_metric_key(config))
+        else:  # no tracking: the sweep's folder knows which jobs failed
+            failures = job_failures(config.hydra.sweep.dir)
+            jobs = len(list(Path(config.hydra.sweep.dir).glob("*/.hydra")))
+            summary = {"jobs": jobs, "finished": jobs - len(failures), "failed": len(failures), "failures": failures}
         failed = summary["failed"] > 0
         lines = [f"sweep: {summary['finished']}/{summary['jobs']} jobs finished"]
         if "best_run" in summary:

@@ -37,6 +37,8 @@ class TsvColumns(_Strict):
 class GlueTsv(_Strict):
     """The original GLUE TSV layout of a task, read when `data_dir` is set."""
 
+    folder: str | None = None
+    """The task's folder in a GLUE root (SST-2, CoLA, ...): `data_dir` may name the root instead."""
     files: dict[str, str] = {"train": "train.tsv", "validation": "dev.tsv", "test": "test.tsv"}
     """Split name -> file name inside `data_dir`."""
     labeled: TsvColumns

@@ -17,11 +17,14 @@ import hashlib
 import json
 import logging
 import math
+import os
+import re
 import subprocess
 import time
+import urllib.request
 import uuid
 from collections import Counter
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +32,8 @@ from filelock import FileLock, Timeout
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
-from pydantic import BaseModel, ConfigDict
+from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH
+from pydantic import BaseModel, ConfigDict, Field
 
 from diito.files import atomic_write_text
 
@@ -47,15 +51,19 @@ PLATEAU = "diito.plateau"
 ERROR = "error"
 BEST_RUN, BEST_RUN_ID = "best_run", "best_run_id"
 
-MAX_PARAM_LENGTH = 6000  # MLflow's limit on a param value
+MAX_PARAM_LENGTH = MAX_PARAM_VAL_LENGTH  # MLflow's limit on a param value
 
 RESULT_INDEPENDENT = frozenset({
     "paths", "rerun", "trainer.progress", "trainer.resume", "trainer.log_every", "trainer.save_every",
-    "trainer.num_threads", "trainer.eval_batch_size", "tracking.run_name", "tracking.log_model",
+    "trainer.num_threads", "trainer.eval_batch_size", "tracking",
 })
 """Settings that change where a job writes, how fast it runs or how it looks, never what it computes:
 left out of a job's identity (so changing them neither reruns a finished job nor fine-tunes another
 teacher), of its params, and of what tells configurations apart in a report."""
+
+
+SCHEMES = ("sqlite", "http", "https", "postgresql", "mysql", "mssql", "databricks")
+SECRET_VARIABLES = ("MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN", "MLFLOW_TRACKING_CLIENT_CERT_PATH")
 
 
 class TrackingConfig(BaseModel):
@@ -66,6 +74,43 @@ class TrackingConfig(BaseModel):
     experiment: str
     run_name: str | None = None
     log_model: bool = True
+    retries: int = Field(3, ge=0)  # a tracking server that stops answering: tries per request
+    timeout: float = Field(10.0, gt=0)  # seconds per try
+
+
+def mask(text: str) -> str:
+    """``text`` with credentials replaced by ``***``: the password of a URI's ``user:password@``, and
+    the values of MLflow's secret environment variables."""
+    text = re.sub(r"(\b[a-zA-Z][\w+.-]*://[^/:@\s]+):[^/@\s]+@", r"\1:***@", str(text))
+    for name in SECRET_VARIABLES:
+        if os.environ.get(name):
+            text = text.replace(os.environ[name], "***")
+    return text
+
+
+def check_store(config: TrackingConfig) -> None:
+    """Fail early when the store cannot work: an unknown scheme, a server that does not answer, a
+    database file in a folder that cannot be written. Raises ValueError naming the (masked) URI."""
+    if not config.enabled:
+        return
+    uri = config.uri or ""
+    scheme = uri.split(":", 1)[0].split("+", 1)[0]
+    if scheme not in SCHEMES:
+        raise ValueError(f"{mask(uri)!r} is not a tracking URI MLflow stores runs at ({', '.join(SCHEMES)})")
+    if scheme in ("http", "https"):
+        try:
+            urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=config.timeout).close()
+        except OSError as e:
+            reason = getattr(e, "reason", e)
+            raise ValueError(f"no MLflow server answers at {mask(uri)} ({reason}); start one (mlflow server) or use tracking=mlflow") from None
+    if scheme == "sqlite":
+        folder = Path(uri.removeprefix("sqlite:///")).parent
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ValueError(f"cannot create the database's folder {folder} ({e.strerror})") from None
+        if not os.access(folder, os.W_OK):
+            raise ValueError(f"the database's folder {folder} is not writable")
 
 
 class RunFailed(Exception):
@@ -124,41 +169,94 @@ def git_tags() -> dict[str, str]:
 
 # -- runs --------------------------------------------------------------------------------------------
 class Run:
-    """One MLflow run, addressed by id. A run continued after an interruption knows what it had
-    logged (``logged``: the steps of each metric): the resumed job recomputes those values exactly,
-    so they are not logged twice."""
+    """One MLflow run, addressed by id.
+
+    A run continued after an interruption knows what it had logged (``logged``: the steps of each
+    metric): the resumed job recomputes those values exactly, so they are not logged twice. When
+    the store stops answering, training goes on: what could not be sent is kept and sent with the
+    next call, and :meth:`unsent` says what never arrived. Values are masked (:func:`mask`) and a
+    param too long for MLflow is logged whole as an artifact and visibly truncated."""
 
     def __init__(self, client: MlflowClient, run_id: str, logged: dict[str, Counter] | None = None):
         self.client, self.run_id = client, run_id
         self._replay = logged or {}
+        self._pending: list[Metric] = []  # metric values the store did not take yet
+        self._failed: list[str] = []  # params, tags and artifacts it never took
+        self._warned = False
 
     @classmethod
     def continued(cls, client: MlflowClient, run_id: str) -> Run:
         logged = {key: Counter(m.step for m in client.get_metric_history(run_id, key)) for key in client.get_run(run_id).data.metrics}
         return cls(client, run_id, logged)
 
+    def _send(self, what: str, call: Callable[[], Any]) -> bool:
+        try:
+            call()
+            return True
+        except (MlflowException, OSError) as e:  # requests' errors are OSErrors
+            if not self._warned:
+                log.warning("tracking: cannot log %s to %s (%s); training goes on and logging is retried", what,
+                            mask(self.client.tracking_uri), mask(str(e).splitlines()[0] if str(e) else type(e).__name__))
+                self._warned = True
+            return False
+
     def log_params(self, params: Mapping[str, Any]) -> None:
-        self.client.log_batch(self.run_id, params=[Param(k, str(v)[:MAX_PARAM_LENGTH]) for k, v in params.items()])
+        values, long = {}, {}
+        for key, value in params.items():
+            value = mask(str(value))
+            if len(value) > MAX_PARAM_LENGTH:
+                long[key] = value
+                note = f" ... (truncated: the whole value is in the artifact params/{key}.txt)"
+                value = value[: MAX_PARAM_LENGTH - len(note)] + note
+            values[key] = value
+        for key, value in long.items():
+            if not self._send(f"param {key}", lambda key=key, value=value: self.client.log_text(self.run_id, value, f"params/{key}.txt")):
+                self._failed.append(f"params/{key}.txt")
+        if not self._send("params", lambda: self.client.log_batch(self.run_id, params=[Param(k, v) for k, v in values.items()])):
+            self._failed.append(f"{len(values)} params")
 
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
         now = int(time.time() * 1000)
-        new = []
         for key, value in metrics.items():
             if self._replay.get(key, {}).get(step, 0) > 0:  # logged before the interruption
                 self._replay[key][step] -= 1
             else:
-                new.append(Metric(key, float(value), now, step))
-        if new:
-            self.client.log_batch(self.run_id, metrics=new)
+                self._pending.append(Metric(key, float(value), now, step))
+        self.flush()
+
+    def flush(self) -> bool:
+        """Send the metric values the store has not taken yet; True when none is left."""
+        while self._pending:
+            batch = self._pending[:1000]  # MLflow takes at most 1000 metrics per call
+            if not self._send(f"{len(self._pending)} metric values", lambda: self.client.log_batch(self.run_id, metrics=batch)):
+                return False
+            del self._pending[: len(batch)]
+        return True
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
-        self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+        if not self._send("tags", lambda: self.client.log_batch(self.run_id, tags=[RunTag(k, mask(str(v))) for k, v in tags.items()])):
+            self._failed.append("tags " + ", ".join(tags))
 
     def log_dict(self, obj: Any, artifact_file: str) -> None:
-        self.client.log_dict(self.run_id, obj, artifact_file)
+        if not self._send(artifact_file, lambda: self.client.log_dict(self.run_id, obj, artifact_file)):
+            self._failed.append(artifact_file)
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        if not self._send(artifact_file, lambda: self.client.log_text(self.run_id, text, artifact_file)):
+            self._failed.append(artifact_file)
 
     def log_artifacts(self, folder: Path, artifact_path: str | None = None) -> None:
-        self.client.log_artifacts(self.run_id, str(folder), artifact_path)
+        if not self._send(f"{artifact_path or folder}", lambda: self.client.log_artifacts(self.run_id, str(folder), artifact_path)):
+            self._failed.append(f"{artifact_path or folder}/ (kept in {folder})")
+
+    def unsent(self) -> list[str]:
+        """What never reached the store, after a last try."""
+        self.flush()
+        if not self._pending:
+            return list(self._failed)
+        keys = sorted({m.key for m in self._pending})
+        steps = sorted({m.step for m in self._pending})
+        return [*self._failed, f"{len(self._pending)} metric values ({', '.join(keys)} at steps {steps[0]}..{steps[-1]})"]
 
 
 class NullRun:
@@ -171,6 +269,11 @@ class NullRun:
 
 
 def _client(config: TrackingConfig) -> MlflowClient:
+    """A client whose requests to a server give up after ``retries`` tries of ``timeout`` seconds
+    (MLflow's own defaults wait minutes per request), unless the environment says otherwise."""
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", str(config.retries))
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(max(1, round(config.timeout))))
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
     return MlflowClient(tracking_uri=config.uri)
 
 
@@ -218,18 +321,29 @@ def open_run(config: TrackingConfig, run_name: str | None, tags: Mapping[str, An
             log.warning("cannot continue MLflow run %s (%s); this job starts a new run", run_id, str(e).splitlines()[0])
             run_id = None
     if run_id is None:
-        run_id = client.create_run(experiment_id(config), run_name=run_name, tags={k: str(v) for k, v in tags.items()}).info.run_id
+        tags = {k: mask(str(v)) for k, v in tags.items()}
+        run_id = client.create_run(experiment_id(config), run_name=mask(run_name) if run_name else None, tags=tags).info.run_id
         run = Run(client, run_id)
     try:
         yield run
     except Exception as error:
-        client.set_tag(run_id, ERROR, f"{type(error).__name__}: {error}"[:5000])
-        client.set_terminated(run_id, status="FAILED")
+        _end(run, "FAILED", f"{type(error).__name__}: {error}")
         raise RunFailed(run_id, error) from error
     except BaseException:
-        client.set_terminated(run_id, status="KILLED")
+        _end(run, "KILLED")
         raise
-    client.set_terminated(run_id, status="FINISHED")
+    _end(run, "FINISHED")
+
+
+def _end(run: Run, status: str, error: str | None = None) -> None:
+    """Record the run's end; say what never reached the store (the job's own outputs are kept)."""
+    if error:
+        run.set_tags({ERROR: error[:5000]})
+    unsent = run.unsent()
+    if not run._send("the run's end", lambda: run.client.set_terminated(run.run_id, status=status)):
+        unsent.append(f"the run's end ({status}: the run still shows RUNNING)")
+    if unsent:
+        log.warning("tracking: never reached %s for run %s: %s", mask(run.client.tracking_uri), run.run_id, "; ".join(unsent))
 
 
 @contextlib.contextmanager
@@ -244,24 +358,28 @@ def resumable_run(state_dir: Path, config: TrackingConfig, run_name: str | None,
         raise RuntimeError(f"an identical job is already running (its state: {state_dir})") from None
     try:
         id_file = state_dir / "run.json"
-        run_id = _saved_run_id(id_file)
+        store = {"uri": mask(config.uri or ""), "experiment": config.experiment}
+        run_id = _saved_run_id(id_file, store)
         with open_run(config, run_name, tags, run_id=run_id) as run:
             if run.run_id and run.run_id != run_id:
-                atomic_write_text(id_file, json.dumps({"run_id": run.run_id}))
+                atomic_write_text(id_file, json.dumps({"run_id": run.run_id} | store))
             yield run
     finally:
         lock.release()
 
 
-def _saved_run_id(id_file: Path) -> str | None:
-    """The run an interrupted job was logging to; an unreadable record starts a new run (said aloud)."""
+def _saved_run_id(id_file: Path, store: dict[str, str]) -> str | None:
+    """The run an interrupted job was logging to, if it logged to the same store and experiment; an
+    unreadable record starts a new run (said aloud)."""
     if not id_file.exists():
         return None
     try:
-        return json.loads(id_file.read_text())["run_id"]
+        saved = json.loads(id_file.read_text())
+        run_id = saved["run_id"]
     except (OSError, ValueError, KeyError) as e:
         log.warning("run state %s is unreadable (%s); this job starts a new MLflow run", id_file, type(e).__name__)
         return None
+    return run_id if all(saved.get(k) == v for k, v in store.items()) else None
 
 
 def finished_run(config: TrackingConfig, config_hash: str) -> tuple[Run, dict[str, float]] | None:
@@ -276,8 +394,8 @@ def record_failure(config: TrackingConfig, run_name: str, tags: Mapping[str, Any
     """A FAILED run for a job that failed before its own run existed (say, an invalid combination of
     values in a sweep), so the sweep shows it with its error and its config."""
     client = _client(config)
-    tags = {k: str(v) for k, v in tags.items()} | {ERROR: f"{type(error).__name__}: {error}"[:5000]}
-    run_id = client.create_run(experiment_id(config), run_name=run_name, tags=tags).info.run_id
+    tags = {k: mask(str(v)) for k, v in tags.items()} | {ERROR: mask(f"{type(error).__name__}: {error}")[:5000]}
+    run_id = client.create_run(experiment_id(config), run_name=mask(run_name), tags=tags).info.run_id
     Run(client, run_id).log_params(params)
     client.set_terminated(run_id, status="FAILED")
 

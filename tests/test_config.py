@@ -2,7 +2,7 @@
 
 import pytest
 
-from diito.config import ConfigError, validate
+from diito.config import ConfigError, tracking_settings, validate
 from tests.conftest import GLUE, compose_config, run_cli
 
 
@@ -26,8 +26,10 @@ def test_overrides_and_groups(home):
 
 def test_environment_overrides_the_tracking_uri(home, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5999")
-    assert validate(compose_config()).config.tracking.uri == "http://127.0.0.1:5999"
-    assert validate(compose_config(["tracking.uri=sqlite:////x/y.db"])).config.tracking.uri == "sqlite:////x/y.db"
+    assert tracking_settings(compose_config()).uri == "http://127.0.0.1:5999"
+    with pytest.raises(ConfigError, match="tracking.uri: no MLflow server answers at http://127.0.0.1:5999"):
+        validate(compose_config())  # nothing listens there: refused before any compute
+    assert validate(compose_config([f"tracking.uri=sqlite:///{home}/y.db"])).config.tracking.uri == f"sqlite:///{home}/y.db"
 
 
 def test_original_readme_experiment_preset(home):
