@@ -104,44 +104,11 @@ def test_report_table_groups_seeds_best_first():
     assert "0.8800 ± 0.0283" in report.format_table(keys, rows, "validation/accuracy")
 
 
-@pytest.fixture
-def mlflow_server(tmp_path):
-    """A real ``mlflow server`` on 127.0.0.1, stopped after the test."""
-    import socket
-    import subprocess
-    import sys
-    import time
-    import urllib.request
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    store = tmp_path / "server"
-    store.mkdir()
-    proc = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-                             "--backend-store-uri", f"sqlite:///{store / 'mlflow.db'}", "--artifacts-destination", str(store / "artifacts"),
-                             "--workers", "1"], cwd=store, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    uri = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(120):
-            try:
-                urllib.request.urlopen(f"{uri}/health", timeout=1)
-                break
-            except OSError:
-                time.sleep(0.5)
-        else:
-            pytest.fail("mlflow server did not start")
-        yield uri
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
-
-
 def test_sweep_against_a_real_tracking_server(home, mlflow_server):
-    result = run_cli(["-m", *SMOKE, "loss.alpha=0.3,0.7", "tracking=server", f"tracking.uri={mlflow_server}"], home)
+    result = run_cli(["-m", *SMOKE, "loss.alpha=0.3,0.7", "tracking=server", f"tracking.uri={mlflow_server.uri}"], home)
     assert result.returncode == 0, result.stderr[-3000:]
     assert not (home / "mlflow.db").exists()  # everything went to the server
-    client = MlflowClient(mlflow_server)
+    client = MlflowClient(mlflow_server.uri)
     experiment = client.get_experiment_by_name("rotten_tomatoes")
     runs = client.search_runs([experiment.experiment_id])
     (parent,) = [r for r in runs if r.data.tags.get("diito.role") == "sweep"]

@@ -1,0 +1,56 @@
+"""Tracking outages and secrets: a tracking server that goes away mid-job, credentials in URIs."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+from mlflow import MlflowClient
+
+from tests.conftest import ROOT
+
+
+def test_training_goes_on_while_the_server_is_away_and_nothing_is_lost(home, mlflow_server):
+    command = [sys.executable, str(ROOT / "run.py"), "teacher=tiny", "trainer=debug", "trainer.max_steps=60", "trainer.log_every=1",
+               "trainer.eval_every=10", "tracking=server", f"tracking.uri={mlflow_server.uri}", "tracking.retries=1", "tracking.timeout=2"]
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"} | {"DIITO_HOME": str(home), "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen(command, cwd=home, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines = []
+    try:
+        for line in proc.stdout:
+            lines.append(line)
+            if "student step 5/" in line:
+                mlflow_server.stop()  # the server goes away in the middle of the job ...
+                # ... and comes back on the same port and store; while it is away every step waits
+                # for a failed try, so the job cannot reach its end before the server is back
+                mlflow_server.start()
+    finally:
+        proc.wait(timeout=300)
+    log = "".join(lines)
+    assert proc.returncode == 0, log[-3000:]
+    assert "cannot log" in log and "training goes on and logging is retried" in log
+    client = MlflowClient(mlflow_server.uri)
+    (run,) = [r for r in client.search_runs([e.experiment_id for e in client.search_experiments()])
+              if r.data.tags.get("diito.role") == "student"]
+    assert run.info.status == "FINISHED"
+    assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "train/loss")) == list(range(1, 61))
+    evaluations = sorted(m.step for m in client.get_metric_history(run.info.run_id, "validation/accuracy"))
+    assert evaluations == [8, 10, 16, 20, 24, 30, 32, 40, 48, 50, 56, 60, 60]  # epoch ends, every 10 steps, the end, the final score
+
+
+def test_a_server_that_never_comes_back_is_reported_and_the_outputs_are_kept(home, mlflow_server):
+    command = [sys.executable, str(ROOT / "run.py"), "teacher=tiny", "trainer=debug", "trainer.max_steps=8", "trainer.log_every=1",
+               "tracking=server", f"tracking.uri={mlflow_server.uri}", "tracking.retries=0", "tracking.timeout=1", "hydra.run.dir=outputs/job"]
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"} | {"DIITO_HOME": str(home), "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen(command, cwd=home, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if "student step 3/" in line:
+            mlflow_server.stop()
+    proc.wait(timeout=300)
+    log = "".join(lines)
+    assert proc.returncode == 0, log[-3000:]
+    assert "tracking: never reached" in log and "metric values (" in log and "the run still shows RUNNING" in log
+    assert (home / "outputs" / "job" / "student" / "model.safetensors").exists()  # the trained student is not lost
