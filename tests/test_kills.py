@@ -14,6 +14,8 @@ from safetensors.torch import load_file
 
 from tests.conftest import ROOT
 
+pytestmark = pytest.mark.slow
+
 JOB = ["teacher=tiny", "trainer=debug", "teacher.recipe.max_steps=8", "trainer.max_steps=12", "trainer.save_every=5",
        "trainer.eval_every=4", "trainer.log_every=1", "trainer.keep_best=true", "hydra.run.dir=outputs/job"]
 KILL_POINTS = {  # a line of the job's log, and the moment it stands for

@@ -6,9 +6,12 @@ import os
 import subprocess
 import sys
 
+import pytest
 from mlflow import MlflowClient
 
 from tests.conftest import ROOT
+
+pytestmark = pytest.mark.slow
 
 
 def test_training_goes_on_while_the_server_is_away_and_nothing_is_lost(home, mlflow_server):
