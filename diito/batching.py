@@ -207,10 +207,13 @@ class Prepared:
                    for split, enc in self.encoded.items()}
         return dataclasses.replace(self, encoded=encoded)
 
-    def loader(self, split: str, batch_size: int, *, train: bool = False, seed: int = 0, length_grouped: bool = True) -> DataLoader:
-        """Shuffled (``train``: reshuffled each epoch from ``seed``, length-grouped) or in order."""
-        return make_loader(self.encoded[split], batch_size, shuffle=train, seed=seed,
-                           length_grouped=length_grouped and train, pad_token_id=self.pad_token_id)
+    def loader(self, split: str, batch_size: int, *, train: bool = False, seed: int = 0, shuffle: bool = True,
+               length_grouped: bool = True) -> DataLoader:
+        """For training, reshuffled each epoch from ``seed`` (length-grouped unless told not to) or,
+        without ``shuffle``, in the file's order every epoch (as the original read it); else in order."""
+        shuffle = train and shuffle
+        return make_loader(self.encoded[split], batch_size, shuffle=shuffle, seed=seed,
+                           length_grouped=length_grouped and shuffle, pad_token_id=self.pad_token_id)
 
     @property
     def labelled_eval_splits(self) -> list[str]:

@@ -85,7 +85,7 @@ class EntrySpec(BaseModel):
 
 class MappingConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    name: Literal["full", "middle", "late", "explicit"] = "full"
+    name: Literal["full", "full_original", "middle", "late", "explicit"] = "full"
     entries: list[EntrySpec] | None = None
 
 
@@ -105,12 +105,18 @@ class Shape:
 def preset(name: str, teacher_layers: int, student_layers: int) -> list[list[int] | tuple[list[int], list[int]]]:
     """The (student blocks, teacher blocks) pairs of a named mapping (whole hidden vectors).
 
-    full: student block s <-> teacher blocks [s*L_T/L_S, (s+1)*L_T/L_S) (12->6: 0<->[0,1] ... 5<->[10,11]);
+    full: student block s <-> teacher blocks [s*L_T/L_S, (s+1)*L_T/L_S) (12->6: 0<->[0,1] ... 5<->[10,11]),
+    which spreads the teacher's blocks over the student's when the depths do not divide;
+    full_original: the original's c = L_T // L_S, student block s <-> teacher blocks [s*c, s*c + c)
+    (the top L_T - c*L_S teacher blocks are never aligned: 6 -> 4 gives 0<->0 ... 3<->3);
     middle: the middle blocks; late: two late student blocks <-> the last-but-one teacher blocks.
     """
     t, s = teacher_layers, student_layers
     if name == "full":
         return [([i], list(range(i * t // s, (i + 1) * t // s))) for i in range(s)]
+    if name == "full_original":
+        c = t // s
+        return [([i], list(range(i * c, i * c + c))) for i in range(s)]
     if name == "middle":
         return [([s // 2], [t // 2])]
     if name == "late":
@@ -184,6 +190,7 @@ class InterchangeConfig(BaseModel):
     interchange_min_token: int = Field(1, ge=0)
     pairing: Literal["derangement", "permutation"] = "derangement"
     eval_pairs: int = Field(256, ge=0)  # fixed validation pairs on which interventions are measured at each evaluation
+    separate_passes: bool = False  # the student's source and counterfactual runs as passes of their own (fresh dropout), as the original
 
 
 @dataclass(frozen=True)

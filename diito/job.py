@@ -78,7 +78,8 @@ def run(cfg: DictConfig, output_dir: Path | None = None, hydra_dir: Path | None 
         probe = intervention_probe(objective, student, teacher.model, data, c.trainer.eval_batch_size, c.seed, device)
         seed_everything(c.seed)
         trainer = Trainer(student, lambda batch: objective(student, teacher.model, batch),
-                          data.loader("train", c.trainer.batch_size, train=True, seed=c.seed, length_grouped=c.trainer.length_grouped),
+                          data.loader("train", c.trainer.batch_size, train=True, seed=c.seed, shuffle=c.trainer.shuffle,
+                                      length_grouped=c.trainer.length_grouped),
                           c.trainer, c.optim, state_dir / "checkpoint",
                           Validation(lambda: evaluator.metrics(student) | (probe() if probe else {}), c.task.main_metric_key),
                           run_.log_metrics, name="student")

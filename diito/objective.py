@@ -132,9 +132,16 @@ class Outputs:
 
 
 class DistillationObjective:
-    """The weighted sum the config describes. ``fast=False`` computes the counterfactual runs the
-    original's way (three full passes per model); the fast path gives the same losses and gradients
-    at a fraction of the cost."""
+    """The weighted sum the config describes.
+
+    The fast counterfactual run takes the source's activations from the base run (the sources are
+    the batch, permuted) and recomputes only the blocks above the intervened one. In eval mode that
+    is exactly the original's three passes (source, base, counterfactual); in train mode the source
+    activations and the blocks below reuse the base run's dropout masks instead of fresh ones, which
+    leaves each pair's counterfactual unbiased when no example is its own source (derangement
+    pairing). ``loss.separate_passes=true`` runs the student's source and counterfactual as passes of
+    their own, as the original did (the frozen teacher is in eval mode: exact either way);
+    ``fast=False`` runs both models the three-pass way, to prove the fast path exact."""
 
     def __init__(self, config: LossConfig, patience_layers: list[int], mapping: list[MappingEntry] | None = None, fast: bool = True):
         if config.intervenes and not mapping:
@@ -158,10 +165,13 @@ class DistillationObjective:
         entry, x = self.intervention.draw(out.attention_mask, generator)
         with torch.no_grad():
             out.teacher_cf = self._counterfactual(teacher, out.model_inputs, out.teacher, x, entry.teacher)
-        out.student_cf = self._counterfactual(student, out.model_inputs, out.student, x, entry.student)
+        separate = self.config.separate_passes and student.training  # in eval mode both ways are the same computation
+        out.student_cf = self._counterfactual(student, out.model_inputs, out.student, x, entry.student, separate)
 
-    def _counterfactual(self, model, inputs, base_out, x, sites) -> Counterfactual:
-        if self.fast:
+    def _counterfactual(self, model, inputs, base_out, x, sites, separate: bool = False) -> Counterfactual:
+        """The fast run from the base run's activations, or (``separate``, or ``fast=False`` for the
+        proofs) the original's: a source pass and a full counterfactual pass of their own."""
+        if self.fast and not separate:
             return counterfactual(model, inputs, base_out.hidden_states, x, sites)
         return reference_counterfactual(model, inputs, x, sites)
 

@@ -102,7 +102,9 @@ def _fine_tune(config: TeacherConfig, data: Prepared, tokenizer, run_settings: T
         run.log_params(tracking.params({"task": data.spec.model_dump(), "teacher": config.model_dump()}))
         evaluator = Evaluator(data, settings.eval_batch_size, settings.precision, device)
         seed_everything(recipe.seed)
-        trainer = Trainer(model, loss_fn, data.loader("train", settings.batch_size, train=True, seed=recipe.seed, length_grouped=settings.length_grouped),
+        loader = data.loader("train", settings.batch_size, train=True, seed=recipe.seed, shuffle=settings.shuffle,
+                             length_grouped=settings.length_grouped)
+        trainer = Trainer(model, loss_fn, loader,
                           settings, optim, folder / "checkpoint", Validation(lambda: evaluator.metrics(model), data.spec.main_metric_key),
                           run.log_metrics, name="teacher")
         state = trainer.fit()

@@ -47,6 +47,7 @@ class LoopConfig(BaseModel):
     eval_every: PositiveInt | None = None
     keep_best: bool = True
     early_stopping: PositiveInt | None = None
+    shuffle: bool = True
     length_grouped: bool = True
     max_train_examples: PositiveInt | None = None
     max_eval_examples: PositiveInt | None = None

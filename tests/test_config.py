@@ -34,7 +34,8 @@ def test_environment_overrides_the_tracking_uri(home, monkeypatch):
 
 def test_original_readme_experiment_preset(home):
     cfg = compose_config(["experiment=diito_xxs_sst2"])
-    assert cfg.task.name == "sst2" and cfg.teacher.model == "bert-base-uncased" and cfg.mapping.name == "full"
+    assert cfg.task.name == "sst2" and cfg.teacher.model == "bert-base-uncased" and cfg.mapping.name == "full_original"
+    assert cfg.loss.separate_passes and not cfg.trainer.shuffle and not cfg.trainer.length_grouped
     assert (cfg.loss.gamma, cfg.loss.kl_reduction, cfg.loss.pairing, cfg.loss.interchange_min_token) == (1.0, "mean", "permutation", 0)
     assert (cfg.student.init, cfg.student.init_from, cfg.loss.interchange_prop) == ("first_k", "pretrained", 0.3)
     assert compose_config(["experiment=kd_xxs_sst2"]).loss.gamma == 0

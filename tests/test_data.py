@@ -404,3 +404,15 @@ def test_skip_resumes_after_k_batches(encoded):
         assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
     loader.batch_sampler.set_epoch(3)
     assert len(list(loader)) == len(full)  # skip applies to one set_epoch call only
+
+
+def test_unshuffled_training_batches_follow_the_file_every_epoch(encoded):
+    from diito.batching import Prepared
+
+    data = Prepared(spec("rotten_tomatoes"), {"train": encoded.head(10)}, "x", 0, 2, [])
+    loader = data.loader("train", 4, train=True, seed=1, shuffle=False, length_grouped=True)
+    for epoch in range(2):
+        loader.batch_sampler.set_epoch(epoch)
+        assert [b.tolist() for b in loader.batch_sampler.batches()] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+    shuffled = data.loader("train", 4, train=True, seed=1)
+    assert [b.tolist() for b in shuffled.batch_sampler.batches()] != [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]

@@ -30,6 +30,10 @@ from diito.objective import DistillationObjective, LossConfig, causal_cosine_los
         (12, 3, "late", [([0], [9]), ([1], [10])]),
         (6, 3, "late", [([0], [3]), ([1], [4])]),
         (6, 2, "late", [([0], [3]), ([1], [4])]),
+        (12, 6, "full_original", [([0], [0, 1]), ([1], [2, 3]), ([2], [4, 5]), ([3], [6, 7]), ([4], [8, 9]), ([5], [10, 11])]),
+        (6, 4, "full_original", [([0], [0]), ([1], [1]), ([2], [2]), ([3], [3])]),  # the top blocks are never aligned
+        (6, 4, "full", [([0], [0]), ([1], [1, 2]), ([2], [3]), ([3], [4, 5])]),  # ours spreads them
+        (12, 5, "full_original", [([0], [0, 1]), ([1], [2, 3]), ([2], [4, 5]), ([3], [6, 7]), ([4], [8, 9])]),
     ],
 )
 def test_mapping_presets(teacher, student, name, expected):
@@ -230,3 +234,25 @@ def test_fast_path_exact_when_teacher_and_student_differ_in_width_and_depth():
         torch.testing.assert_close(ft, rt, atol=1e-5, rtol=0)
         for name in rg:
             torch.testing.assert_close(fg[name], rg[name], atol=1e-5, rtol=0)
+
+
+def test_separate_passes_run_the_original_three_passes_in_training_only():
+    """The original's way (a source pass and a counterfactual pass of their own, with fresh dropout)
+    in train mode; in eval mode both ways are one computation, so the fast one is used."""
+    torch.manual_seed(0)
+    teacher = AutoModelForSequenceClassification.from_config(_family("bert")).eval()
+    student = build_student(teacher, [0, 2], copy_classifier=False)
+    entries = build_mapping(MAPPINGS["full"], Shape.of(teacher.config), Shape.of(student.config))
+    passes = []
+    student.bert.embeddings.register_forward_hook(lambda *args: passes.append(1))
+    results = {}
+    for separate in (False, True):
+        objective = DistillationObjective(LossConfig(gamma=1.0, separate_passes=separate), [], entries[:1])
+        for mode in ("train", "eval"):
+            getattr(student, mode)()
+            passes.clear()
+            torch.manual_seed(5)
+            results[separate, mode] = objective(student, teacher, _batch())[1]["diito"]
+            assert len(passes) == (3 if separate and mode == "train" else 2), (separate, mode)  # base + source + counterfactual
+    assert results[True, "eval"] == results[False, "eval"]
+    assert results[True, "train"] != results[False, "train"]  # fresh dropout masks for the source and counterfactual
