@@ -66,7 +66,7 @@ def test_sweep_presets(home):
         (["teacher=tiny", "student.layers=5"], "student.layers: 5 is deeper than the 4-layer teacher"),
         (["student.blocks=[0,9,1]"], "student.blocks"),
         (["loss.beta=1", "loss.patience_layers=[1]"], "loss.patience_layers: 1 teacher layers given; a 3-layer student matches 2"),
-        (["task=files"], "task"),
+        (["task=files"], "task.files.train: no path given (set task.files.train=<file>)"),
         (["task=files", "task.files.train=/nonexistent/train.csv", "task.files.validation=/nonexistent/dev.csv"], "/nonexistent/train.csv"),
         (["task.main_metric=f2"], "main_metric"),
         (["teacher.checkpoint=/nonexistent/teacher"], "teacher.checkpoint: cannot load model"),
@@ -128,6 +128,12 @@ def test_cli_help_and_cfg_job(home):
 
 
 @pytest.mark.skipif(not (GLUE / "RTE").exists(), reason="GLUE reference files not present")
-def test_local_glue_folder_validates(home):
+def test_local_glue_folder_validates_and_loads(home):
+    from diito.sources import load_task
+
     job = validate(compose_config(["task=rte", f"task.data_dir={GLUE / 'RTE'}", "teacher=tiny"]))
-    assert job.config.task.data_dir.endswith("RTE")
+    assert job.config.task.data_dir == str(GLUE / "RTE")
+    data = load_task(job.config.task)
+    assert {split: len(examples) for split, examples in data.splits.items()} == {"train": 2490, "validation": 277, "test": 3000}
+    assert data.label_names == ["entailment", "not_entailment"] and set(data.splits["train"].labels.tolist()) == {0, 1}
+    assert data.splits["test"].labels is None and len(data.splits["train"].texts[0]) == 2  # sentence pairs

@@ -40,7 +40,10 @@ def rotten():
 def test_every_task_file_is_a_valid_spec(path):
     task = TaskSpec(**yaml.safe_load(path.read_text()))
     assert task.name == path.stem
-    assert task.main_metric in task.metrics
+    assert task.main_metric_key == f"{task.eval_splits[0]}/{task.main_metric}"
+    if task.source == "hub":  # a GLUE task: its folder in a GLUE root, and GLUE's submission files
+        assert task.tsv.folder and all(f.startswith(task.tsv.folder) for f in task.submission_files.values())
+        assert (task.label_names is None) == task.regression
 
 
 def test_all_tasks_present():

@@ -256,3 +256,23 @@ def test_separate_passes_run_the_original_three_passes_in_training_only():
             assert len(passes) == (3 if separate and mode == "train" else 2), (separate, mode)  # base + source + counterfactual
     assert results[True, "eval"] == results[False, "eval"]
     assert results[True, "train"] != results[False, "train"]  # fresh dropout masks for the source and counterfactual
+
+
+def test_interventions_against_independent_answers():
+    """Swapping every position of equal-length inputs makes the counterfactual the source's own run;
+    swapping none leaves the base run."""
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_config(_family("bert")).eval()
+    ids = torch.randint(3, 100, (5, 9), generator=torch.Generator().manual_seed(1))
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    with torch.no_grad():
+        base = model(**inputs, output_hidden_states=True)
+        everything = sample_interchange(torch.full((5,), 9), 1.0, generator=torch.Generator().manual_seed(2))
+        assert len(everything.pair) == 5 * 9
+        nothing = sample_interchange(torch.full((5,), 9), 0.0, min_token=0, generator=torch.Generator().manual_seed(2))
+        assert len(nothing.pair) == 0
+        for layer in range(4):
+            got = counterfactual(model, inputs, base.hidden_states, everything, (Site(layer),)).logits
+            torch.testing.assert_close(got, base.logits[everything.source], atol=1e-5, rtol=0)
+            torch.testing.assert_close(counterfactual(model, inputs, base.hidden_states, nothing, (Site(layer),)).logits, base.logits,
+                                       atol=1e-6, rtol=0)

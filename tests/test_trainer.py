@@ -10,6 +10,8 @@ from diito.batching import Encoded, make_loader
 from diito.trainer import NonFiniteLoss, OptimConfig, Trainer, TrainerConfig, Validation, autocast_dtype, param_groups
 
 OPTIM = OptimConfig(lr=0.1, weight_decay=0.01, warmup_ratio=0.0)
+# Tests that watch gradients wrap optimizer.step, which the scheduler notices (harmlessly).
+pytestmark = pytest.mark.filterwarnings("ignore:Seems like `optimizer.step\\(\\)` has been overridden")
 
 
 def toy_loader(n: int = 16, batch_size: int = 4):
@@ -90,31 +92,100 @@ def test_precision_choice(monkeypatch):
     assert autocast_dtype("auto", cpu) is None
 
 
-def test_bf16_training_runs_on_cpu(tmp_path):
-    trainer, _, _, logged = make_trainer(tmp_path, [0.0] * 4, epochs=1, precision="bf16", log_every=1)
-    assert trainer.fit().step == 4
-    assert all(np.isfinite(m["train/mse"]) for m, _ in logged if "train/mse" in m)
+def test_bf16_training_really_runs_in_bf16_on_cpu(tmp_path):
+    dtypes = []
+    model = torch.nn.Linear(1, 1)
+
+    def loss_fn(batch):
+        out = model(batch["labels"].unsqueeze(1))
+        dtypes.append(out.dtype)  # the autocast region's matmul output
+        return out.float().pow(2).mean(), {}
+
+    trainer = Trainer(model, loss_fn, toy_loader(), TrainerConfig(progress=False, device="cpu", epochs=1, precision="bf16"), OPTIM,
+                      tmp_path / "c", Validation(lambda: {"m": 0.0}, "m"), log=lambda *a: None)
+    assert trainer.fit().step == 4 and set(dtypes) == {torch.bfloat16}
+    assert model.weight.dtype == torch.float32  # the weights stay fp32
 
 
-def test_dropout_is_on_in_training_and_off_in_evaluation(tmp_path):
-    modes = []
+def test_dropout_is_back_on_for_training_after_every_evaluation(tmp_path):
+    events = []
     model = torch.nn.Sequential(torch.nn.Linear(1, 1), torch.nn.Dropout(0.5))
 
     def loss_fn(batch):
-        modes.append(("train", model.training))
-        out = model(batch["labels"].unsqueeze(1))
-        return out.pow(2).mean(), {}
+        events.append(("train", model.training))
+        return model(batch["labels"].unsqueeze(1)).pow(2).mean(), {}
 
-    def evaluate():  # like diito.evaluation.predict, evaluation switches dropout off
+    def evaluate():  # like diito.evaluation.predict, evaluation switches dropout off and leaves it off
         model.eval()
-        modes.append(("eval", model.training))
+        events.append(("eval", model.training))
         return {"m": 0.0}
 
-    trainer = Trainer(model, loss_fn, toy_loader(), TrainerConfig(progress=False, epochs=2, device="cpu"), OPTIM, tmp_path / "c",
-                      Validation(evaluate, "m"), log=lambda *a: None)
+    trainer = Trainer(model, loss_fn, toy_loader(), TrainerConfig(progress=False, epochs=3, device="cpu", eval_every=1), OPTIM,
+                      tmp_path / "c", Validation(evaluate, "m"), log=lambda *a: None)
     trainer.fit()
-    assert {m for phase, m in modes if phase == "train"} == {True}
-    assert [phase for phase, _ in modes].count("eval") == 2
+    after_eval = [events[i + 1] for i, (phase, _) in enumerate(events[:-1]) if phase == "eval" and events[i + 1][0] == "train"]
+    assert len(after_eval) >= 3 and all(training for _, training in after_eval)
+    assert all(training for phase, training in events if phase == "train")
+
+
+def _linear_fit(tmp_path, batch_size: int, **config):
+    model = torch.nn.Linear(1, 1)
+    torch.nn.init.constant_(model.weight, 0.5)
+    torch.nn.init.constant_(model.bias, 0.0)
+
+    def loss_fn(batch):
+        x = (batch["input_ids"].float().sum(1) / batch["attention_mask"].sum(1)).unsqueeze(1)
+        loss = torch.nn.functional.mse_loss(model(x).squeeze(1), batch["labels"])
+        return loss, {}
+
+    loader = toy_loader(batch_size=batch_size)
+    loader.batch_sampler.shuffle = False  # the same examples in the same order for both
+    logged = []
+    trainer = Trainer(model, loss_fn, loader, TrainerConfig(progress=False, device="cpu", precision="fp32", log_every=1, **config), OPTIM, tmp_path,
+                      Validation(lambda: {"m": 0.0}, "m"), log=lambda m, s: logged.append((m, s)))
+    return trainer, model, logged
+
+
+def _gradients_at_each_step(trainer, model) -> list[list[torch.Tensor]]:
+    seen, step = [], trainer.optimizer.step
+
+    def step_and_record(*args, **kwargs):
+        seen.append([p.grad.clone() for p in model.parameters()])
+        return step(*args, **kwargs)
+
+    trainer.optimizer.step = step_and_record
+    return seen
+
+
+def test_two_accumulated_batches_of_4_equal_one_batch_of_8(tmp_path):
+    trainer_a, accumulated, _ = _linear_fit(tmp_path / "a", 4, epochs=1, grad_accum=2, max_grad_norm=None)
+    trainer_b, whole, _ = _linear_fit(tmp_path / "b", 8, epochs=1, max_grad_norm=None)
+    grads_a, grads_b = _gradients_at_each_step(trainer_a, accumulated), _gradients_at_each_step(trainer_b, whole)
+    assert trainer_a.fit().step == trainer_b.fit().step == 2
+    for a, b in zip(grads_a, grads_b, strict=True):
+        for ga, gb in zip(a, b, strict=True):
+            torch.testing.assert_close(ga, gb, atol=1e-5, rtol=1e-6)  # the same gradient, summed in another order
+    torch.testing.assert_close(accumulated.weight, whole.weight, atol=1e-6, rtol=0)
+
+
+def test_gradients_are_clipped_to_max_grad_norm(tmp_path):
+    trainer, model, _ = _linear_fit(tmp_path, 4, epochs=2, max_grad_norm=0.05)
+    grads = _gradients_at_each_step(trainer, model)
+    trainer.fit()
+    norms = [float(torch.nn.utils.get_total_norm(step)) for step in grads]
+    assert len(norms) == 8 and max(norms) <= 0.05 + 1e-6
+    assert min(norms) > 0.049  # every step's gradient was larger, so each one was clipped
+
+
+def test_logged_learning_rates_follow_warm_up_and_linear_decay(tmp_path):
+    model, loss_fn = torch.nn.Linear(1, 1), lambda batch: (model(batch["labels"].unsqueeze(1)).pow(2).mean(), {})
+    logged = []
+    optim = OptimConfig(lr=0.1, warmup_ratio=0.25)  # 8 steps: 2 of warm-up, then down to 0
+    trainer = Trainer(model, loss_fn, toy_loader(), TrainerConfig(progress=False, device="cpu", epochs=2, log_every=1), optim,
+                      tmp_path, Validation(lambda: {"m": 0.0}, "m"), log=lambda m, s: logged.append((m, s)))
+    trainer.fit()
+    rates = [m["train/lr"] for m, _ in logged if "train/lr" in m]
+    assert rates == pytest.approx([0.1 * f for f in (1 / 2, 1, 5 / 6, 4 / 6, 3 / 6, 2 / 6, 1 / 6, 0)])
 
 
 def nan_at(step_of_nan: int, calls: list[int]):
