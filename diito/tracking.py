@@ -317,6 +317,7 @@ def open_run(config: TrackingConfig, run_name: str | None, tags: Mapping[str, An
             if ERROR in client.get_run(run_id).data.tags:
                 client.delete_tag(run_id, ERROR)  # the interruption's error no longer describes the run
             run = Run.continued(client, run_id)
+            run.set_tags(tags)  # say, the sweep that runs it now
         except MlflowException as e:
             log.warning("cannot continue MLflow run %s (%s); this job starts a new run", run_id, str(e).splitlines()[0])
             run_id = None

@@ -214,3 +214,68 @@ def test_a_diverging_job_fails_naming_step_and_term_and_keeps_its_checkpoint(hom
     assert student.info.status == "FAILED" and "non-finite" in student.data.tags["error"]
     (kept,) = (home / ".cache" / "runs").glob("*/checkpoint/last.pt")
     assert kept.stat().st_size > 0 and f"the last good checkpoint is {kept}" in message
+
+
+def test_resume_under_hard_conditions_repeats_every_metric_history(home, tmp_path, monkeypatch):
+    """Several epochs, keep-best, early stopping, evaluations and logs that do not line up with checkpoints."""
+    overrides = [*SMOKE, "trainer.max_steps=null", "trainer.epochs=3", "trainer.min_steps=0", "trainer.early_stopping=3",
+                 "trainer.eval_every=3", "trainer.save_every=5", "trainer.log_every=2", "trainer.keep_best=true"]
+    cfg = compose_config(overrides)
+    uninterrupted = job.run(cfg, output_dir=tmp_path / "a")
+    save = Trainer.save_checkpoint
+
+    def save_then_die(self):
+        save(self)
+        if self.name == "student" and self.state.step == 5:
+            raise Killed
+
+    monkeypatch.setattr(Trainer, "save_checkpoint", save_then_die)
+    with pytest.raises(RunFailed):
+        job.run(cfg, output_dir=tmp_path / "b")
+    monkeypatch.setattr(Trainer, "save_checkpoint", save)
+    assert job.run(cfg, output_dir=tmp_path / "b") == uninterrupted
+    client, (first, second) = runs_by_role(home, "student")
+    assert set(first.data.metrics) == set(second.data.metrics)
+    for key in first.data.metrics:
+        histories = [[(m.step, m.value) for m in sorted(client.get_metric_history(r.info.run_id, key), key=lambda m: (m.step, m.timestamp))]
+                     for r in (first, second)]
+        assert histories[0] == histories[1], key
+    evaluations = [m.step for m in client.get_metric_history(first.info.run_id, "validation/accuracy")]
+    assert len(evaluations) >= 4 and max(evaluations) > 5  # evaluations on both sides of the kill
+
+
+def test_the_logged_student_reproduces_the_logged_numbers(home, tmp_path):
+    from diito.batching import Prepared
+    from diito.evaluation import Evaluator
+    from diito.models import load_finetuned, load_tokenizer
+    from diito.sources import load_task
+
+    job.run(compose_config([*SMOKE, "stage=teacher"]))
+    (teacher_folder,) = (home / ".cache" / "teachers").glob("*/model")
+    before = {f.name: f.read_bytes() for f in teacher_folder.iterdir()}
+    cfg = compose_config(SMOKE)
+    job.run(cfg, output_dir=tmp_path)
+    assert {f.name: f.read_bytes() for f in teacher_folder.iterdir()} == before  # the cached teacher is untouched
+
+    client, (student,) = runs_by_role(home, "student")
+    folder = download_artifacts(run_id=student.info.run_id, artifact_path="student", tracking_uri=client.tracking_uri)
+    model = load_finetuned(folder)
+    c = job.validate(cfg).config
+    data = Prepared.from_task(load_task(c.task), load_tokenizer(folder)).limited(c.trainer.max_train_examples, c.trainer.max_eval_examples)
+    evaluator = Evaluator(data, c.trainer.eval_batch_size, c.trainer.precision, torch.device("cpu"))
+    assert evaluator.metrics(model) == {k: v for k, v in student.data.metrics.items() if k.startswith("validation/") and "ii" not in k
+                                        and "efficacy" not in k}
+    predicted = evaluator.predict(model, ["test"])["test"]
+    logged = download_artifacts(run_id=student.info.run_id, artifact_path="predictions/test.tsv", tracking_uri=client.tracking_uri)
+    rows = [line.split("\t") for line in open(logged).read().splitlines()[1:]]
+    assert [r[0] for r in rows] == data.encoded["test"].ids and [int(r[1]) for r in rows] == predicted.tolist()
+
+
+def test_no_student_tensor_shares_storage_with_its_teacher():
+    from diito.models import build_student, load_pretrained
+
+    teacher = load_pretrained("tiny", 2, 0)
+    student = build_student(teacher, [0, 2], copy_classifier=True)
+    teacher_storage = {t.untyped_storage().data_ptr() for t in teacher.state_dict().values()}
+    assert not teacher_storage & {t.untyped_storage().data_ptr() for t in student.state_dict().values()}
+    torch.testing.assert_close(student.bert.encoder.layer[1].output.dense.weight, teacher.bert.encoder.layer[2].output.dense.weight)

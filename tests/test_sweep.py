@@ -31,35 +31,60 @@ def check_grid(home, parents, children, client):
     assert len(children) == 4
     assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parent.info.run_id}
     assert {c.data.tags["diito.sweep_id"] for c in children} == {parent.data.tags["diito.sweep_id"]}
-    assert {(c.data.params["loss.alpha"], c.data.params["loss.T"]) for c in children} == {
-        ("0.3", "2.0"), ("0.3", "4.0"), ("0.7", "2.0"), ("0.7", "4.0")}
-    assert all("loss.alpha=" in c.info.run_name and "loss.T=" in c.info.run_name for c in children)
+    assert {(c.data.params["loss.alpha"], c.data.params["trainer.max_eval_examples"]) for c in children} == {
+        ("0.3", "5"), ("0.3", "7"), ("0.7", "5"), ("0.7", "7")}
+    assert all("loss.alpha=" in c.info.run_name and "trainer.max_eval_examples=" in c.info.run_name for c in children)
     assert all("validation/accuracy" in c.data.metrics and "train/diito" in c.data.metrics for c in children)
     assert parent.data.params["sweep.loss.alpha"] == "0.3,0.7"
     summary = json.loads(open(client.download_artifacts(parent.info.run_id, "summary.json")).read())
     assert summary["jobs"] == 4 and summary["failed"] == 0
-    best = max(children, key=lambda c: c.data.metrics["validation/accuracy"])
-    assert summary["best_value"] == best.data.metrics["validation/accuracy"]
-    assert parent.data.tags["best_run_id"] in {c.info.run_id for c in children}
+    # 5 and 7 validation examples give different accuracies, so the best child is told from the others
+    by_score = sorted(children, key=lambda c: c.data.metrics["validation/accuracy"])
+    assert by_score[0].data.metrics["validation/accuracy"] < by_score[-1].data.metrics["validation/accuracy"]
+    assert summary["best_value"] == by_score[-1].data.metrics["validation/accuracy"]
+    assert parent.data.tags["best_run_id"] == summary["best_run_id"]
+    assert client.get_run(summary["best_run_id"]).data.metrics["validation/accuracy"] == by_score[-1].data.metrics["validation/accuracy"]
 
 
 @pytest.mark.parametrize("launcher", [[], ["hydra/launcher=joblib", "hydra.launcher.n_jobs=2"]], ids=["basic", "joblib"])
 def test_grid_sweep_makes_a_parent_with_children(home, launcher):
-    result = run_cli(["-m", *SMOKE, "loss.alpha=0.3,0.7", "loss.T=2,4", *launcher], home)
+    result = run_cli(["-m", *SMOKE, "loss.alpha=0.3,0.7", "trainer.max_eval_examples=5,7", *launcher], home)
     assert result.returncode == 0, result.stderr[-3000:]
     client, parents, children = sweep_runs(home)
     check_grid(home, parents, children, client)
     assert len({t for t in (home / ".cache" / "teachers").glob("*/info.json")}) == 1  # one teacher for the sweep
-    assert "sweep: 4/4 jobs finished" in result.stdout
+    assert len([r for r in client.search_runs([e.experiment_id for e in client.search_experiments()])
+                if r.data.tags.get("diito.role") == "teacher"]) == 1
+    assert "sweep: 4/4 jobs finished" in result.stdout and "database is locked" not in result.stdout + result.stderr
+    if launcher:  # the joblib launcher really ran jobs side by side: some children's runs overlap in time
+        spans = sorted((c.info.start_time, c.info.end_time) for c in children)
+        assert any(later[0] < earlier[1] for earlier, later in zip(spans, spans[1:]))
 
     sweep_id = parents[0].data.tags["diito.sweep_id"]
-    report.main([sweep_id, "--x", "loss.alpha", "--y", "loss.T", "--out", str(home / "report"),
+    report.main([sweep_id, "--x", "loss.alpha", "--y", "trainer.max_eval_examples", "--out", str(home / "report"),
                  "--tracking-uri", f"sqlite:///{home}/mlflow.db"])
     lines = (home / "report" / "report.txt").read_text().splitlines()
-    assert lines[0].split()[:2] == ["loss.T", "loss.alpha"] and len(lines) == 1 + 4
+    assert lines[0].split()[:2] == ["loss.alpha", "trainer.max_eval_examples"] and len(lines) == 1 + 4
     assert (home / "report" / "heatmap.png").read_bytes()[:4] == b"\x89PNG"
     logged = {a.path for a in client.list_artifacts(parents[0].info.run_id, "report")}
     assert logged == {"report/report.txt", "report/heatmap.png"}
+
+
+def test_a_job_failing_inside_its_run_is_one_failed_child_and_runs_again(home):
+    sweep = ["-m", "teacher=tiny", "trainer=debug", "optim.lr=1e-3,1e12"]  # the second diverges after its run exists
+    assert run_cli(sweep, home).returncode == 1
+    client, (parent,), children = sweep_runs(home)
+    failed = [c for c in children if c.info.status == "FAILED"]
+    assert len(children) == 2 and len(failed) == 1 and "non-finite" in failed[0].data.tags["error"]
+    summary = json.loads(open(client.download_artifacts(parent.info.run_id, "summary.json")).read())
+    assert (summary["failed"], summary["finished"]) == (1, 1)
+    again = run_cli(sweep, home)
+    assert again.returncode == 1 and "skipped (rerun=true runs it again)" in again.stdout + again.stderr  # the finished one
+    _, parents, children = sweep_runs(home)
+    newest = max(parents, key=lambda p: p.info.start_time)
+    summary = json.loads(open(client.download_artifacts(newest.info.run_id, "summary.json")).read())
+    assert (summary["failed"], summary["finished"]) == (1, 1)  # the failed job ran again, in its own run, now in this sweep
+    assert len(children) == 2 and {c.data.tags["mlflow.parentRunId"] for c in children} == {newest.info.run_id}
 
 
 def test_failing_job_is_recorded_and_the_others_finish(home):
