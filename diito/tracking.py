@@ -21,6 +21,7 @@ import os
 import re
 import subprocess
 import time
+import urllib.parse
 import urllib.request
 import uuid
 from collections import Counter
@@ -98,8 +99,10 @@ def check_store(config: TrackingConfig) -> None:
     if scheme not in SCHEMES:
         raise ValueError(f"{mask(uri)!r} is not a tracking URI MLflow stores runs at ({', '.join(SCHEMES)})")
     if scheme in ("http", "https"):
+        parts = urllib.parse.urlsplit(uri)  # the health check needs no credentials (urllib cannot read them from a URL)
+        host = parts.hostname + (f":{parts.port}" if parts.port else "")
         try:
-            urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=config.timeout).close()
+            urllib.request.urlopen(parts._replace(netloc=host).geturl().rstrip("/") + "/health", timeout=config.timeout).close()
         except OSError as e:
             reason = getattr(e, "reason", e)
             raise ValueError(f"no MLflow server answers at {mask(uri)} ({reason}); start one (mlflow server) or use tracking=mlflow") from None

@@ -279,3 +279,50 @@ def test_no_student_tensor_shares_storage_with_its_teacher():
     teacher_storage = {t.untyped_storage().data_ptr() for t in teacher.state_dict().values()}
     assert not teacher_storage & {t.untyped_storage().data_ptr() for t in student.state_dict().values()}
     torch.testing.assert_close(student.bert.encoder.layer[1].output.dense.weight, teacher.bert.encoder.layer[2].output.dense.weight)
+
+
+def test_a_long_param_is_logged_whole_as_an_artifact(home, tmp_path):
+    entries = ",".join(["{student:{layers:[0]},teacher:{layers:[0,1]}}"] * 150)  # longer than MLflow's 6000 characters
+    job.run(compose_config([*SMOKE, "mapping=explicit", f"mapping.entries=[{entries}]"]), output_dir=tmp_path)
+    client, (student,) = runs_by_role(home, "student")
+    param = student.data.params["mapping.entries"]
+    assert len(param) <= 6000 and param.endswith("(truncated: the whole value is in the artifact params/mapping.entries.txt)")
+    whole = open(download_artifacts(run_id=student.info.run_id, artifact_path="params/mapping.entries.txt",
+                                    tracking_uri=client.tracking_uri)).read()
+    assert len(whole) > 6000 and whole.count("'student'") == 150 and whole.startswith(param[:100])
+
+
+def test_damaged_entries_are_reported_and_replaced(home, tmp_path, caplog):
+    caplog.set_level("INFO", logger="diito")
+    job.run(compose_config([*SMOKE, "stage=teacher"]))
+    (weights,) = (home / ".cache" / "teachers").glob("*/model/model.safetensors")
+    weights.write_bytes(weights.read_bytes()[:100])  # a truncated cached teacher
+    job.run(compose_config([*SMOKE, "stage=teacher"]))
+    assert "is damaged: model.safetensors is unreadable" in caplog.text and "building it again" in caplog.text
+    _, teachers = runs_by_role(home, "teacher")
+    assert len(teachers) == 1 and weights.stat().st_size > 100  # fine-tuned again (in its own run, continued)
+
+    from diito.trainer import Trainer as T
+
+    cfg = compose_config([*SMOKE, "trainer.max_steps=6", "trainer.save_every=2"])
+    save = T.save_checkpoint
+
+    def save_then_die(self):
+        save(self)
+        if self.name == "student" and self.state.step == 4:
+            raise Killed
+
+    T.save_checkpoint = save_then_die
+    try:
+        with pytest.raises(RunFailed):
+            job.run(cfg, output_dir=tmp_path / "a")
+    finally:
+        T.save_checkpoint = save
+    (last,) = (home / ".cache" / "runs").glob("*/checkpoint/last.pt")
+    last.write_bytes(last.read_bytes()[:1000])  # damaged, as by a failing disk
+    (last.parent.parent / "run.json").write_text("{not json")
+    job.run(cfg, output_dir=tmp_path / "a")
+    assert f"checkpoint {last} is damaged" in caplog.text and "student: resuming from step 2" in caplog.text  # previous.pt
+    assert "run state" in caplog.text and "is unreadable" in caplog.text
+    client, students = runs_by_role(home, "student")
+    assert students[-1].info.status == "FINISHED"

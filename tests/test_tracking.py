@@ -57,3 +57,25 @@ def test_a_server_that_never_comes_back_is_reported_and_the_outputs_are_kept(hom
     assert proc.returncode == 0, log[-3000:]
     assert "tracking: never reached" in log and "metric values (" in log and "the run still shows RUNNING" in log
     assert (home / "outputs" / "job" / "student" / "model.safetensors").exists()  # the trained student is not lost
+
+
+def test_credentials_and_environment_values_never_reach_mlflow(home, mlflow_server, monkeypatch):
+    from diito import job
+    from tests.conftest import compose_config
+
+    secret_uri = mlflow_server.uri.replace("http://", "http://alice:s3cret@")  # a server without auth ignores them
+    monkeypatch.setenv("DIITO_T", "3")
+    job.run(compose_config(["teacher=tiny", "trainer=debug", "tracking=server", f"tracking.uri={secret_uri}", "loss.T=${oc.env:DIITO_T}"]),
+            output_dir=home / "out")
+    client = MlflowClient(mlflow_server.uri)
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert {r.data.tags["diito.role"] for r in runs} == {"teacher", "student"}
+    for run in runs:
+        logged = [run.info.run_name, *run.data.params.values(), *run.data.tags.values()]
+        for artifact in ("config.yaml", ".hydra"):
+            if artifact in {a.path for a in client.list_artifacts(run.info.run_id)}:
+                folder = client.download_artifacts(run.info.run_id, artifact, str(home / "download" / run.info.run_id))
+                logged += [p.read_text() for p in __import__("pathlib").Path(folder).rglob("*") if p.is_file()] or [open(folder).read()]
+        assert not any("s3cret" in str(text) for text in logged), run.data.tags["diito.role"]
+    (student,) = [r for r in runs if r.data.tags["diito.role"] == "student"]
+    assert student.data.params["loss.T"] == "<$DIITO_T>" and "tracking.uri" not in student.data.params
