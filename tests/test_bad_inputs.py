@@ -4,6 +4,8 @@ bad row), exit code 2, no traceback, no MLflow run, and nothing written to the c
 from __future__ import annotations
 
 import json
+import types
+import typing
 
 import pytest
 import torch
@@ -182,3 +184,56 @@ def test_sweep_without_tracking_exits_non_zero_when_a_job_fails(home):
     assert "sweep: 1/2 jobs finished" in result.stderr and "FAILED loss.alpha=1.5" in result.stderr
     failures = [json.loads(f.read_text()) for f in home.glob("multirun/*/*/failed/*.json")]
     assert len(failures) == 1 and "loss.alpha" in failures[0]["error"]
+
+
+def _numeric_settings():
+    """Every numeric setting of the schema, with the bounds its type declares."""
+    import annotated_types
+    from pydantic import BaseModel
+
+    from diito.config import JobConfig
+
+    def walk(model: type[BaseModel], prefix: str):
+        for name, field in model.model_fields.items():
+            key = f"{prefix}{name}"
+            args = typing.get_args(field.annotation) if typing.get_origin(field.annotation) in (typing.Union, types.UnionType) else (field.annotation,)
+            metadata = list(field.metadata)
+            kinds = []
+            for arg in args:
+                if typing.get_origin(arg) is typing.Annotated:
+                    arg, *extra = typing.get_args(arg)
+                    metadata += extra
+                if arg is not type(None):
+                    kinds.append(arg)
+            nested = [k for k in kinds if isinstance(k, type) and issubclass(k, BaseModel)]
+            if nested:
+                yield from walk(nested[0], key + ".")
+            elif any(k in (int, float) for k in kinds):
+                bounds = {type(m).__name__: getattr(m, type(m).__name__.lower()) for m in metadata
+                          if isinstance(m, (annotated_types.Gt, annotated_types.Ge, annotated_types.Lt, annotated_types.Le))}
+                yield key, int in kinds and float not in kinds, bounds
+
+    return [s for s in walk(JobConfig, "") if not s[0].startswith(("paths.", "task.tsv."))]  # tsv columns are names or positions
+
+
+NUMERIC = _numeric_settings()
+
+
+@pytest.mark.parametrize("key, integer, bounds", NUMERIC, ids=[k for k, _, _ in NUMERIC])
+def test_every_numeric_setting_refuses_the_wrong_type_and_out_of_range_values(home, key, integer, bounds):
+    with pytest.raises(ConfigError, match=f"^{key}: Input should be a valid (integer|number)"):
+        job.validate(compose_config([*TINY, f"{key}=abc"]))
+    if integer:
+        with pytest.raises(ConfigError, match=f"^{key}: Input should be a valid integer, got a number with a fractional part"):
+            job.validate(compose_config([*TINY, f"{key}=1.5"]))
+    for kind, bound in bounds.items():
+        value, word = {"Gt": (bound, "greater than"), "Ge": (bound - 1, "greater than or equal to"),
+                       "Lt": (bound, "less than"), "Le": (bound + 1, "less than or equal to")}[kind]
+        with pytest.raises(ConfigError, match=f"^{key}: Input should be {word} {bound:g} "):
+            job.validate(compose_config([*TINY, f"{key}={value}"]))
+
+
+def test_the_numeric_settings_are_all_covered():
+    keys = {k for k, _, _ in NUMERIC}
+    assert {"trainer.epochs", "trainer.max_grad_norm", "optim.lr", "loss.alpha", "loss.interchange_prop", "student.layers",
+            "teacher.recipe.lr", "task.max_length", "seed", "tracking.timeout"} <= keys and len(keys) >= 40
