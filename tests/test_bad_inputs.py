@@ -75,7 +75,7 @@ CASES = {  # name: (overrides, or a function of tmp_path giving them; what the m
                       "mapping.entries[0].student.layers: 5 outside blocks 0..2"),
     "mapping widths": (["mapping=explicit", "mapping.entries=[{student:{layers:[0],dims:[0,8]},teacher:{layers:[1],dims:[0,16]}}]"],
                        "mapping.entries[0]: student and teacher slices differ in width [8, 16]"),
-    "unknown mapping": (["mapping.name=diagonal"], "mapping.name: Input should be 'full', 'middle', 'late' or 'explicit'"),
+    "unknown mapping": (["mapping.name=diagonal"], "mapping.name: Input should be 'full', 'full_original', 'middle', 'late' or 'explicit'"),
     "seed": (["seed=abc"], "seed: Input should be a valid integer"),
     "stage": (["stage=bogus"], "stage: Input should be 'teacher' or 'distill'"),
     "max_length": (["task.max_length=0"], "task.max_length: Input should be greater than 0"),
