@@ -94,62 +94,78 @@ class PadCollate:
 
 
 class EpochBatchSampler(Sampler[list[int]]):
-    """Batches of indices, reshuffled deterministically from (seed, epoch).
+    """Batches of indices, reshuffled deterministically from (seed, epoch), shared out among ranks.
 
     With `length_grouped` (shuffled loaders only), like Hugging Face's
     LengthGroupedSampler: shuffle, cut into mega-batches of about 50 batches,
     sort each by length, cut into batches, shuffle the batch order. Batches then
     hold similar lengths, so dynamic padding wastes little. Without `shuffle`,
     batches are in data order (evaluation). The last partial batch is kept.
+
+    The batches of an epoch are *global*: with `world` ranks, rank r takes global batches
+    r, r + world, r + 2·world, …, and every rank the same number (an epoch's last
+    `len % world` batches are left out), or training would wait forever on the rank
+    with one more. `skip` counts global batches, so a resumed epoch continues where
+    it stopped whatever the number of ranks.
     """
 
     MEGA_BATCHES = 50
 
-    def __init__(self, lengths: np.ndarray, batch_size: int, *, shuffle: bool, seed: int, length_grouped: bool) -> None:
+    def __init__(self, lengths: np.ndarray, batch_size: int, *, shuffle: bool, seed: int, length_grouped: bool,
+                 rank: int = 0, world: int = 1) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if not 0 <= rank < world:
+            raise ValueError(f"rank {rank} outside a world of {world}")
         self.lengths = np.asarray(lengths)
         self.batch_size = batch_size
         self.shuffle = shuffle
         self.seed = seed
         self.length_grouped = length_grouped
+        self.rank, self.world = rank, world
         self.epoch = 0
         self.skip = 0
 
     def set_epoch(self, epoch: int, skip: int = 0) -> None:
-        """Select the epoch's order; `skip` drops its first batches (exact mid-epoch resume)."""
+        """Select the epoch's order; `skip` drops its first global batches (exact mid-epoch resume)."""
+        if skip % self.world:
+            raise ValueError(f"skip {skip} is not a whole number of rounds of {self.world} ranks")
         self.epoch = epoch
         self.skip = skip
 
     @property
     def num_batches(self) -> int:
-        """Batches in a full epoch, ignoring `skip`."""
-        return -(-len(self.lengths) // self.batch_size)
+        """Global batches in a full epoch, ignoring `skip` (a multiple of `world`)."""
+        batches = -(-len(self.lengths) // self.batch_size)
+        return batches - batches % self.world
 
     def __len__(self) -> int:
-        """Batches the next iteration yields (a full epoch minus `skip`)."""
-        return max(self.num_batches - self.skip, 0)
+        """Batches this rank's next iteration yields (its share of an epoch minus `skip`)."""
+        return max(self.num_batches - self.skip, 0) // self.world
 
     def batches(self) -> list[np.ndarray]:
-        """All batches of the current epoch, including skipped ones."""
+        """All global batches of the current epoch, including skipped ones."""
         n, bs = len(self.lengths), self.batch_size
         if not self.shuffle:
-            return [np.arange(i, min(i + bs, n)) for i in range(0, n, bs)]
-        rng = np.random.default_rng([self.seed, self.epoch])
-        order = rng.permutation(n)
-        if not self.length_grouped:
-            return [order[i : i + bs] for i in range(0, n, bs)]
-        # Fewer, smaller mega-batches on small data so batch composition still varies by epoch.
-        mega = bs * max(1, min(self.MEGA_BATCHES, n // (4 * bs)))
-        batches = []
-        for start in range(0, n, mega):
-            chunk = order[start : start + mega]
-            chunk = chunk[np.argsort(-self.lengths[chunk], kind="stable")]
-            batches += [chunk[i : i + bs] for i in range(0, len(chunk), bs)]
-        return [batches[i] for i in rng.permutation(len(batches))]
+            batches = [np.arange(i, min(i + bs, n)) for i in range(0, n, bs)]
+        else:
+            rng = np.random.default_rng([self.seed, self.epoch])
+            order = rng.permutation(n)
+            if not self.length_grouped:
+                batches = [order[i : i + bs] for i in range(0, n, bs)]
+            else:
+                # Fewer, smaller mega-batches on small data so batch composition still varies by epoch.
+                mega = bs * max(1, min(self.MEGA_BATCHES, n // (4 * bs)))
+                grouped = []
+                for start in range(0, n, mega):
+                    chunk = order[start : start + mega]
+                    chunk = chunk[np.argsort(-self.lengths[chunk], kind="stable")]
+                    grouped += [chunk[i : i + bs] for i in range(0, len(chunk), bs)]
+                batches = [grouped[i] for i in rng.permutation(len(grouped))]
+        return batches[: self.num_batches]
 
     def __iter__(self) -> Iterator[list[int]]:
-        for batch in self.batches()[self.skip :]:
+        for batch in self.batches()[self.skip + self.rank :: self.world]:
             yield batch.tolist()
 
 
@@ -162,9 +178,12 @@ def make_loader(
     length_grouped: bool,
     pad_token_id: int,
     num_workers: int = 0,
+    rank: int = 0,
+    world: int = 1,
 ) -> DataLoader:
     """DataLoader with dynamic padding; control the order via `loader.batch_sampler.set_epoch`."""
-    sampler = EpochBatchSampler(encoded.lengths, batch_size, shuffle=shuffle, seed=seed, length_grouped=length_grouped)
+    sampler = EpochBatchSampler(encoded.lengths, batch_size, shuffle=shuffle, seed=seed, length_grouped=length_grouped,
+                                rank=rank, world=world)
     return DataLoader(
         _Indices(len(encoded)),
         batch_sampler=sampler,
@@ -208,12 +227,13 @@ class Prepared:
         return dataclasses.replace(self, encoded=encoded)
 
     def loader(self, split: str, batch_size: int, *, train: bool = False, seed: int = 0, shuffle: bool = True,
-               length_grouped: bool = True) -> DataLoader:
+               length_grouped: bool = True, rank: int = 0, world: int = 1) -> DataLoader:
         """For training, reshuffled each epoch from ``seed`` (length-grouped unless told not to) or,
-        without ``shuffle``, in the file's order every epoch (as the original read it); else in order."""
+        without ``shuffle``, in the file's order every epoch (as the original read it), this rank's
+        share of it; else in order."""
         shuffle = train and shuffle
-        return make_loader(self.encoded[split], batch_size, shuffle=shuffle, seed=seed,
-                           length_grouped=length_grouped and shuffle, pad_token_id=self.pad_token_id)
+        return make_loader(self.encoded[split], batch_size, shuffle=shuffle, seed=seed, length_grouped=length_grouped and shuffle,
+                           pad_token_id=self.pad_token_id, rank=rank, world=world)
 
     @property
     def labelled_eval_splits(self) -> list[str]:

@@ -14,14 +14,15 @@ from pathlib import Path
 
 import torch
 from omegaconf import DictConfig, OmegaConf
+from torch.nn.parallel import DistributedDataParallel
 
-from diito import config, tracking
+from diito import config, distributed, tracking
 from diito.batching import Prepared
 from diito.config import Job, validate
 from diito.evaluation import Evaluator, intervention_probe, one_class, warn_one_class, write_predictions
 from diito.intervention import mapping_table
 from diito.models import build_student, load_pretrained, load_tokenizer, save_model
-from diito.objective import DistillationObjective
+from diito.objective import DistillationObjective, DistillationStep
 from diito.sources import load_task
 from diito.teacher import obtain_teacher
 from diito.trainer import Trainer, Validation, resolve_device, seed_everything
@@ -35,7 +36,9 @@ def run(cfg: DictConfig, output_dir: Path | None = None, hydra_dir: Path | None 
     with ``stage=teacher``), which Hydra sweepers optimise. ``job_name`` (the command line's
     overrides, under Hydra) names the MLflow run unless ``tracking.run_name`` does. In a ``sweep``
     the run is a child of the sweep's parent, and a job that already FINISHED with the same config
-    is not run again (unless ``rerun=true``): its run joins this sweep instead."""
+    is not run again (unless ``rerun=true``): its run joins this sweep instead. With
+    ``trainer.devices=N`` the student trains as N ranks spawned here; under a launcher that started
+    the ranks itself (torchrun, submitit), this process is one of them."""
     job = validate(cfg)
     c = job.config
     if sweep and c.tracking.enabled and not c.rerun and c.stage == "distill":
@@ -45,14 +48,49 @@ def run(cfg: DictConfig, output_dir: Path | None = None, hydra_dir: Path | None 
             log.info("already finished as run %s: skipped (rerun=true runs it again)", run_.run_id)
             run_.set_tags(tracking.sweep_tags(sweep))
             return metrics.get(c.task.main_metric_key, float("nan"))
-    if c.trainer.num_threads:
-        torch.set_num_threads(c.trainer.num_threads)
+    if distributed.launched():
+        with distributed.process_group(c.trainer.device) as (rank, _, device):
+            return _run(job, cfg, device, output_dir, hydra_dir, job_name, sweep, rank)
     device = resolve_device(c.trainer.device)
+    if c.trainer.devices > 1 and c.stage == "distill":
+        _data_and_teacher(job, device)  # once, here, before the ranks start (they find it in the cache)
+        try:
+            return distributed.spawn(c.trainer.devices, _spawned, (cfg, output_dir, hydra_dir, job_name, sweep))
+        except distributed.RankFailed as e:
+            if e.details.get("run_id"):  # already recorded in its FAILED run
+                raise tracking.RunFailed(e.details["run_id"], e) from None
+            raise
+    return _run(job, cfg, device, output_dir, hydra_dir, job_name, sweep)
 
-    # data and teacher
+
+def _spawned(cfg: DictConfig, output_dir, hydra_dir, job_name, sweep) -> float:
+    """One spawned rank: the job itself, in the process group the environment describes."""
+    job = validate(cfg)
+    with distributed.process_group(job.config.trainer.device) as (rank, _, device):
+        return _run(job, cfg, device, output_dir, hydra_dir, job_name, sweep, rank)
+
+
+def _data_and_teacher(job: Job, device: torch.device):
+    c = job.config
     tokenizer = load_tokenizer(c.teacher.checkpoint or c.teacher.model)
     all_data = Prepared.from_task(load_task(c.task), tokenizer)
     teacher = obtain_teacher(c.teacher, all_data, tokenizer, c.trainer, c.tracking, Path(c.paths.cache), device)
+    return tokenizer, all_data, teacher
+
+
+def _run(job: Job, cfg: DictConfig, device: torch.device, output_dir: Path | None, hydra_dir: Path | None, job_name: str,
+         sweep: dict[str, str] | None, rank: int = 0) -> float:
+    """The job on this process (``rank`` of the ranks training the student, 0 when alone)."""
+    c = job.config
+    if c.trainer.num_threads:
+        torch.set_num_threads(c.trainer.num_threads)
+
+    # data and teacher (fine-tuned by rank 0; the other ranks find it in the cache)
+    if rank != 0:
+        distributed.barrier()
+    tokenizer, all_data, teacher = _data_and_teacher(job, device)
+    if rank == 0:
+        distributed.barrier()
     if c.stage == "teacher":
         return teacher.metrics.get(c.task.main_metric_key, float("nan"))
     data = all_data.limited(c.trainer.max_train_examples, c.trainer.max_eval_examples)
@@ -62,7 +100,8 @@ def run(cfg: DictConfig, output_dir: Path | None = None, hydra_dir: Path | None 
         tracking.ROLE: "student", "task": c.task.name, "teacher": c.teacher.name, "student_layers": c.student.layers,
         "loss": c.loss.kind, tracking.CONFIG_HASH: job.hash,
     }
-    with tracking.resumable_run(state_dir, c.tracking, c.tracking.run_name or job_name, tags) as run_:
+    runs = tracking.resumable_run(state_dir, c.tracking, c.tracking.run_name or job_name, tags) if rank == 0 else tracking.no_run()
+    with runs as run_:
         log_config(run_, job, cfg, hydra_dir)
 
         # student and objective
@@ -70,20 +109,25 @@ def run(cfg: DictConfig, output_dir: Path | None = None, hydra_dir: Path | None 
         source = teacher.model if c.student.init_from == "teacher" else load_pretrained(c.teacher.model, data.num_labels, c.seed)
         student = build_student(source, job.student_blocks, copy_classifier=c.student.init_from == "teacher").to(device)
         objective = DistillationObjective(c.loss, job.patience_layers, job.mapping)
-        if job.mapping:
+        if job.mapping and rank == 0:
             log.info("intervention mapping (student <-> teacher blocks):\n%s", mapping_table(job.mapping))
 
-        # fit
+        # fit: several ranks run the whole step (base and counterfactual runs) through DDP's forward
         evaluator = Evaluator(data, c.trainer.eval_batch_size, c.trainer.precision, device)
         probe = intervention_probe(objective, student, teacher.model, data, c.trainer.eval_batch_size, c.seed, device)
-        seed_everything(c.seed)
-        trainer = Trainer(student, lambda batch: objective(student, teacher.model, batch),
+        step = DistillationStep(student, teacher.model, objective)
+        _, world = distributed.rank_and_size()
+        if world > 1:
+            step = DistributedDataParallel(step, device_ids=[device.index] if device.type == "cuda" else None)
+        trainer = Trainer(student, step,
                           data.loader("train", c.trainer.batch_size, train=True, seed=c.seed, shuffle=c.trainer.shuffle,
-                                      length_grouped=c.trainer.length_grouped),
+                                      length_grouped=c.trainer.length_grouped, rank=rank, world=world),
                           c.trainer, c.optim, state_dir / "checkpoint",
                           Validation(lambda: evaluator.metrics(student) | (probe() if probe else {}), c.task.main_metric_key),
                           run_.log_metrics, name="student")
         state = trainer.fit()
+        if rank != 0:  # rank 0 evaluates, saves and logs
+            return float("nan")
 
         # evaluate and log
         log.info("student: final evaluation")

@@ -131,6 +131,20 @@ class Outputs:
     teacher_cf: Counterfactual | None = None
 
 
+class DistillationStep(torch.nn.Module):
+    """One batch's loss as a module, so DistributedDataParallel runs the whole step (base runs,
+    counterfactual runs, the teacher's no-grad runs) through its forward and reduces the gradients
+    correctly. The student is its only registered part: the frozen teacher stays outside it."""
+
+    def __init__(self, student: torch.nn.Module, teacher: torch.nn.Module, objective: DistillationObjective):
+        super().__init__()
+        self.student, self.objective = student, objective
+        self._teacher = (teacher,)  # a tuple, so the teacher is not a submodule
+
+    def forward(self, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+        return self.objective(self.student, self._teacher[0], batch)
+
+
 class DistillationObjective:
     """The weighted sum the config describes.
 

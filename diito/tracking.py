@@ -106,6 +106,8 @@ def check_store(config: TrackingConfig) -> None:
         except OSError as e:
             reason = getattr(e, "reason", e)
             raise ValueError(f"no MLflow server answers at {mask(uri)} ({reason}); start one (mlflow server) or use tracking=mlflow") from None
+    if scheme in ("postgresql", "mysql", "mssql"):
+        _check_database(uri, config.timeout)
     if scheme == "sqlite":
         folder = Path(uri.removeprefix("sqlite:///")).parent
         try:
@@ -114,6 +116,27 @@ def check_store(config: TrackingConfig) -> None:
             raise ValueError(f"cannot create the database's folder {folder} ({e.strerror})") from None
         if not os.access(folder, os.W_OK):
             raise ValueError(f"the database's folder {folder} is not writable")
+
+
+def _check_database(uri: str, timeout: float) -> None:
+    """Connect once: the database server answers, the database exists, its driver is installed."""
+    import sqlalchemy
+    from sqlalchemy.pool import NullPool
+
+    try:
+        engine = sqlalchemy.create_engine(uri, poolclass=NullPool, connect_args={"connect_timeout": max(1, round(timeout))})
+    except (ImportError, sqlalchemy.exc.NoSuchModuleError) as e:
+        raise ValueError(f"{mask(uri)}: the database driver is not installed ({e}); for PostgreSQL: pip install 'diito[postgres]'") from None
+    try:
+        with engine.connect():
+            pass
+    except ImportError as e:
+        raise ValueError(f"{mask(uri)}: the database driver is not installed ({e}); for PostgreSQL: pip install 'diito[postgres]'") from None
+    except sqlalchemy.exc.SQLAlchemyError as e:
+        reason = mask(str(getattr(e, "orig", None) or e).strip().splitlines()[0])
+        raise ValueError(f"cannot reach the tracking database {mask(uri)} ({reason})") from None
+    finally:
+        engine.dispose()
 
 
 class RunFailed(Exception):
@@ -281,13 +304,42 @@ def _client(config: TrackingConfig) -> MlflowClient:
 
 
 def _store_lock(uri: str | None):
-    """An inter-process lock beside a SQLite store: the first access to a new database creates its
-    schema, and concurrent jobs must not race to do that (or to create the same experiment)."""
+    """A lock that concurrent jobs take before touching a database store: the first access to a new
+    database creates its schema, and jobs must not race to do that (on a fresh PostgreSQL store all
+    but one would fail with duplicate tables) or to create the same experiment. A file beside a
+    SQLite store; the database's own advisory lock for PostgreSQL and MySQL, which holds across
+    machines."""
     if uri and uri.startswith("sqlite:///"):
         path = Path(uri.removeprefix("sqlite:///"))
         path.parent.mkdir(parents=True, exist_ok=True)
         return FileLock(str(path) + ".lock")
+    if uri and uri.startswith(("postgresql", "mysql")):
+        return _advisory_lock(uri)
     return contextlib.nullcontext()
+
+
+_ADVISORY_KEY = 0x646969746F  # "diito": the same lock for every job on a database
+
+
+@contextlib.contextmanager
+def _advisory_lock(uri: str) -> Iterator[None]:
+    import sqlalchemy
+    from sqlalchemy.pool import NullPool
+
+    postgres = uri.startswith("postgresql")
+    take, release = (("SELECT pg_advisory_lock(:key)", "SELECT pg_advisory_unlock(:key)") if postgres else
+                     ("SELECT GET_LOCK(:key, -1)", "SELECT RELEASE_LOCK(:key)"))
+    key = _ADVISORY_KEY if postgres else "diito-mlflow-store"
+    engine = sqlalchemy.create_engine(uri, poolclass=NullPool)
+    try:
+        with engine.connect() as connection:  # a connection of its own, held while the store is prepared
+            connection.execute(sqlalchemy.text(take), {"key": key})
+            try:
+                yield
+            finally:
+                connection.execute(sqlalchemy.text(release), {"key": key})
+    finally:
+        engine.dispose()
 
 
 def experiment_id(config: TrackingConfig) -> str:
@@ -348,6 +400,12 @@ def _end(run: Run, status: str, error: str | None = None) -> None:
         unsent.append(f"the run's end ({status}: the run still shows RUNNING)")
     if unsent:
         log.warning("tracking: never reached %s for run %s: %s", mask(run.client.tracking_uri), run.run_id, "; ".join(unsent))
+
+
+@contextlib.contextmanager
+def no_run() -> Iterator[NullRun]:
+    """Where a run would be, for a process that does not log (a rank other than 0)."""
+    yield NullRun()
 
 
 @contextlib.contextmanager

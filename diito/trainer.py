@@ -20,6 +20,7 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveInt
 from torch import Tensor
 from tqdm.auto import tqdm
@@ -67,6 +68,7 @@ class TrainerConfig(LoopConfig):
 
     eval_batch_size: PositiveInt = 128
     device: str = "auto"
+    devices: PositiveInt = 1  # ranks training the student (DDP); a launcher's own ranks need no setting
     num_threads: PositiveInt | None = None
     save_every: PositiveInt | None = 100
     log_every: PositiveInt = 20
@@ -93,7 +95,7 @@ class OptimConfig(BaseModel):
 class TrainState:
     step: int = 0  # optimizer steps done
     epoch: int = 0  # current epoch
-    batch_in_epoch: NonNegativeInt = 0  # batches of the current epoch already consumed
+    batch_in_epoch: NonNegativeInt = 0  # global batches of the current epoch already consumed (by every rank together)
     best_metric: float | None = None
     best_step: int | None = None
     evals_since_best: int = 0
@@ -150,6 +152,13 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, 
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def batch_seed(seed: int, epoch: int, batch: int) -> int:
+    """The seed of one global batch's randomness (dropout, the interchange's pairs, sites and
+    positions): a function of (seed, epoch, batch) only, so it does not depend on the number of
+    ranks, and a resumed run draws what an uninterrupted one would."""
+    return int(np.random.SeedSequence([seed, epoch, batch]).generate_state(1)[0])
+
+
 def build_optimizer(model: torch.nn.Module, optim: OptimConfig, total_steps: int, device: torch.device):
     """AdamW (fused where the device has the kernel: one kernel for all parameters, about 5x faster
     steps than the per-tensor loop) and its linear warm-up/decay schedule."""
@@ -203,8 +212,11 @@ class Trainer:
         self.model, self.loss_fn, self.loader, self.config = model, loss_fn, loader, config
         self.checkpoint_dir, self.validation, self.log, self.name = checkpoint_dir, validation, log, name
         self.device = resolve_device(config.device)
-        self.batches_per_epoch = len(loader)
-        self.total_steps = config.total_steps(self.batches_per_epoch)
+        # The loader says whether this is one rank of several (the student under DDP) or a whole fit
+        # (the teacher, fine-tuned by rank 0 alone while the others wait).
+        self.rank, self.world = loader.batch_sampler.rank, loader.batch_sampler.world
+        self.batches_per_epoch = loader.batch_sampler.num_batches  # global batches, a multiple of the world size
+        self.total_steps = config.total_steps(self.batches_per_epoch // self.world)
         self.optimizer, self.scheduler = build_optimizer(model, optim, self.total_steps, self.device)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=autocast_dtype(config.precision, self.device) == torch.float16)
         self.state = TrainState()
@@ -225,8 +237,16 @@ class Trainer:
         return self.checkpoint_dir / "best.pt"
 
     def save_checkpoint(self) -> None:
-        """Everything needed to resume exactly, written to a temporary name and renamed into place;
-        the checkpoint before it is kept as ``previous.pt`` in case this one is ever damaged."""
+        """Everything needed to resume exactly, written to a temporary name and renamed into place
+        (by rank 0: the ranks hold the same weights); the checkpoint before it is kept as
+        ``previous.pt`` in case this one is ever damaged."""
+        running = dict(self._sums)
+        if self.world > 1:  # every rank resumes with the ranks' average, which logs the same means
+            for key in sorted(running):
+                dist.all_reduce(running[key])
+                running[key] = running[key] / self.world
+        if self.rank != 0:
+            return
         self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
         log.info("%s: writing checkpoint at step %d", self.name, self.state.step)
         checkpoint = {
@@ -236,7 +256,7 @@ class Trainer:
             "scaler": self.scaler.state_dict(),
             "state": asdict(self.state),
             "rng": _rng_state(),
-            "running": {"sums": self._sums, "count": self._count},  # so a resumed train/loss average is exact
+            "running": {"sums": running, "count": self._count},  # so a resumed train/loss average is exact
         }
         if self._last.exists():
             os.replace(self._last, self._previous)
@@ -296,7 +316,8 @@ class Trainer:
         while s.batch_in_epoch < self.batches_per_epoch:
             # One optimizer step: grad_accum micro-batches, fewer at the end of an epoch. Checkpoints
             # are taken only between steps, so a resumed epoch starts on a step boundary.
-            step_terms = [self._micro_step(next(batches)) for _ in range(min(c.grad_accum, self.batches_per_epoch - s.batch_in_epoch))]
+            micro_steps = min(c.grad_accum, (self.batches_per_epoch - s.batch_in_epoch) // self.world)
+            step_terms = [self._micro_step(next(batches), last=i == micro_steps - 1) for i in range(micro_steps)]
             if not self._optimizer_step(step_terms):
                 continue  # a non-finite batch, skipped (trainer.skip_nonfinite)
             bar.update(1)
@@ -312,18 +333,27 @@ class Trainer:
             if c.save_every and s.step % c.save_every == 0:
                 self.save_checkpoint()
 
-    def _micro_step(self, batch: Batch) -> dict[str, Tensor]:
-        """Forward and backward of one micro-batch (its loss scaled so the step averages them);
+    def _micro_step(self, batch: Batch, last: bool) -> dict[str, Tensor]:
+        """Forward and backward of one micro-batch on each rank (its loss scaled so the step averages
+        them; under DDP the gradients are averaged over the ranks on the step's ``last`` one only);
         returns the loss and its terms, detached."""
+        s = self.state
+        seed_everything(batch_seed(self.loader.batch_sampler.seed, s.epoch, s.batch_in_epoch + self.rank))
         batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
-        with autocast(self.config.precision, self.device):
+        no_sync = getattr(self.loss_fn, "no_sync", None)
+        with (no_sync() if no_sync and not last else contextlib.nullcontext()), autocast(self.config.precision, self.device):
             loss, terms = self.loss_fn(batch)
-        self.scaler.scale(loss / self.config.grad_accum).backward()
-        self.state.batch_in_epoch += 1
+            self.scaler.scale(loss / self.config.grad_accum).backward()
+        s.batch_in_epoch += self.world
         return {name: value.detach().float() for name, value in {"loss": loss, **terms}.items()}
 
     def _log_training(self, bar: tqdm) -> None:
-        means = {f"train/{k}": float(v) / self._count for k, v in self._sums.items()}
+        sums = dict(self._sums)
+        if self.world > 1:  # every rank's losses, averaged
+            stacked = torch.stack([sums[k] for k in sorted(sums)])
+            dist.all_reduce(stacked)
+            sums = {k: v / self.world for k, v in zip(sorted(sums), stacked)}
+        means = {f"train/{k}": float(v) / self._count for k, v in sums.items()}
         self.log(means | {"train/lr": self.scheduler.get_last_lr()[0]}, self.state.step)
         bar.set_postfix(loss=f"{means['train/loss']:.4f}")
         if not self.config.progress:  # no bar (sweeps, CI, logs): a line instead
@@ -339,6 +369,9 @@ class Trainer:
         losses = torch.stack([value for terms in step_terms for value in terms.values()])
         # With fp16 the scaler expects an occasional overflowing gradient and skips that step itself.
         finite = torch.isfinite(losses).all() & (torch.isfinite(grad_norm) | self.scaler.is_enabled())
+        if self.world > 1:  # every rank skips or stops together
+            finite = finite.to(torch.int32)
+            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
         if not bool(finite):
             self._nonfinite(step_terms, grad_norm)
             self.optimizer.zero_grad(set_to_none=True)
@@ -370,8 +403,18 @@ class Trainer:
                             f"lower optim.lr, or let trainer.skip_nonfinite skip such batches)")
 
     def _evaluate(self) -> None:
+        """Rank 0 evaluates, keeps the best weights and decides early stopping for every rank."""
         s = self.state
-        metrics = self.validation.score()
+        if self.rank == 0:
+            self._judge(self.validation.score())
+        if self.world > 1:
+            decided = [asdict(s)]
+            dist.broadcast_object_list(decided, src=0)
+            for key, value in decided[0].items():
+                setattr(s, key, value)
+
+    def _judge(self, metrics: dict[str, float]) -> None:
+        s = self.state
         value = metrics[self.validation.main_metric]
         self.log(metrics, s.step)
         if math.isfinite(value) and (s.best_metric is None or value > s.best_metric):  # NaN is never the best

@@ -38,18 +38,23 @@ def run_cli(args: list[str], home: Path, timeout: int = 600, **env) -> subproces
                           capture_output=True, text=True, timeout=timeout)
 
 
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 class MlflowServer:
-    """A real ``mlflow server`` on 127.0.0.1 with a SQLite store in ``folder``; it can be stopped and
-    started again on the same port and store."""
+    """A real ``mlflow server`` on 127.0.0.1 with a SQLite store in ``folder`` (or the database
+    ``store``); it can be stopped and started again on the same port and store."""
 
-    def __init__(self, folder: Path):
-        import socket
-
+    def __init__(self, folder: Path, store: str | None = None):
         self.folder = folder
+        self.store = store or f"sqlite:///{folder / 'mlflow.db'}"
         folder.mkdir(parents=True, exist_ok=True)
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
+        self.port = free_port()
         self.uri = f"http://127.0.0.1:{self.port}"
         self.proc = None
 
@@ -59,7 +64,7 @@ class MlflowServer:
 
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(self.port),
-             "--backend-store-uri", f"sqlite:///{self.folder / 'mlflow.db'}", "--artifacts-destination", str(self.folder / "artifacts"),
+             "--backend-store-uri", self.store, "--artifacts-destination", str(self.folder / "artifacts"),
              "--workers", "1"], cwd=self.folder, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         for _ in range(240):
             try:
@@ -81,6 +86,74 @@ def mlflow_server(tmp_path):
     """A real ``mlflow server`` on 127.0.0.1, stopped after the test."""
     server = MlflowServer(tmp_path / "server")
     server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+class PostgreSQL:
+    """A real PostgreSQL server on 127.0.0.1 with its data in a temporary folder (as the ``postgres``
+    user when run as root: its ``initdb`` refuses root), stopped and removed after the test."""
+
+    def __init__(self):
+        import glob
+        import shutil
+        import tempfile
+
+        initdb = shutil.which("initdb") or next(iter(sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))[-1:]), None)
+        if initdb is None:
+            pytest.skip("PostgreSQL is not installed (Debian: apt-get install postgresql)")
+        try:
+            import psycopg  # noqa: F401
+        except ImportError:
+            pytest.skip("the PostgreSQL driver is not installed (pip install 'diito[postgres]')")
+        self.bin = Path(initdb).resolve().parent
+        self.as_owner: list[str] = []
+        self.folder = Path(tempfile.mkdtemp(prefix="diito-postgres-"))
+        if os.geteuid() == 0:
+            import pwd
+
+            try:
+                pwd.getpwnam("postgres")
+            except KeyError:
+                pytest.skip("running as root and there is no postgres user to run PostgreSQL as")
+            shutil.chown(self.folder, "postgres")
+            self.as_owner = ["runuser", "-u", "postgres", "--"]
+        self.port = free_port()
+        self.uri = f"postgresql://postgres@127.0.0.1:{self.port}"
+        subprocess.run([*self.as_owner, str(self.bin / "initdb"), "-D", str(self.folder / "data"), "-A", "trust", "-U", "postgres",
+                        "--no-sync"], check=True, capture_output=True)
+        self.proc = subprocess.Popen([*self.as_owner, str(self.bin / "postgres"), "-D", str(self.folder / "data"), "-h", "127.0.0.1",
+                                      "-p", str(self.port), "-k", str(self.folder), "-c", "fsync=off"],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def create_database(self, name: str) -> str:
+        """A new, empty database; returns its URI."""
+        import time
+
+        import psycopg
+
+        for _ in range(120):
+            try:
+                with psycopg.connect(f"{self.uri}/postgres", autocommit=True) as connection:
+                    connection.execute(f'CREATE DATABASE "{name}"')
+                return f"{self.uri}/{name}"
+            except psycopg.OperationalError:  # not accepting connections yet
+                time.sleep(0.25)
+        pytest.fail("PostgreSQL did not start")
+
+    def stop(self) -> None:
+        import shutil
+
+        self.proc.terminate()
+        self.proc.wait(timeout=30)
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+@pytest.fixture
+def postgres():
+    server = PostgreSQL()
     try:
         yield server
     finally:

@@ -88,3 +88,30 @@ def test_killed_and_run_again_ends_like_an_uninterrupted_job(tmp_path, uninterru
         assert run["metrics"] == uninterrupted["runs"][role]["metrics"], role  # step by step: nothing lost, nothing twice
     assert got["weights"].keys() == uninterrupted["weights"].keys()
     assert all(torch.equal(got["weights"][k], uninterrupted["weights"][k]) for k in got["weights"])
+
+
+def test_a_killed_two_rank_job_run_again_ends_like_an_uninterrupted_one(tmp_path):
+    """Both ranks and their parent killed with SIGKILL between checkpoints; the re-run resumes in global batches."""
+    two_ranks = [*JOB, "trainer.devices=2", "trainer.precision=fp32"]
+
+    def start(home, **kwargs):
+        cmd, env = command(home)
+        return subprocess.Popen([*cmd[:2], *two_ranks], cwd=home, env=env, start_new_session=True, text=True, **kwargs)
+
+    uninterrupted = tmp_path / "a"
+    uninterrupted.mkdir()
+    assert start(uninterrupted, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).wait(timeout=600) == 0
+    home = tmp_path / "b"
+    home.mkdir()
+    proc = start(home, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    for line in proc.stdout:
+        if "student step 7/" in line:
+            os.killpg(proc.pid, signal.SIGKILL)  # the parent and both ranks
+            break
+    proc.wait(timeout=60)
+    assert start(home, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).wait(timeout=600) == 0
+    a = load_file(uninterrupted / "outputs" / "job" / "student" / "model.safetensors")
+    b = load_file(home / "outputs" / "job" / "student" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    runs = outcome(home)["runs"]
+    assert runs["student"]["status"] == "FINISHED" and runs["student"]["metrics"] == outcome(uninterrupted)["runs"]["student"]["metrics"]
