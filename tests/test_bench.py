@@ -26,3 +26,12 @@ def test_bench_figures_are_the_ratios_of_its_measurements(capsys):
         (line,) = [line for line in lines if line.startswith(name + " ")]
         met = results[name] >= target if higher else results[name] <= target
         assert f"{results[name]:.2f}" in line and line.endswith("ok" if met else "MISSED")
+
+
+def test_the_ranks_figure_is_the_ratio_of_its_step_times(capsys):
+    main(["--json", "--ranks", "2", "--steps", "1", "--rounds", "1"])
+    results = json.loads(capsys.readouterr().out)
+    ms = results["details"]["ms_per_step"]
+    assert set(ms) == {"1 process, grad_accum=2", "2 ranks"} and all(v > 0 for v in ms.values())
+    assert results["ranks_over_accum"] == pytest.approx(ms["2 ranks"] / ms["1 process, grad_accum=2"])
+    assert results["details"]["ranks"] == 2 and results["details"]["steps"] == 1
