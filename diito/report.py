@@ -3,7 +3,9 @@
     python -m diito.report <experiment name | sweep id | parent run id> [--x loss.alpha --y loss.T]
 
 Runs are grouped by the params that vary between them (the seed aside); with a sweep, the table and
-the heatmap are also logged to its parent run.
+the heatmap are also logged to its parent run. Where the training-set size varies, a learning curve
+(one line per method, mean ± std over seeds) and the paired differences against KD per size (the
+same seeds) are drawn too; ``runs.csv`` exports every run.
 """
 
 from __future__ import annotations
@@ -81,13 +83,136 @@ def heatmap(rows: list[dict], x: str, y: str, metric: str, path: Path) -> Path:
     return path
 
 
+# -- learning curves: the metric against the training-set size ---------------------------------------
+SIZE = "trainer.max_train_examples"
+
+
+def _size_order(value: str) -> float:
+    return float("inf") if value in ("None", "null", "") else float(value)  # the whole training set last
+
+
+def _size_label(value: str) -> str:
+    return "all" if _size_order(value) == float("inf") else value
+
+
+Curves = dict[str, dict[str, dict[str, dict[str, float]]]]  # {setting: {method: {size: {seed: value}}}}
+
+
+def curves(runs: list[Any], metric: str, size: str = SIZE) -> Curves:
+    """The runs' metric by setting (the varying params that are not the method's: say
+    ``student.init_from``), method (the ``loss`` tag, with any ``loss.*`` value that varies among
+    that method's runs: its tuned setting), size and seed."""
+    others = [k for k in varying_keys(runs) if k != size]
+    methods = {r.data.tags.get("loss", "?") for r in runs}
+    tuned = {m: [k for k in varying_keys([r for r in runs if r.data.tags.get("loss", "?") == m]) if k.startswith("loss.")] for m in methods}
+    out: Curves = {}
+    for r in runs:
+        if metric not in r.data.metrics:
+            continue
+        p, method = r.data.params, r.data.tags.get("loss", "?")
+        setting = ", ".join(f"{k}={p[k]}" for k in others if k in p and not k.startswith("loss."))
+        label = method + (" (" + ", ".join(f"{k.removeprefix('loss.')}={p[k]}" for k in tuned[method] if k in p) + ")" if tuned[method] else "")
+        out.setdefault(setting, {}).setdefault(label, {}).setdefault(p.get(size, "None"), {})[p.get(REPLICATES, "")] = r.data.metrics[metric]
+    return out
+
+
+def paired(curves_: Curves) -> list[dict]:
+    """Per setting and size, each method against KD (or the first method): the difference on the
+    seeds both ran (same seeds: the same training subsets and the same teacher), its mean, its std
+    and how many seeds it wins."""
+    rows = []
+    for setting, lines in sorted(curves_.items()):
+        names = sorted(lines)
+        baseline = next((n for n in names if n.startswith("kd")), names[0])
+        for name in (n for n in names if n != baseline):
+            for size in sorted(set(lines[name]) & set(lines[baseline]), key=_size_order):
+                seeds = sorted(set(lines[name][size]) & set(lines[baseline][size]))
+                diffs = [lines[name][size][seed] - lines[baseline][size][seed] for seed in seeds]
+                if diffs:
+                    rows.append({"setting": setting, "method": name, "baseline": baseline, "size": _size_label(size), "n": len(diffs),
+                                 "mean_diff": statistics.fmean(diffs), "std_diff": statistics.stdev(diffs) if len(diffs) > 1 else 0.0,
+                                 "wins": sum(d > 0 for d in diffs)})
+    return rows
+
+
+def _line_name(setting: str, method: str) -> str:
+    return method + (f" [{setting}]" if setting else "")
+
+
+def format_curves(curves_: Curves, comparisons: list[dict], metric: str) -> str:
+    sizes = sorted({size for lines in curves_.values() for line in lines.values() for size in line}, key=_size_order)
+    header = ["method", *(_size_label(s) for s in sizes)]
+    body = []
+    for setting, lines in sorted(curves_.items()):
+        for name in sorted(lines):
+            cells = []
+            for size in sizes:
+                values = list(lines[name].get(size, {}).values())
+                cells.append(f"{statistics.fmean(values):.4f} ± {statistics.stdev(values) if len(values) > 1 else 0.0:.4f} (n={len(values)})"
+                             if values else "")
+            body.append([_line_name(setting, name), *cells])
+    widths = [max(len(x) for x in column) for column in zip(header, *body)]
+    text = [f"{metric} by training-set size (mean ± std over seeds)"]
+    text += ["  ".join(cell.ljust(w) for cell, w in zip(line, widths)) for line in [header, *body]]
+    if comparisons:
+        text.append("")
+        text.append("paired differences (the same seeds)")
+    for row in comparisons:
+        text.append(f"{_line_name(row['setting'], row['method'])} - {row['baseline']} at {row['size']}: {row['mean_diff']:+.4f} ± "
+                    f"{row['std_diff']:.4f} over {row['n']} seeds ({row['wins']} of {row['n']} better)")
+    return "\n".join(text)
+
+
+def curve_plot(curves_: Curves, metric: str, path: Path) -> Path:
+    """The metric against the training-set size, one line per method and setting, error bars of one std."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lines = {_line_name(setting, name): line for setting, group in curves_.items() for name, line in group.items()}
+    sizes = sorted({size for line in lines.values() for size in line}, key=_size_order)
+    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    for offset, name in enumerate(sorted(lines)):
+        xs = [i + 0.04 * offset for i, size in enumerate(sizes) if size in lines[name]]  # nudged so bars do not hide each other
+        values = [list(lines[name][size].values()) for size in sizes if size in lines[name]]
+        ax.errorbar(xs, [statistics.fmean(v) for v in values], yerr=[statistics.stdev(v) if len(v) > 1 else 0.0 for v in values],
+                    marker="o", capsize=3, label=name)
+    ax.set_xticks(range(len(sizes)), [_size_label(s) for s in sizes])
+    ax.set_xlabel("training examples")
+    ax.set_ylabel(metric)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title(f"{metric} (mean ± std over seeds)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def export_csv(runs: list[Any], path: Path) -> Path:
+    """Every run: its id, method, the params that vary, the seed and every final metric."""
+    import csv
+
+    keys = [k for k in varying_keys(runs)]
+    metrics = sorted({m for r in runs for m in r.data.metrics})
+    with path.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["run_id", "run_name", "method", *keys, REPLICATES, *metrics])
+        for r in sorted(runs, key=lambda r: r.info.start_time):
+            writer.writerow([r.info.run_id, r.info.run_name, r.data.tags.get("loss", ""), *(r.data.params.get(k, "") for k in keys),
+                             r.data.params.get(REPLICATES, ""), *(r.data.metrics.get(m, "") for m in metrics)])
+    return path
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m diito.report", description=__doc__.split("\n\n")[0])
     parser.add_argument("target", help="experiment name, sweep id (tag diito.sweep_id) or the sweep's parent run id")
     parser.add_argument("--metric", default="validation/accuracy")
     parser.add_argument("--x", help="heatmap columns (default: the first varying key)")
     parser.add_argument("--y", help="heatmap rows (default: the second varying key)")
-    parser.add_argument("--out", default=".", help="folder for the table and heatmap files")
+    parser.add_argument("--size", default=SIZE, help=f"the key of the learning curve, drawn when it varies (default {SIZE})")
+    parser.add_argument("--out", default=".", help="folder for the table, the heatmap, the learning curve and runs.csv")
     parser.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI", f"sqlite:///{Path.cwd() / 'mlflow.db'}"))
     args = parser.parse_args(argv)
 
@@ -108,6 +233,14 @@ def main(argv: list[str] | None = None) -> None:
     if len(axes) == 2:
         files.append(heatmap(rows, axes[0], axes[1], args.metric, out / "heatmap.png"))
         print(f"heatmap: {files[-1]}")
+    files.append(export_csv(runs, out / "runs.csv"))
+    if args.size in keys:  # a learning curve: one line per method, and the paired differences
+        lines = curves(runs, args.metric, args.size)
+        curve_text = format_curves(lines, paired(lines), args.metric)
+        print(curve_text)
+        (out / "by_size.txt").write_text(curve_text + "\n")
+        files += [out / "by_size.txt", curve_plot(lines, args.metric, out / "by_size.png")]
+        print(f"learning curve: {files[-1]}")
     if parent_id is not None:
         tracking.log_files(args.tracking_uri, parent_id, files, "report")
         print(f"logged to the sweep's parent run {parent_id}")

@@ -522,6 +522,20 @@ def find_student_runs(tracking_uri: str, target: str) -> tuple[list[Any], str | 
     return client.search_runs([experiment.experiment_id], filter_string=students), None
 
 
+def run_record(tracking_uri: str, run_id: str) -> Any:
+    """A run's record (info, params, metrics, tags); LookupError naming the run and the store if absent."""
+    try:
+        return MlflowClient(tracking_uri=tracking_uri).get_run(run_id)
+    except MlflowException:
+        raise LookupError(f"no run {run_id} in {mask(tracking_uri)}") from None
+
+
+def download(tracking_uri: str, run_id: str, artifact_path: str, folder: Path) -> Path:
+    """One of a run's artifacts (a file or a folder), copied into ``folder``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    return Path(MlflowClient(tracking_uri=tracking_uri).download_artifacts(run_id, artifact_path, str(folder)))
+
+
 def log_files(tracking_uri: str, run_id: str, files: list[Path], artifact_path: str) -> None:
     client = MlflowClient(tracking_uri=tracking_uri)
     for f in files:

@@ -1,0 +1,180 @@
+"""The alignment map of a trained student: how well each student block's interventions follow each
+teacher block's.
+
+    python -m diito.analyze <run id> [<run id> ...] [--pairs 256] [--dims 0:192]
+
+For every (student block i, teacher block j) it takes fixed, seeded pairs of validation examples
+(base, source), swaps the source's block output into the base at the same positions in both models
+(block i of the student, block j of the teacher; the interchange settings and site machinery of
+training), and counts how often the student's counterfactual prediction is the teacher's: the
+interchange-intervention accuracy (IIA). A bright diagonal band is a student whose causal structure
+follows its alignment; KD and DIITO students side by side show what the DIITO term changed. The map
+(``alignment/iia_map.json``, ``alignment/iia_map.png``) is logged to each run; with several runs, one
+figure holds them all, on the same pairs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import OmegaConf
+
+from diito import tracking
+from diito.batching import Encoded, Prepared, make_loader
+from diito.intervention import InterchangeConfig, Interchange, Site, block_list, counterfactual, sample_interchange
+from diito.models import load_finetuned, load_tokenizer, num_layers
+from diito.sources import load_task
+from diito.tasks import TaskSpec
+
+
+@dataclass
+class AlignmentMap:
+    iia: np.ndarray  # [student site, teacher site]
+    efficacy: np.ndarray  # [teacher site]: how often the intervention changes the teacher's prediction
+    student_sites: list[Site]
+    teacher_sites: list[Site]
+    pairs: int
+
+    def to_json(self) -> dict:
+        return {"iia": self.iia.round(6).tolist(), "teacher_efficacy": self.efficacy.round(6).tolist(), "pairs": self.pairs,
+                "student_sites": [str(s) for s in self.student_sites], "teacher_sites": [str(s) for s in self.teacher_sites]}
+
+
+def block_sites(model: torch.nn.Module, dims: tuple[int, int] | None = None) -> list[Site]:
+    """One site per block: its whole output, or the slice ``dims`` of it."""
+    return [Site(layer, dims) for layer in range(num_layers(model.config))]
+
+
+@torch.no_grad()
+def alignment_map(student, teacher, data: Encoded, pad_token_id: int, interchange: InterchangeConfig, seed: int,
+                  batch_size: int, device: torch.device, dims: tuple[int, int] | None = None) -> AlignmentMap:
+    """IIA of every (student site, teacher site) on the pairs of ``data`` drawn from ``seed``: every
+    cell sees the same pairs and positions."""
+    student, teacher = student.eval(), teacher.eval()
+    student_sites, teacher_sites = block_sites(student, dims), block_sites(teacher, dims)
+    loader = make_loader(data, batch_size, shuffle=False, seed=0, length_grouped=False, pad_token_id=pad_token_id)
+    generator = torch.Generator().manual_seed(seed)
+    agree = np.zeros((len(student_sites), len(teacher_sites)))
+    changed = np.zeros(len(teacher_sites))
+    count = 0
+    for batch in loader:
+        batch = {k: v.to(device) for k, v in batch.items() if k != "labels"}
+        x = sample_interchange(batch["attention_mask"].sum(1).cpu(), interchange.interchange_prop, interchange.interchange_mode,
+                               interchange.interchange_min_token, interchange.interchange_max_token,
+                               interchange.pairing == "derangement", generator).to(device)
+        teacher_cf, teacher_base = _counterfactual_classes(teacher, batch, x, teacher_sites)
+        student_cf, _ = _counterfactual_classes(student, batch, x, student_sites)
+        agree += (student_cf[:, None, :] == teacher_cf[None, :, :]).sum(-1).cpu().numpy()
+        changed += (teacher_cf != teacher_base[None, :]).sum(-1).cpu().numpy()
+        count += len(batch["input_ids"])
+    return AlignmentMap(agree / count, changed / count, student_sites, teacher_sites, count)
+
+
+def _counterfactual_classes(model, batch, x: Interchange, sites: list[Site]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The predicted class of every pair after intervening at each site ([site, pair]), and without."""
+    base = model(**batch, output_hidden_states=True)
+    return torch.stack([counterfactual(model, batch, base.hidden_states, x, (site,)).logits.argmax(-1) for site in sites]), \
+        base.logits.argmax(-1)
+
+
+def draw(maps: dict[str, AlignmentMap], path: Path) -> Path:
+    """One heatmap per run, side by side, on one colour scale."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(maps), figsize=(1.2 + 3.2 * len(maps), 3.4), squeeze=False)
+    for ax, (title, m) in zip(axes[0], maps.items()):
+        image = ax.imshow(m.iia, vmin=0.5, vmax=1.0, cmap="viridis", aspect="auto")
+        ax.set_xticks(range(len(m.teacher_sites)), [str(s) for s in m.teacher_sites])
+        ax.set_yticks(range(len(m.student_sites)), [str(s) for s in m.student_sites])
+        ax.set_xlabel("teacher block")
+        ax.set_ylabel("student block")
+        ax.set_title(title, fontsize=9)
+        for (i, j), value in np.ndenumerate(m.iia):
+            ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=7, color="white" if value < 0.8 else "black")
+    fig.colorbar(image, ax=axes[0].tolist(), label=f"IIA ({next(iter(maps.values())).pairs} pairs)")
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+@dataclass
+class TrainedRun:
+    """What the analysis needs of a finished student run: its config, student, teacher and name."""
+
+    run_id: str
+    name: str
+    method: str  # the run's loss tag: kd, diito, ...
+    task: TaskSpec
+    interchange: InterchangeConfig
+    student_dir: Path
+    teacher_dir: Path
+
+
+def trained_run(tracking_uri: str, run_id: str, folder: Path) -> TrainedRun:
+    """Only the task and the interchange settings are read back from the run's config, so runs
+    logged by earlier versions of the schema can be analysed too."""
+    info = tracking.run_record(tracking_uri, run_id)
+    logged = OmegaConf.to_container(OmegaConf.load(tracking.download(tracking_uri, run_id, "config.yaml", folder)))
+    task = TaskSpec.model_validate(logged["task"])
+    interchange = InterchangeConfig(**{k: v for k, v in logged.get("loss", {}).items() if k in InterchangeConfig.model_fields})
+    teacher_dir = Path(info.data.tags.get(tracking.TEACHER_PATH, ""))
+    if tracking.TEACHER_PATH not in info.data.tags or not teacher_dir.is_dir():
+        raise LookupError(f"run {run_id}: its teacher {str(teacher_dir) or '(no diito.teacher_path tag)'} is not on this machine")
+    try:
+        student_dir = tracking.download(tracking_uri, run_id, "student", folder)
+    except Exception as e:  # noqa: BLE001 - MLflow raises several kinds for a missing artifact
+        raise LookupError(f"run {run_id} has no logged student (tracking.log_model was off?): {e}") from None
+    if (teacher_dir / "model").is_dir():  # a teacher cache entry keeps the model beside its record
+        teacher_dir = teacher_dir / "model"
+    return TrainedRun(run_id, info.info.run_name or run_id, info.data.tags.get("loss", "?"), task, interchange, student_dir, teacher_dir)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m diito.analyze", description=__doc__.split("\n\n")[0])
+    parser.add_argument("runs", nargs="+", help="finished student runs (MLflow run ids)")
+    parser.add_argument("--pairs", type=int, default=256, help="validation pairs (default 256: the first examples of the split)")
+    parser.add_argument("--seed", type=int, default=0, help="draws the pairs and positions (default 0)")
+    parser.add_argument("--dims", help="intervene on a slice of each block's output, START:STOP (default: all of it)")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--out", default="alignment", help="folder for the figure and the maps (default ./alignment)")
+    parser.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI", f"sqlite:///{Path.cwd() / 'mlflow.db'}"))
+    args = parser.parse_args(argv)
+    dims = tuple(int(v) for v in args.dims.split(":")) if args.dims else None
+    device = torch.device(args.device)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    maps: dict[str, AlignmentMap] = {}
+    with tempfile.TemporaryDirectory() as folder:
+        for run_id in args.runs:
+            run = trained_run(args.tracking_uri, run_id, Path(folder) / run_id)
+            tokenizer = load_tokenizer(str(run.student_dir))
+            data = Prepared.from_task(load_task(run.task), tokenizer)
+            split = data.encoded[run.task.eval_splits[0]].head(args.pairs)
+            teacher, student = load_finetuned(run.teacher_dir).to(device), load_finetuned(run.student_dir).to(device)
+            block_list(student)  # a clear error for a model family without known blocks
+            maps[f"{run.method} (run {run_id[:8]})"] = m = alignment_map(
+                student, teacher, split, data.pad_token_id, run.interchange, args.seed, args.batch_size, device, dims)
+            print(f"{run_id} ({run.method}): IIA by student block (rows) and teacher block (columns), {m.pairs} pairs")
+            print("\n".join("  " + " ".join(f"{v:.3f}" for v in row) for row in m.iia))
+            (out / f"{run_id}.json").write_text(json.dumps(m.to_json(), indent=1))
+    figure = draw(maps, out / "iia_map.png")
+    for run_id in args.runs:  # each run keeps its own map and the figure it was drawn in
+        (out / "iia_map.json").write_text((out / f"{run_id}.json").read_text())
+        tracking.log_files(args.tracking_uri, run_id, [figure, out / "iia_map.json"], "alignment")
+    print(f"wrote {figure} and logged it to {len(args.runs)} run(s) under alignment/")
+
+
+if __name__ == "__main__":
+    main()

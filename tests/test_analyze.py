@@ -1,0 +1,94 @@
+"""The alignment map: every cell against interventions computed the independent (three-pass) way,
+a student that is its teacher, and the command on a logged run."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from mlflow import MlflowClient
+from transformers import AutoModelForSequenceClassification, BertConfig
+
+from diito import analyze, job
+from diito.analyze import alignment_map
+from diito.batching import Encoded
+from diito.intervention import InterchangeConfig, Site, reference_counterfactual, sample_interchange
+from diito.models import build_student
+from tests.conftest import compose_config
+
+
+def _models(layers: int = 3):
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=60, hidden_size=16, num_hidden_layers=layers, num_attention_heads=2, intermediate_size=32,
+                        num_labels=3, initializer_range=0.6)  # 3 classes and large weights: predictions that vary
+    teacher = AutoModelForSequenceClassification.from_config(config).eval()
+    return teacher, build_student(teacher, [0, 2], copy_classifier=True).eval()
+
+
+def _data(n: int = 12, seed: int = 0) -> Encoded:
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(4, 11, size=n)
+    ids = [[2, *rng.integers(5, 60, size=length - 2), 3] for length in lengths]
+    return Encoded(ids, None, None, [str(i) for i in range(n)], lengths)
+
+
+def _batch(data: Encoded) -> dict[str, torch.Tensor]:
+    width = int(max(data.lengths))
+    ids = torch.tensor([row + [0] * (width - len(row)) for row in data.input_ids])
+    return {"input_ids": ids, "attention_mask": (ids != 0).long()}
+
+
+@pytest.mark.parametrize("dims", [None, (4, 12)])
+def test_every_cell_is_the_agreement_of_independently_computed_interventions(dims):
+    teacher, student = _models()
+    data, interchange = _data(), InterchangeConfig(interchange_prop=0.5)
+    m = alignment_map(student, teacher, data, 0, interchange, seed=7, batch_size=64, device=torch.device("cpu"), dims=dims)
+    assert m.iia.shape == (2, 3) and m.pairs == 12
+
+    batch = _batch(data)  # one batch: the map drew its pairs and positions exactly so
+    x = sample_interchange(batch["attention_mask"].sum(1), 0.5, "random", 1, None, True, torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        predicted = lambda model, layer: reference_counterfactual(model, batch, x, (Site(layer, dims),)).logits.argmax(-1)  # noqa: E731
+        teacher_cf = [predicted(teacher, j) for j in range(3)]
+        student_cf = [predicted(student, i) for i in range(2)]
+        teacher_base = teacher(**batch).logits.argmax(-1)
+    expected = np.array([[float((s == t).float().mean()) for t in teacher_cf] for s in student_cf])
+    np.testing.assert_allclose(m.iia, expected, atol=1e-9)
+    np.testing.assert_allclose(m.efficacy, [float((t != teacher_base).float().mean()) for t in teacher_cf], atol=1e-9)
+    assert len(np.unique(expected)) > 1  # the cells really differ: the check compares something
+
+
+def test_a_student_that_is_its_teacher_agrees_on_the_diagonal():
+    teacher, _ = _models()
+    twin = build_student(teacher, [0, 1, 2], copy_classifier=True).eval()
+    m = alignment_map(twin, teacher, _data(40), 0, InterchangeConfig(interchange_prop=0.5), seed=1, batch_size=16,
+                      device=torch.device("cpu"))
+    assert np.diag(m.iia).tolist() == [1.0, 1.0, 1.0]
+    assert m.iia.min() < 1.0  # off the diagonal the same swap is another intervention
+
+
+def test_the_command_maps_logged_runs_and_logs_the_map_to_each(home, tmp_path):
+    for loss in ("kd", "diito"):
+        job.run(compose_config(["teacher=tiny", "trainer=debug", f"loss={loss}", "tracking.log_model=true"]), output_dir=tmp_path / loss)
+    client = MlflowClient(f"sqlite:///{home}/mlflow.db")
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()], filter_string="tags.`diito.role` = 'student'")
+    ids = [r.info.run_id for r in runs]
+    analyze.main([*ids, "--pairs", "20", "--out", str(tmp_path / "maps"), "--tracking-uri", f"sqlite:///{home}/mlflow.db"])
+    assert (tmp_path / "maps" / "iia_map.png").read_bytes()[:4] == b"\x89PNG"
+    for run_id in ids:
+        logged = {a.path for a in client.list_artifacts(run_id, "alignment")}
+        assert logged == {"alignment/iia_map.png", "alignment/iia_map.json"}
+        saved = json.loads(open(client.download_artifacts(run_id, "alignment/iia_map.json")).read())
+        assert saved == json.loads((tmp_path / "maps" / f"{run_id}.json").read_text())  # each run keeps its own map
+        assert np.array(saved["iia"]).shape == (3, 4) and saved["pairs"] == 20  # 3 student blocks x 4 tiny-teacher blocks
+        assert all(0.0 <= v <= 1.0 for row in saved["iia"] for v in row)
+
+
+def test_a_run_without_a_logged_student_is_refused_by_name(home, tmp_path):
+    job.run(compose_config(["teacher=tiny", "trainer=debug", "tracking.log_model=false"]), output_dir=tmp_path / "out")
+    client = MlflowClient(f"sqlite:///{home}/mlflow.db")
+    (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()], filter_string="tags.`diito.role` = 'student'")
+    with pytest.raises(LookupError, match=f"run {run.info.run_id} has no logged student"):
+        analyze.main([run.info.run_id, "--out", str(tmp_path / "maps"), "--tracking-uri", f"sqlite:///{home}/mlflow.db"])
