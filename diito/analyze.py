@@ -117,6 +117,7 @@ class TrainedRun:
     task: TaskSpec
     interchange: InterchangeConfig
     student_dir: Path
+    tokenizer_dir: Path
     teacher_dir: Path
 
 
@@ -136,7 +137,10 @@ def trained_run(tracking_uri: str, run_id: str, folder: Path) -> TrainedRun:
         raise LookupError(f"run {run_id} has no logged student (tracking.log_model was off?): {e}") from None
     if (teacher_dir / "model").is_dir():  # a teacher cache entry keeps the model beside its record
         teacher_dir = teacher_dir / "model"
-    return TrainedRun(run_id, info.info.run_name or run_id, info.data.tags.get("loss", "?"), task, interchange, student_dir, teacher_dir)
+    tokenizer_dir = student_dir
+    if (student_dir / "MLmodel").exists():  # an MLflow model: the Hugging Face folder and the tokenizer are inside
+        student_dir, tokenizer_dir = student_dir / "model", student_dir / "components" / "tokenizer"
+    return TrainedRun(run_id, info.info.run_name or run_id, info.data.tags.get("loss", "?"), task, interchange, student_dir, tokenizer_dir, teacher_dir)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -159,7 +163,7 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory() as folder:
         for run_id in args.runs:
             run = trained_run(args.tracking_uri, run_id, Path(folder) / run_id)
-            tokenizer = load_tokenizer(str(run.student_dir))
+            tokenizer = load_tokenizer(str(run.tokenizer_dir))
             data = Prepared.from_task(load_task(run.task), tokenizer)
             split = data.encoded[run.task.eval_splits[0]].head(args.pairs)
             teacher, student = load_finetuned(run.teacher_dir).to(device), load_finetuned(run.student_dir).to(device)

@@ -34,6 +34,14 @@ class Encoded:
     def __len__(self) -> int:
         return len(self.input_ids)
 
+    def digest(self) -> str:
+        """Of the examples as the models see them (token ids and labels): MLflow's dataset digest."""
+        h = hashlib.sha256(np.concatenate([np.asarray(row, dtype=np.int64) for row in self.input_ids] or [np.zeros(0)]).tobytes())
+        h.update(self.lengths.astype(np.int64).tobytes())
+        if self.labels is not None:
+            h.update(np.asarray(self.labels).tobytes())
+        return h.hexdigest()[:16]
+
     def head(self, n: int | None) -> Encoded:
         """The first ``n`` examples (all of them for None): low-data runs and quick evaluations."""
         if n is None or n >= len(self):

@@ -5,6 +5,7 @@ the one-class (chance plateau) check, and GLUE submission files.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -17,6 +18,8 @@ from diito.objective import DistillationObjective, intervention_diagnostics
 from diito.trainer import autocast
 
 log = logging.getLogger(__name__)
+
+TIMINGS = ("latency/", "speedup/")  # metrics that time this machine: identical runs differ in them
 
 
 @torch.no_grad()
@@ -58,6 +61,41 @@ class Evaluator:
     def metrics(self, model: torch.nn.Module) -> dict[str, float]:
         """The metrics of every labelled evaluation split."""
         return self.score(self.predict(model, self.data.labelled_eval_splits))
+
+
+    @torch.no_grad()
+    def footprint(self, student: torch.nn.Module, teacher: torch.nn.Module, repeats: int = 5) -> dict[str, float]:
+        """What users ask first of a student: parameters and weight size of student and teacher, their
+        latency per example at batch 1 and at batch 32 (medians, on this device and precision, on the
+        first evaluation split's examples), and the student's speed-up."""
+        split = self.data.encoded[self.data.spec.eval_splits[0]]
+        singles = [model_inputs(b) for b in make_loader(split.head(repeats * 4), 1, shuffle=False, seed=0, length_grouped=False,
+                                                        pad_token_id=self.data.pad_token_id)]
+        (full,) = [model_inputs(b) for b in make_loader(split.head(32), 32, shuffle=False, seed=0, length_grouped=False,
+                                                         pad_token_id=self.data.pad_token_id)]
+        out: dict[str, float] = {}
+        for name, model in (("student", student), ("teacher", teacher)):
+            model.eval()
+            out[f"model/{name}_params"] = sum(p.numel() for p in model.parameters())
+            out[f"model/{name}_mb"] = sum(t.numel() * t.element_size() for t in model.state_dict().values()) / 2**20
+            seconds = lambda inputs: self._seconds(model, inputs)  # noqa: E731
+            seconds(singles[0])  # warm-up: kernels and allocator
+            out[f"latency/{name}_ms_batch1"] = 1000 * float(np.median([seconds(inputs) for inputs in singles]))
+            out[f"latency/{name}_ms_per_example_batch32"] = 1000 * float(np.median([seconds(full) for _ in range(repeats)])) / len(full["input_ids"])
+        for batch in ("batch1", "per_example_batch32"):
+            out[f"speedup/{batch.removeprefix('per_example_')}"] = out[f"latency/teacher_ms_{batch}"] / out[f"latency/student_ms_{batch}"]
+        return out
+
+    def _seconds(self, model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> float:
+        inputs = {k: v.to(self.device) for k, v in inputs.items()}
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        with autocast(self.precision, self.device):
+            model(**inputs)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - start
 
 
 def intervention_probe(objective: DistillationObjective, student, teacher, data: Prepared, batch_size: int, seed: int,

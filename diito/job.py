@@ -21,7 +21,7 @@ from diito.batching import Prepared
 from diito.config import Job, validate
 from diito.evaluation import Evaluator, intervention_probe, one_class, warn_one_class, write_predictions
 from diito.intervention import mapping_table
-from diito.models import build_student, load_pretrained, load_tokenizer, save_model
+from diito.models import build_student, load_pretrained, load_tokenizer, name_labels, save_model
 from diito.objective import DistillationObjective, DistillationStep
 from diito.sources import load_task
 from diito.teacher import obtain_teacher
@@ -103,6 +103,7 @@ def _run(job: Job, cfg: DictConfig, device: torch.device, output_dir: Path | Non
     runs = tracking.resumable_run(state_dir, c.tracking, c.tracking.run_name or job_name, tags) if rank == 0 else tracking.no_run()
     with runs as run_:
         log_config(run_, job, cfg, hydra_dir)
+        run_.log_datasets(datasets(data))
 
         # student and objective
         seed_everything(c.seed)  # the student's fresh weights (a new classifier) come from the job's seed
@@ -125,7 +126,8 @@ def _run(job: Job, cfg: DictConfig, device: torch.device, output_dir: Path | Non
                           c.trainer, c.optim, state_dir / "checkpoint",
                           Validation(lambda: evaluator.metrics(student) | (probe() if probe else {}), c.task.main_metric_key),
                           run_.log_metrics, name="student")
-        state = trainer.fit()
+        with tracking.system_metrics(run_, c.tracking):
+            state = trainer.fit()
         if rank != 0:  # rank 0 evaluates, saves and logs
             return float("nan")
 
@@ -133,7 +135,7 @@ def _run(job: Job, cfg: DictConfig, device: torch.device, output_dir: Path | Non
         log.info("student: final evaluation")
         predictions = evaluator.predict(student, list(c.task.eval_splits) + data.test_splits)
         final = evaluator.score(predictions)
-        run_.log_metrics(final | {"best_step": state.best_step or state.step}, state.step)
+        run_.log_metrics(final | {"best_step": state.best_step or state.step} | evaluator.footprint(student, teacher.model), state.step)
         if (label := one_class(predictions, data)) is not None:
             warn_one_class(label, data, "the student")
             run_.set_tags({tracking.PLATEAU: f"one class ({label}) on {c.task.eval_splits[0]}"})
@@ -142,10 +144,35 @@ def _run(job: Job, cfg: DictConfig, device: torch.device, output_dir: Path | Non
             run_.log_artifacts(output_dir / "predictions", "predictions")
         if c.tracking.log_model:
             log.info("student: saving to %s", output_dir / "student")
-            run_.log_artifacts(save_model(student, tokenizer, output_dir / "student"), "student")
+            name_labels(student, data.spec.label_names)
+            folder = save_model(student, tokenizer, output_dir / "student")
+            run_.log_classifier(folder, input_example(data, tokenizer), c.tracking.registered_model)
         shutil.rmtree(state_dir / "checkpoint", ignore_errors=True)
         (state_dir / "run.json").unlink(missing_ok=True)  # a later identical job is a new run
     return final[c.task.main_metric_key]
+
+
+def input_example(data: Prepared, tokenizer, n: int = 2) -> list:
+    """A few evaluation texts (decoded from their tokens) as the logged model takes them: sentences,
+    or text/text_pair records for sentence-pair tasks."""
+    encoded = data.encoded[data.spec.eval_splits[0]]
+    decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
+    examples = []
+    for i in range(min(n, len(encoded))):
+        ids, types = encoded.input_ids[i], encoded.token_type_ids[i] if encoded.token_type_ids else None
+        if types and any(types):  # segment ids tell the pair's two texts apart
+            examples.append({"text": decode([t for t, s in zip(ids, types) if s == 0]), "text_pair": decode([t for t, s in zip(ids, types) if s == 1])})
+        else:
+            examples.append(decode(ids))
+    return examples
+
+
+def datasets(data: Prepared) -> list[tracking.DatasetRecord]:
+    """The splits a student run reads, for MLflow's run inputs."""
+    spec = data.spec
+    contexts = {"train": "training"} | dict.fromkeys(spec.eval_splits, "validation") | dict.fromkeys(data.test_splits, "test")
+    return [tracking.DatasetRecord(f"{spec.name}/{split}", data.encoded[split].digest(), spec.origin(split), len(data.encoded[split]), context)
+            for split, context in contexts.items() if split in data.encoded]
 
 
 def log_config(run: tracking.Run | tracking.NullRun, job: Job, cfg: DictConfig, hydra_dir: Path | None) -> None:

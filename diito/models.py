@@ -148,6 +148,14 @@ def _head_prefixes(model: PreTrainedModel) -> tuple[str, ...]:
     return tuple(sorted({k.split(".")[0] + "." for k in model.state_dict() if not k.startswith(base)}))
 
 
+def name_labels(model: PreTrainedModel, label_names: list[str] | None) -> None:
+    """Give the classifier's outputs the task's label names (a pipeline then answers "positive",
+    not "LABEL_1")."""
+    if label_names:
+        model.config.id2label = dict(enumerate(label_names))
+        model.config.label2id = {name: i for i, name in enumerate(label_names)}
+
+
 def save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, folder: Path) -> Path:
     """The model and its tokenizer in Hugging Face format (weights in safetensors), written whole or
     not at all."""

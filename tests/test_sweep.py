@@ -67,7 +67,7 @@ def test_grid_sweep_makes_a_parent_with_children(home, launcher):
     assert lines[0].split()[:2] == ["loss.alpha", "trainer.max_eval_examples"] and len(lines) == 1 + 4
     assert (home / "report" / "heatmap.png").read_bytes()[:4] == b"\x89PNG"
     logged = {a.path for a in client.list_artifacts(parents[0].info.run_id, "report")}
-    assert logged == {"report/report.txt", "report/heatmap.png"}
+    assert logged == {"report/report.txt", "report/heatmap.png", "report/runs.csv"}
 
 
 def test_a_job_failing_inside_its_run_is_one_failed_child_and_runs_again(home):
