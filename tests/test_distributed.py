@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from mlflow import MlflowClient
 from safetensors.torch import load_file
 
 from diito import distributed, job
 from diito.batching import EpochBatchSampler
-from tests.conftest import compose_config
+from tests.conftest import ROOT, compose_config
 
 TINY = ["teacher=tiny", "trainer=debug", "trainer.precision=fp32", "trainer.num_threads=1", "trainer.max_steps=4"]
 
@@ -101,3 +105,19 @@ def test_kd_two_ranks_of_batch_b_equal_one_process_of_batch_2b_and_replicas_agre
     for key in one:
         assert torch.equal(ranks[0][key], ranks[1][key]), key  # the replicas never drift apart
         torch.testing.assert_close(ranks[0][key], one[key], atol=1e-6, rtol=0, msg=key)
+
+
+def test_ranks_started_by_torchrun_train_one_job(home):
+    """torchrun starts the ranks; the job reads them from the environment: one output folder, one
+    MLflow student run, and the weights of one process accumulating 2 batches."""
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"} | {"DIITO_HOME": str(home), "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(ROOT / "run.py"),
+                             *TINY, "hydra.run.dir=torchrun"], cwd=home, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    client = MlflowClient(f"sqlite:///{home}/mlflow.db")
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()], filter_string="tags.`diito.role` = 'student'")
+    assert [r.info.status for r in runs] == ["FINISHED"]
+    ranks = load_file(home / "torchrun" / "student" / "model.safetensors")
+    one = _student_weights(home, ["trainer.grad_accum=2"], "one")
+    for key in one:
+        torch.testing.assert_close(ranks[key], one[key], atol=1e-6, rtol=0, msg=key)
