@@ -82,8 +82,9 @@ def spawn(world: int, function: Callable[..., float], args: tuple) -> float:
         try:
             mp.spawn(_rank, args=(world, port, outcome, function, args), nprocs=world, join=True)
         except mp.ProcessRaisedException:
-            if outcome.exists() and "error" in json.loads(outcome.read_text()):
-                raise RankFailed(json.loads(outcome.read_text())) from None
+            details = json.loads(outcome.read_text()) if outcome.exists() else {}
+            if "error" in details:
+                raise RankFailed(details) from None
             raise
         return json.loads(outcome.read_text())["result"]
 

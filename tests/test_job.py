@@ -124,25 +124,31 @@ class Killed(Exception):
     """Stands for the process being killed right after a checkpoint was written."""
 
 
+def kill_after_checkpoint(monkeypatch, step: int):
+    """Make the student's checkpoint at ``step`` the last thing the job does; returns the undo."""
+    save = Trainer.save_checkpoint
+
+    def save_then_die(self):
+        save(self)
+        if self.name == "student" and self.state.step == step:
+            raise Killed
+
+    monkeypatch.setattr(Trainer, "save_checkpoint", save_then_die)
+    return lambda: monkeypatch.setattr(Trainer, "save_checkpoint", save)
+
+
 def test_resume_after_kill_ends_like_an_uninterrupted_run(home, tmp_path, monkeypatch):
     overrides = [*SMOKE, "trainer.max_steps=6", "trainer.save_every=2", "trainer.eval_every=2", "trainer.keep_best=false"]
     cfg = compose_config(overrides)
     uninterrupted = job.run(cfg, output_dir=tmp_path / "a")
 
-    save = Trainer.save_checkpoint
-
-    def save_then_die(self):
-        save(self)
-        if self.name == "student" and self.state.step == 4:
-            raise Killed
-
-    monkeypatch.setattr(Trainer, "save_checkpoint", save_then_die)
+    undo = kill_after_checkpoint(monkeypatch, 4)
     with pytest.raises(RunFailed) as failure:
         job.run(cfg, output_dir=tmp_path / "b")
     assert isinstance(failure.value.__cause__, Killed)
     client, students = runs_by_role(home, "student")
     assert students[-1].info.status == "FAILED"
-    monkeypatch.setattr(Trainer, "save_checkpoint", save)
+    undo()
     resumed = job.run(cfg, output_dir=tmp_path / "b")
 
     _, students = runs_by_role(home, "student")
@@ -241,17 +247,10 @@ def test_resume_under_hard_conditions_repeats_every_metric_history(home, tmp_pat
                  "trainer.eval_every=3", "trainer.save_every=5", "trainer.log_every=2", "trainer.keep_best=true"]
     cfg = compose_config(overrides)
     uninterrupted = job.run(cfg, output_dir=tmp_path / "a")
-    save = Trainer.save_checkpoint
-
-    def save_then_die(self):
-        save(self)
-        if self.name == "student" and self.state.step == 5:
-            raise Killed
-
-    monkeypatch.setattr(Trainer, "save_checkpoint", save_then_die)
+    undo = kill_after_checkpoint(monkeypatch, 5)
     with pytest.raises(RunFailed):
         job.run(cfg, output_dir=tmp_path / "b")
-    monkeypatch.setattr(Trainer, "save_checkpoint", save)
+    undo()
     assert job.run(cfg, output_dir=tmp_path / "b") == uninterrupted
     client, (first, second) = runs_by_role(home, "student")
     assert set(first.data.metrics) == set(second.data.metrics)
@@ -311,7 +310,7 @@ def test_a_long_param_is_logged_whole_as_an_artifact(home, tmp_path):
     assert len(whole) > 6000 and whole.count("'student'") == 150 and whole.startswith(param[:100])
 
 
-def test_damaged_entries_are_reported_and_replaced(home, tmp_path, caplog):
+def test_damaged_entries_are_reported_and_replaced(home, tmp_path, caplog, monkeypatch):
     caplog.set_level("INFO", logger="diito")
     job.run(compose_config([*SMOKE, "stage=teacher"]))
     (weights,) = (home / ".cache" / "teachers").glob("*/model/model.safetensors")
@@ -321,22 +320,11 @@ def test_damaged_entries_are_reported_and_replaced(home, tmp_path, caplog):
     _, teachers = runs_by_role(home, "teacher")
     assert len(teachers) == 1 and weights.stat().st_size > 100  # fine-tuned again (in its own run, continued)
 
-    from diito.trainer import Trainer as T
-
     cfg = compose_config([*SMOKE, "trainer.max_steps=6", "trainer.save_every=2"])
-    save = T.save_checkpoint
-
-    def save_then_die(self):
-        save(self)
-        if self.name == "student" and self.state.step == 4:
-            raise Killed
-
-    T.save_checkpoint = save_then_die
-    try:
-        with pytest.raises(RunFailed):
-            job.run(cfg, output_dir=tmp_path / "a")
-    finally:
-        T.save_checkpoint = save
+    undo = kill_after_checkpoint(monkeypatch, 4)
+    with pytest.raises(RunFailed):
+        job.run(cfg, output_dir=tmp_path / "a")
+    undo()
     (last,) = (home / ".cache" / "runs").glob("*/checkpoint/last.pt")
     last.write_bytes(last.read_bytes()[:1000])  # damaged, as by a failing disk
     (last.parent.parent / "run.json").write_text("{not json")
