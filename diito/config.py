@@ -18,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from diito import tracking
+from diito import store, tracking
 from diito.intervention import InterchangeConfig, MappingConfig, MappingEntry, Shape, build_mapping
 from diito.models import StudentConfig, load_model_config, num_layers, select_blocks
 from diito.objective import LossConfig, default_patience_layers
@@ -117,7 +117,8 @@ def validate(cfg: DictConfig) -> Job:
         raise ConfigError(str(e)) from None
     check_device(job.trainer.device)
     try:
-        tracking.check_store(job.tracking)
+        if job.tracking.enabled:
+            store.check(job.tracking.uri, job.tracking.timeout)
     except ValueError as e:
         raise ConfigError(f"tracking.uri: {e}") from None
 

@@ -16,7 +16,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch.nn.parallel import DistributedDataParallel
 
-from diito import config, distributed, tracking
+from diito import config, distributed, store, tracking
 from diito.batching import Prepared
 from diito.config import Job, validate
 from diito.evaluation import Evaluator, intervention_probe, one_class, warn_one_class, write_predictions
@@ -186,9 +186,9 @@ def log_config(run: tracking.Run | tracking.NullRun, job: Job, cfg: DictConfig, 
     for key, variable in from_env.items():
         *parents, leaf = key.split(".")
         functools.reduce(dict.get, parents, resolved)[leaf] = f"<${variable}>"
-    run.log_text(tracking.mask(OmegaConf.to_yaml(OmegaConf.create(resolved))), "config.yaml")
+    run.log_text(store.mask(OmegaConf.to_yaml(OmegaConf.create(resolved))), "config.yaml")
     if hydra_dir and hydra_dir.exists():
         with tempfile.TemporaryDirectory() as folder:
             for file in hydra_dir.iterdir():
-                (Path(folder) / file.name).write_text(tracking.mask(file.read_text()))
+                (Path(folder) / file.name).write_text(store.mask(file.read_text()))
             run.log_artifacts(Path(folder), ".hydra")

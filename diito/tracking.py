@@ -18,12 +18,9 @@ import json
 import logging
 import math
 import os
-import re
 import subprocess
 import sys
 import time
-import urllib.parse
-import urllib.request
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
@@ -38,7 +35,9 @@ from mlflow.exceptions import MlflowException
 from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH
 from pydantic import BaseModel, ConfigDict, Field
 
+from diito import store
 from diito.files import atomic_write_text
+from diito.store import mask
 
 log = logging.getLogger(__name__)
 
@@ -65,10 +64,6 @@ left out of a job's identity (so changing them neither reruns a finished job nor
 teacher), of its params, and of what tells configurations apart in a report."""
 
 
-SCHEMES = ("sqlite", "http", "https", "postgresql", "mysql", "mssql", "databricks")
-SECRET_VARIABLES = ("MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN", "MLFLOW_TRACKING_CLIENT_CERT_PATH")
-
-
 class TrackingConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
     enabled: bool = True
@@ -83,66 +78,6 @@ class TrackingConfig(BaseModel):
     system_metrics: float | None = Field(None, gt=0)  # seconds between samples of CPU, memory (and GPU) use (system/* metrics)
     retries: int = Field(3, ge=0)  # a tracking server that stops answering: tries per request
     timeout: float = Field(10.0, gt=0)  # seconds per try
-
-
-def mask(text: str) -> str:
-    """``text`` with credentials replaced by ``***``: the password of a URI's ``user:password@``, and
-    the values of MLflow's secret environment variables."""
-    text = re.sub(r"(\b[a-zA-Z][\w+.-]*://[^/:@\s]+):[^/@\s]+@", r"\1:***@", str(text))
-    for name in SECRET_VARIABLES:
-        if os.environ.get(name):
-            text = text.replace(os.environ[name], "***")
-    return text
-
-
-def check_store(config: TrackingConfig) -> None:
-    """Fail early when the store cannot work: an unknown scheme, a server that does not answer, a
-    database file in a folder that cannot be written. Raises ValueError naming the (masked) URI."""
-    if not config.enabled:
-        return
-    uri = config.uri or ""
-    scheme = uri.split(":", 1)[0].split("+", 1)[0]
-    if scheme not in SCHEMES:
-        raise ValueError(f"{mask(uri)!r} is not a tracking URI MLflow stores runs at ({', '.join(SCHEMES)})")
-    if scheme in ("http", "https"):
-        parts = urllib.parse.urlsplit(uri)  # the health check needs no credentials (urllib cannot read them from a URL)
-        host = parts.hostname + (f":{parts.port}" if parts.port else "")
-        try:
-            urllib.request.urlopen(parts._replace(netloc=host).geturl().rstrip("/") + "/health", timeout=config.timeout).close()
-        except OSError as e:
-            reason = getattr(e, "reason", e)
-            raise ValueError(f"no MLflow server answers at {mask(uri)} ({reason}); start one (mlflow server) or use tracking=mlflow") from None
-    if scheme in ("postgresql", "mysql", "mssql"):
-        _check_database(uri, config.timeout)
-    if scheme == "sqlite":
-        folder = Path(uri.removeprefix("sqlite:///")).parent
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise ValueError(f"cannot create the database's folder {folder} ({e.strerror})") from None
-        if not os.access(folder, os.W_OK):
-            raise ValueError(f"the database's folder {folder} is not writable")
-
-
-def _check_database(uri: str, timeout: float) -> None:
-    """Connect once: the database server answers, the database exists, its driver is installed."""
-    import sqlalchemy
-    from sqlalchemy.pool import NullPool
-
-    try:
-        engine = sqlalchemy.create_engine(uri, poolclass=NullPool, connect_args={"connect_timeout": max(1, round(timeout))})
-    except (ImportError, sqlalchemy.exc.NoSuchModuleError) as e:
-        raise ValueError(f"{mask(uri)}: the database driver is not installed ({e}); for PostgreSQL: pip install 'diito[postgres]'") from None
-    try:
-        with engine.connect():
-            pass
-    except ImportError as e:
-        raise ValueError(f"{mask(uri)}: the database driver is not installed ({e}); for PostgreSQL: pip install 'diito[postgres]'") from None
-    except sqlalchemy.exc.SQLAlchemyError as e:
-        reason = mask(str(getattr(e, "orig", None) or e).strip().splitlines()[0])
-        raise ValueError(f"cannot reach the tracking database {mask(uri)} ({reason})") from None
-    finally:
-        engine.dispose()
 
 
 class RunFailed(Exception):
@@ -370,49 +305,10 @@ def _client(config: TrackingConfig) -> MlflowClient:
     return MlflowClient(tracking_uri=config.uri)
 
 
-def _store_lock(uri: str | None):
-    """A lock that concurrent jobs take before touching a database store: the first access to a new
-    database creates its schema, and jobs must not race to do that (on a fresh PostgreSQL store all
-    but one would fail with duplicate tables) or to create the same experiment. A file beside a
-    SQLite store; the database's own advisory lock for PostgreSQL and MySQL, which holds across
-    machines."""
-    if uri and uri.startswith("sqlite:///"):
-        path = Path(uri.removeprefix("sqlite:///"))
-        path.parent.mkdir(parents=True, exist_ok=True)
-        return FileLock(str(path) + ".lock")
-    if uri and uri.startswith(("postgresql", "mysql")):
-        return _advisory_lock(uri)
-    return contextlib.nullcontext()
-
-
-_ADVISORY_KEY = 0x646969746F  # "diito": the same lock for every job on a database
-
-
-@contextlib.contextmanager
-def _advisory_lock(uri: str) -> Iterator[None]:
-    import sqlalchemy
-    from sqlalchemy.pool import NullPool
-
-    postgres = uri.startswith("postgresql")
-    take, release = (("SELECT pg_advisory_lock(:key)", "SELECT pg_advisory_unlock(:key)") if postgres else
-                     ("SELECT GET_LOCK(:key, -1)", "SELECT RELEASE_LOCK(:key)"))
-    key = _ADVISORY_KEY if postgres else "diito-mlflow-store"
-    engine = sqlalchemy.create_engine(uri, poolclass=NullPool)
-    try:
-        with engine.connect() as connection:  # a connection of its own, held while the store is prepared
-            connection.execute(sqlalchemy.text(take), {"key": key})
-            try:
-                yield
-            finally:
-                connection.execute(sqlalchemy.text(release), {"key": key})
-    finally:
-        engine.dispose()
-
-
 def experiment_id(config: TrackingConfig) -> str:
     """The experiment's id, creating it (with artifacts under ``artifact_location`` for database
     stores, so they never land in a job's working directory) if it does not exist yet."""
-    with _store_lock(config.uri):
+    with store.lock(config.uri):
         client = _client(config)
         found = client.get_experiment_by_name(config.experiment)
         if found is not None:
@@ -504,17 +400,17 @@ def resumable_run(state_dir: Path, config: TrackingConfig, run_name: str | None,
         raise RuntimeError(f"an identical job is already running (its state: {state_dir})") from None
     try:
         id_file = state_dir / "run.json"
-        store = {"uri": mask(config.uri or ""), "experiment": config.experiment}
-        run_id = _saved_run_id(id_file, store)
+        where = {"uri": mask(config.uri or ""), "experiment": config.experiment}
+        run_id = _saved_run_id(id_file, where)
         with open_run(config, run_name, tags, run_id=run_id) as run:
             if run.run_id and run.run_id != run_id:
-                atomic_write_text(id_file, json.dumps({"run_id": run.run_id} | store))
+                atomic_write_text(id_file, json.dumps({"run_id": run.run_id} | where))
             yield run
     finally:
         lock.release()
 
 
-def _saved_run_id(id_file: Path, store: dict[str, str]) -> str | None:
+def _saved_run_id(id_file: Path, where: dict[str, str]) -> str | None:
     """The run an interrupted job was logging to, if it logged to the same store and experiment; an
     unreadable record starts a new run (said aloud)."""
     if not id_file.exists():
@@ -525,7 +421,7 @@ def _saved_run_id(id_file: Path, store: dict[str, str]) -> str | None:
     except (OSError, ValueError, KeyError) as e:
         log.warning("run state %s is unreadable (%s); this job starts a new MLflow run", id_file, type(e).__name__)
         return None
-    return run_id if all(saved.get(k) == v for k, v in store.items()) else None
+    return run_id if all(saved.get(k) == v for k, v in where.items()) else None
 
 
 def finished_run(config: TrackingConfig, config_hash: str) -> tuple[Run, dict[str, float]] | None:

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from mlflow import MlflowClient
 from safetensors.torch import load_file
 
 from tests.conftest import ROOT, run_cli

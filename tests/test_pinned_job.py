@@ -46,7 +46,7 @@ def run_pinned_job(home: Path) -> dict:
     """Run the job in ``home`` and return its weights' digest and summary, and its metric histories."""
     import os
 
-    from diito import evaluation, job
+    from diito import job
     from tests.conftest import compose_config
 
     os.environ["DIITO_HOME"] = str(home)

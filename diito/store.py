@@ -1,0 +1,118 @@
+"""Where runs are stored: checked before any compute, locked while a new store is prepared, and never
+shown with its credentials.
+
+Plain URIs only (no MLflow here): :mod:`diito.tracking` opens the runs, this module makes sure the
+store it opens them in can take them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import urllib.parse
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+from filelock import FileLock
+
+SCHEMES = ("sqlite", "http", "https", "postgresql", "mysql", "mssql", "databricks")
+SECRET_VARIABLES = ("MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN", "MLFLOW_TRACKING_CLIENT_CERT_PATH")
+
+
+def mask(text: str) -> str:
+    """``text`` with credentials replaced by ``***``: the password of a URI's ``user:password@``, and
+    the values of MLflow's secret environment variables."""
+    text = re.sub(r"(\b[a-zA-Z][\w+.-]*://[^/:@\s]+):[^/@\s]+@", r"\1:***@", str(text))
+    for name in SECRET_VARIABLES:
+        if os.environ.get(name):
+            text = text.replace(os.environ[name], "***")
+    return text
+
+
+def check(uri: str, timeout: float) -> None:
+    """Fail early when the store cannot work: an unknown scheme, a server that does not answer, a
+    database file in a folder that cannot be written. Raises ValueError naming the (masked) URI."""
+    uri = uri or ""
+    scheme = uri.split(":", 1)[0].split("+", 1)[0]
+    if scheme not in SCHEMES:
+        raise ValueError(f"{mask(uri)!r} is not a tracking URI MLflow stores runs at ({', '.join(SCHEMES)})")
+    if scheme in ("http", "https"):
+        parts = urllib.parse.urlsplit(uri)  # the health check needs no credentials (urllib cannot read them from a URL)
+        host = parts.hostname + (f":{parts.port}" if parts.port else "")
+        try:
+            urllib.request.urlopen(parts._replace(netloc=host).geturl().rstrip("/") + "/health", timeout=timeout).close()
+        except OSError as e:
+            reason = getattr(e, "reason", e)
+            raise ValueError(f"no MLflow server answers at {mask(uri)} ({reason}); start one (mlflow server) or use tracking=mlflow") from None
+    if scheme in ("postgresql", "mysql", "mssql"):
+        _check_database(uri, timeout)
+    if scheme == "sqlite":
+        folder = Path(uri.removeprefix("sqlite:///")).parent
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ValueError(f"cannot create the database's folder {folder} ({e.strerror})") from None
+        if not os.access(folder, os.W_OK):
+            raise ValueError(f"the database's folder {folder} is not writable")
+
+
+def _check_database(uri: str, timeout: float) -> None:
+    """Connect once: the database server answers, the database exists, its driver is installed."""
+    import sqlalchemy
+    from sqlalchemy.pool import NullPool
+
+    try:
+        engine = sqlalchemy.create_engine(uri, poolclass=NullPool, connect_args={"connect_timeout": max(1, round(timeout))})
+    except (ImportError, sqlalchemy.exc.NoSuchModuleError) as e:
+        raise ValueError(f"{mask(uri)}: the database driver is not installed ({e}); for PostgreSQL: pip install 'diito[postgres]'") from None
+    try:
+        with engine.connect():
+            pass
+    except ImportError as e:
+        raise ValueError(f"{mask(uri)}: the database driver is not installed ({e}); for PostgreSQL: pip install 'diito[postgres]'") from None
+    except sqlalchemy.exc.SQLAlchemyError as e:
+        reason = mask(str(getattr(e, "orig", None) or e).strip().splitlines()[0])
+        raise ValueError(f"cannot reach the tracking database {mask(uri)} ({reason})") from None
+    finally:
+        engine.dispose()
+
+
+def lock(uri: str | None):
+    """A lock that concurrent jobs take before touching a database store: the first access to a new
+    database creates its schema, and jobs must not race to do that (on a fresh PostgreSQL store all
+    but one would fail with duplicate tables) or to create the same experiment. A file beside a
+    SQLite store; the database's own advisory lock for PostgreSQL and MySQL, which holds across
+    machines."""
+    if uri and uri.startswith("sqlite:///"):
+        path = Path(uri.removeprefix("sqlite:///"))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return FileLock(str(path) + ".lock")
+    if uri and uri.startswith(("postgresql", "mysql")):
+        return _advisory_lock(uri)
+    return contextlib.nullcontext()
+
+
+_ADVISORY_KEY = 0x646969746F  # "diito": the same lock for every job on a database
+
+
+@contextlib.contextmanager
+def _advisory_lock(uri: str) -> Iterator[None]:
+    import sqlalchemy
+    from sqlalchemy.pool import NullPool
+
+    postgres = uri.startswith("postgresql")
+    take, release = (("SELECT pg_advisory_lock(:key)", "SELECT pg_advisory_unlock(:key)") if postgres else
+                     ("SELECT GET_LOCK(:key, -1)", "SELECT RELEASE_LOCK(:key)"))
+    key = _ADVISORY_KEY if postgres else "diito-mlflow-store"
+    engine = sqlalchemy.create_engine(uri, poolclass=NullPool)
+    try:
+        with engine.connect() as connection:  # a connection of its own, held while the store is prepared
+            connection.execute(sqlalchemy.text(take), {"key": key})
+            try:
+                yield
+            finally:
+                connection.execute(sqlalchemy.text(release), {"key": key})
+    finally:
+        engine.dispose()
