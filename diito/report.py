@@ -190,18 +190,37 @@ def curve_plot(curves_: Curves, metric: str, path: Path) -> Path:
     return path
 
 
+def seconds(run: Any) -> float | None:
+    """A finished run's wall time, start to end (for a resumed run, the time it lay stopped too)."""
+    start, end = run.info.start_time, run.info.end_time
+    return (end - start) / 1000 if start is not None and end is not None else None
+
+
+def wall_time(runs: list[Any]) -> str:
+    """What the runs cost: their wall time in all, and the median run of each method."""
+    durations = [(r.data.tags.get("loss", ""), seconds(r)) for r in runs]
+    durations = [(method, d) for method, d in durations if d is not None]
+    if not durations:
+        return "wall time: unknown"
+    methods = sorted({method for method, _ in durations})
+    medians = ", ".join(f"{m or 'run'} {statistics.median(d for k, d in durations if k == m):.0f} s" for m in methods)
+    return f"wall time: {len(durations)} runs, {sum(d for _, d in durations) / 3600:.2f} h in all; median per run: {medians}"
+
+
 def export_csv(runs: list[Any], path: Path) -> Path:
-    """Every run: its id, method, the params that vary, the seed and every final metric."""
+    """Every run: its id, method, the params that vary, the seed, its wall time and every final metric."""
     import csv
 
     keys = [k for k in varying_keys(runs)]
     metrics = sorted({m for r in runs for m in r.data.metrics})
     with path.open("w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["run_id", "run_name", "method", *keys, REPLICATES, *metrics])
+        writer.writerow(["run_id", "run_name", "method", *keys, REPLICATES, "seconds", *metrics])
         for r in sorted(runs, key=lambda r: r.info.start_time):
+            duration = seconds(r)
             writer.writerow([r.info.run_id, r.info.run_name, r.data.tags.get("loss", ""), *(r.data.params.get(k, "") for k in keys),
-                             r.data.params.get(REPLICATES, ""), *(r.data.metrics.get(m, "") for m in metrics)])
+                             r.data.params.get(REPLICATES, ""), "" if duration is None else f"{duration:.1f}",
+                             *(r.data.metrics.get(m, "") for m in metrics)])
     return path
 
 
@@ -223,7 +242,7 @@ def main(argv: list[str] | None = None) -> None:
     if not runs:
         raise SystemExit(f"error: no finished runs for {args.target!r}")
     keys, rows = table(runs, args.metric)
-    text = format_table(keys, rows, args.metric)
+    text = format_table(keys, rows, args.metric) + "\n\n" + wall_time(runs)
     print(text)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

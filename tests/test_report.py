@@ -21,7 +21,8 @@ def _runs():
     for i, ((method, size, seed), value) in enumerate(VALUES.items()):
         params = {"loss.gamma": "1.0" if method == "diito" else "0.0", "trainer.max_train_examples": size, "seed": seed,
                   "loss.alpha": "0.5", "student.init_from": "teacher"}
-        runs.append(SimpleNamespace(info=SimpleNamespace(run_id=f"r{i}", run_name=f"run {i}", start_time=i),
+        runs.append(SimpleNamespace(info=SimpleNamespace(run_id=f"r{i}", run_name=f"run {i}", start_time=i * 10**6,
+                                                             end_time=i * 10**6 + (200_000 if method == "diito" else 100_000)),
                                     data=SimpleNamespace(params=params, metrics={"validation/accuracy": value}, tags={"loss": method})))
     return runs
 
@@ -59,5 +60,13 @@ def test_the_csv_export_holds_every_run_and_the_learning_curve_is_drawn(tmp_path
     rows = list(csv.DictReader(path.open()))
     assert len(rows) == len(VALUES)
     assert {(r["method"], r["trainer.max_train_examples"], r["seed"]): float(r["validation/accuracy"]) for r in rows} == VALUES
+    assert {r["method"]: float(r["seconds"]) for r in rows} == {"kd": 100.0, "diito": 200.0}
     png = report.curve_plot(report.curves(runs, "validation/accuracy"), "validation/accuracy", tmp_path / "by_size.png")
     assert png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_wall_time_sums_the_runs_and_gives_each_method_its_median():
+    runs = _runs()  # 4 KD runs of 100 s, 5 DIITO runs of 200 s
+    assert report.wall_time(runs) == "wall time: 9 runs, 0.39 h in all; median per run: diito 200 s, kd 100 s"
+    runs[0].info.end_time = None  # still running: not counted
+    assert report.wall_time(runs).startswith("wall time: 8 runs, ")
