@@ -50,6 +50,14 @@ def format_table(keys: list[str], rows: list[dict], metric: str) -> str:
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(line, widths)) for line in [header, *body])
 
 
+def axis_order(values: set[str]) -> list[str]:
+    """Numbers in numeric order with None (say, the whole training set) last; other values as text."""
+    try:
+        return sorted(values, key=lambda v: float("inf") if v in ("None", "null", "") else float(v))
+    except ValueError:
+        return sorted(values, key=str)
+
+
 def heatmap(rows: list[dict], x: str, y: str, metric: str, path: Path) -> Path:
     """The mean metric over two keys (averaged over any other varying key)."""
     import matplotlib
@@ -57,19 +65,12 @@ def heatmap(rows: list[dict], x: str, y: str, metric: str, path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    def order(key: str) -> list[str]:
-        values = sorted({row[key] for row in rows}, key=str)
-        try:
-            return sorted(values, key=float)
-        except ValueError:
-            return values
-
-    xs, ys = order(x), order(y)
+    xs, ys = axis_order({row[x] for row in rows}), axis_order({row[y] for row in rows})
     grid = [[statistics.fmean([r["mean"] for r in rows if r[x] == xv and r[y] == yv] or [float("nan")]) for xv in xs] for yv in ys]
     fig, ax = plt.subplots(figsize=(1.2 * len(xs) + 2.5, 0.9 * len(ys) + 1.8))
     image = ax.imshow(grid, cmap="viridis", origin="lower", aspect="auto")
-    ax.set_xticks(range(len(xs)), xs)
-    ax.set_yticks(range(len(ys)), ys)
+    ax.set_xticks(range(len(xs)), [_size_label(v) if x == SIZE else v for v in xs])
+    ax.set_yticks(range(len(ys)), [_size_label(v) if y == SIZE else v for v in ys])
     ax.set_xlabel(x)
     ax.set_ylabel(y)
     for i, row in enumerate(grid):
@@ -87,12 +88,8 @@ def heatmap(rows: list[dict], x: str, y: str, metric: str, path: Path) -> Path:
 SIZE = "trainer.max_train_examples"
 
 
-def _size_order(value: str) -> float:
-    return float("inf") if value in ("None", "null", "") else float(value)  # the whole training set last
-
-
 def _size_label(value: str) -> str:
-    return "all" if _size_order(value) == float("inf") else value
+    return "all" if value in ("None", "null", "") else value  # no limit: the whole training set
 
 
 Curves = dict[str, dict[str, dict[str, dict[str, float]]]]  # {setting: {method: {size: {seed: value}}}}
@@ -125,7 +122,7 @@ def paired(curves_: Curves) -> list[dict]:
         names = sorted(lines)
         baseline = next((n for n in names if n.startswith("kd")), names[0])
         for name in (n for n in names if n != baseline):
-            for size in sorted(set(lines[name]) & set(lines[baseline]), key=_size_order):
+            for size in axis_order(set(lines[name]) & set(lines[baseline])):
                 seeds = sorted(set(lines[name][size]) & set(lines[baseline][size]))
                 diffs = [lines[name][size][seed] - lines[baseline][size][seed] for seed in seeds]
                 if diffs:
@@ -140,7 +137,7 @@ def _line_name(setting: str, method: str) -> str:
 
 
 def format_curves(curves_: Curves, comparisons: list[dict], metric: str) -> str:
-    sizes = sorted({size for lines in curves_.values() for line in lines.values() for size in line}, key=_size_order)
+    sizes = axis_order({size for lines in curves_.values() for line in lines.values() for size in line})
     header = ["method", *(_size_label(s) for s in sizes)]
     body = []
     for setting, lines in sorted(curves_.items()):
@@ -171,7 +168,7 @@ def curve_plot(curves_: Curves, metric: str, path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     lines = {_line_name(setting, name): line for setting, group in curves_.items() for name, line in group.items()}
-    sizes = sorted({size for line in lines.values() for size in line}, key=_size_order)
+    sizes = axis_order({size for line in lines.values() for size in line})
     fig, ax = plt.subplots(figsize=(6.4, 4.0))
     for offset, name in enumerate(sorted(lines)):
         xs = [i + 0.04 * offset for i, size in enumerate(sizes) if size in lines[name]]  # nudged so bars do not hide each other
@@ -248,7 +245,8 @@ def main(argv: list[str] | None = None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "report.txt").write_text(text + "\n")
     files = [out / "report.txt"]
-    axes = [k for k in (args.x, args.y) if k] or keys[:2]
+    # a study over sizes: sizes against the first other varying key, unless told otherwise
+    axes = [k for k in (args.x, args.y) if k] or ([args.size, *[k for k in keys if k != args.size][:1]] if args.size in keys else keys[:2])
     if len(axes) == 2:
         files.append(heatmap(rows, axes[0], axes[1], args.metric, out / "heatmap.png"))
         print(f"heatmap: {files[-1]}")

@@ -70,3 +70,9 @@ def test_wall_time_sums_the_runs_and_gives_each_method_its_median():
     assert report.wall_time(runs) == "wall time: 9 runs, 0.39 h in all; median per run: diito 200 s, kd 100 s"
     runs[0].info.end_time = None  # still running: not counted
     assert report.wall_time(runs).startswith("wall time: 8 runs, ")
+
+
+def test_axes_put_numbers_in_numeric_order_and_the_whole_training_set_last():
+    assert report.axis_order({"2000", "None", "500", "1000"}) == ["500", "1000", "2000", "None"]
+    assert report.axis_order({"10.0", "2.0"}) == ["2.0", "10.0"]
+    assert report.axis_order({"teacher", "pretrained"}) == ["pretrained", "teacher"]
