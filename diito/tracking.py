@@ -283,8 +283,15 @@ def _save_classifier(folder: Path, examples: list, path: Path) -> None:
                                        tokenizer=transformers.AutoTokenizer.from_pretrained(folder))
     # Pinned here: the flavor's own guess adds torchvision, which a text classifier does not need.
     requirements = [f"torch=={torch.__version__.split('+')[0]}", f"transformers=={transformers.__version__}"]
-    # The signature is inferred from the input example and the pipeline's answer to it.
-    mlflow.transformers.save_model(classifier, str(path), input_example=examples, pip_requirements=requirements)
+    # The signature is inferred from the input example and the pipeline's answer to it. The flavor
+    # looks a local folder up on the hub for a model card and a license; offline, that only warns.
+    flavor_log = logging.getLogger("mlflow.transformers")
+    level = flavor_log.level
+    flavor_log.setLevel(logging.ERROR)
+    try:
+        mlflow.transformers.save_model(classifier, str(path), input_example=examples, pip_requirements=requirements)
+    finally:
+        flavor_log.setLevel(level)
 
 
 class NullRun:

@@ -27,8 +27,10 @@ def _student(home):
     return client, run
 
 
-def test_the_logged_student_predicts_through_pyfunc_and_the_cli_and_is_registered(home, tmp_path):
+def test_the_logged_student_predicts_through_pyfunc_and_the_cli_and_is_registered(home, tmp_path, capfd):
     job.run(compose_config([*TINY, "tracking.register=rt-student"]), output_dir=tmp_path / "out")
+    console = capfd.readouterr().err
+    assert "model card could not be retrieved" not in console and "license information" not in console  # offline noise, silenced
     client, run = _student(home)
     sentences = ["a gripping, moving film", "dull and far too long", "the plot is thin but the acting carries it"]
     mlflow.set_tracking_uri(client.tracking_uri)
