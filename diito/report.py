@@ -205,17 +205,19 @@ def wall_time(runs: list[Any]) -> str:
 
 
 def export_csv(runs: list[Any], path: Path) -> Path:
-    """Every run: its id, method, the params that vary, the seed, its wall time and every final metric."""
+    """Every run: its id, method, the params that vary, the seed, its wall time and every final metric.
+    Not its name: the command line's overrides say nothing the columns do not, and they can carry the
+    paths of the machine that ran it (``task.data_dir=...``) into a file meant to be shared."""
     import csv
 
-    keys = [k for k in varying_keys(runs)]
+    keys = varying_keys(runs)
     metrics = sorted({m for r in runs for m in r.data.metrics})
     with path.open("w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["run_id", "run_name", "method", *keys, REPLICATES, "seconds", *metrics])
+        writer.writerow(["run_id", "method", *keys, REPLICATES, "seconds", *metrics])
         for r in sorted(runs, key=lambda r: r.info.start_time):
             duration = seconds(r)
-            writer.writerow([r.info.run_id, r.info.run_name, r.data.tags.get("loss", ""), *(r.data.params.get(k, "") for k in keys),
+            writer.writerow([r.info.run_id, r.data.tags.get("loss", ""), *(r.data.params.get(k, "") for k in keys),
                              r.data.params.get(REPLICATES, ""), "" if duration is None else f"{duration:.1f}",
                              *(r.data.metrics.get(m, "") for m in metrics)])
     return path

@@ -21,7 +21,7 @@ def _runs():
     for i, ((method, size, seed), value) in enumerate(VALUES.items()):
         params = {"loss.gamma": "1.0" if method == "diito" else "0.0", "trainer.max_train_examples": size, "seed": seed,
                   "loss.alpha": "0.5", "student.init_from": "teacher"}
-        runs.append(SimpleNamespace(info=SimpleNamespace(run_id=f"r{i}", run_name=f"run {i}", start_time=i * 10**6,
+        runs.append(SimpleNamespace(info=SimpleNamespace(run_id=f"r{i}", run_name=f"task.data_dir=/data/glue/SST-2,seed={seed}", start_time=i * 10**6,
                                                              end_time=i * 10**6 + (200_000 if method == "diito" else 100_000)),
                                     data=SimpleNamespace(params=params, metrics={"validation/accuracy": value}, tags={"loss": method})))
     return runs
@@ -58,6 +58,7 @@ def test_the_csv_export_holds_every_run_and_the_learning_curve_is_drawn(tmp_path
     runs = _runs()
     path = report.export_csv(runs, tmp_path / "runs.csv")
     rows = list(csv.DictReader(path.open()))
+    assert list(rows[0])[:2] == ["run_id", "method"] and "/data/glue" not in path.read_text()  # a run's name can carry a machine's paths
     assert len(rows) == len(VALUES)
     assert {(r["method"], r["trainer.max_train_examples"], r["seed"]): float(r["validation/accuracy"]) for r in rows} == VALUES
     assert {r["method"]: float(r["seconds"]) for r in rows} == {"kd": 100.0, "diito": 200.0}
