@@ -19,7 +19,7 @@ from diito.trainer import autocast
 
 log = logging.getLogger(__name__)
 
-TIMINGS = ("latency/", "speedup/")  # metrics that time this machine: identical runs differ in them
+TIMINGS = ("latency/", "speedup/", "time/")  # metrics that time this machine: identical runs differ in them
 
 
 @torch.no_grad()

@@ -194,14 +194,19 @@ def seconds(run: Any) -> float | None:
 
 
 def wall_time(runs: list[Any]) -> str:
-    """What the runs cost: their wall time in all, and the median run of each method."""
+    """What the runs cost: their wall time in all, the median run of each method and, for the runs
+    that record it, their training time (``time/train_seconds``: a resumed run's without its stop)."""
     durations = [(r.data.tags.get("loss", ""), seconds(r)) for r in runs]
     durations = [(method, d) for method, d in durations if d is not None]
     if not durations:
         return "wall time: unknown"
     methods = sorted({method for method, _ in durations})
     medians = ", ".join(f"{m or 'run'} {statistics.median(d for k, d in durations if k == m):.0f} s" for m in methods)
-    return f"wall time: {len(durations)} runs, {sum(d for _, d in durations) / 3600:.2f} h in all; median per run: {medians}"
+    line = f"wall time: {len(durations)} runs, {sum(d for _, d in durations) / 3600:.2f} h in all; median per run: {medians}"
+    training = [r.data.metrics["time/train_seconds"] for r in runs if "time/train_seconds" in r.data.metrics]
+    if training:
+        line += f"\ntraining time (time/train_seconds, without stops): {len(training)} runs, {sum(training) / 3600:.2f} h"
+    return line
 
 
 def export_csv(runs: list[Any], path: Path) -> Path:

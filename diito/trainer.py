@@ -13,6 +13,7 @@ import logging
 import math
 import os
 import random
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -101,6 +102,9 @@ class TrainState:
     evals_since_best: int = 0
     stopped_early: bool = False
     skipped_nonfinite: int = 0  # optimizer steps skipped because a loss or the gradient was not finite
+    # Seconds spent training and evaluating, over every process that got this far: a resumed run's
+    # cost without the time it lay stopped (work lost after the last checkpoint is not counted).
+    train_seconds: float = 0.0
 
 
 def resolve_device(name: str) -> torch.device:
@@ -220,6 +224,7 @@ class Trainer:
         self.optimizer, self.scheduler = build_optimizer(model, optim, self.total_steps, self.device)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=autocast_dtype(config.precision, self.device) == torch.float16)
         self.state = TrainState()
+        self._started = time.perf_counter()  # when this process's share of state.train_seconds began
         self._sums: dict[str, Tensor] = {}  # training losses summed since they were last logged
         self._count = 0
 
@@ -247,6 +252,7 @@ class Trainer:
                 running[key] = running[key] / self.world
         if self.rank != 0:
             return
+        self._clock()
         self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
         log.info("%s: writing checkpoint at step %d", self.name, self.state.step)
         checkpoint = {
@@ -285,10 +291,17 @@ class Trainer:
             return True
         return False
 
+    def _clock(self) -> None:
+        """Add the seconds since the last call (or since this process began training) to the state."""
+        now = time.perf_counter()
+        self.state.train_seconds += now - self._started
+        self._started = now
+
     # -- the loop ----------------------------------------------------------------------------------
     def fit(self) -> TrainState:
         """Train to the last step (or until early stopping), resuming from the last checkpoint when
         ``config.resume`` allows; with ``keep_best``, end with the best evaluation's weights."""
+        self._started = time.perf_counter()
         if self.config.resume and self.try_resume():
             log.info("%s: resuming from step %d", self.name, self.state.step)
         c, s = self.config, self.state  # after resuming, which replaces the state
@@ -303,6 +316,7 @@ class Trainer:
                 if not finished and not s.stopped_early:
                     self.save_checkpoint()
         bar.close()
+        self._clock()
         if c.keep_best and self._best.exists():
             self.model.load_state_dict(torch.load(self._best, map_location=self.device, weights_only=True))
         return s

@@ -53,6 +53,9 @@ def test_end_to_end_run_logs_params_metrics_tags_and_artifacts(home):
     m = student.data.metrics
     assert m["model/student_params"] < m["model/teacher_params"]
     assert m["model/teacher_mb"] == pytest.approx(m["model/teacher_params"] * 4 / 2**20, rel=0.01)  # fp32 weights (and a few buffers)
+    # the training time, beside the run's start and end (which also count loading, the final evaluation and the model's logging)
+    assert 0 < m["time/train_seconds"] < (student.info.end_time - student.info.start_time) / 1000
+    assert client.get_run(teacher.info.run_id).data.metrics["time/train_seconds"] > 0
     for batch in ("batch1", "batch32"):
         per_example = "ms_batch1" if batch == "batch1" else "ms_per_example_batch32"
         assert m[f"speedup/{batch}"] == pytest.approx(m[f"latency/teacher_{per_example}"] / m[f"latency/student_{per_example}"])

@@ -71,6 +71,9 @@ def test_wall_time_sums_the_runs_and_gives_each_method_its_median():
     assert report.wall_time(runs) == "wall time: 9 runs, 0.39 h in all; median per run: diito 200 s, kd 100 s"
     runs[0].info.end_time = None  # still running: not counted
     assert report.wall_time(runs).startswith("wall time: 8 runs, ")
+    for r in runs[:2]:  # runs that record their training time (a resumed run's without its stop)
+        r.data.metrics["time/train_seconds"] = 900.0
+    assert report.wall_time(runs).splitlines()[1] == "training time (time/train_seconds, without stops): 2 runs, 0.50 h"
 
 
 def test_axes_put_numbers_in_numeric_order_and_the_whole_training_set_last():

@@ -64,8 +64,8 @@ def test_grid_sweep_makes_a_parent_with_children(home, launcher):
     report.main([sweep_id, "--x", "loss.alpha", "--y", "trainer.max_eval_examples", "--out", str(home / "report"),
                  "--tracking-uri", f"sqlite:///{home}/mlflow.db"])
     lines = (home / "report" / "report.txt").read_text().splitlines()
-    assert lines[0].split()[:2] == ["loss.alpha", "trainer.max_eval_examples"] and len(lines) == 1 + 4 + 2
-    assert lines[-1].startswith("wall time: 4 runs, ")
+    assert lines[0].split()[:2] == ["loss.alpha", "trainer.max_eval_examples"] and len(lines) == 1 + 4 + 3
+    assert lines[-2].startswith("wall time: 4 runs, ") and lines[-1].startswith("training time (time/train_seconds, without stops): 4 runs, ")
     assert (home / "report" / "heatmap.png").read_bytes()[:4] == b"\x89PNG"
     logged = {a.path for a in client.list_artifacts(parents[0].info.run_id, "report")}
     assert logged == {"report/report.txt", "report/heatmap.png", "report/runs.csv"}

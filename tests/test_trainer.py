@@ -230,3 +230,33 @@ def test_a_nan_first_evaluation_does_not_freeze_keep_best(tmp_path):
     state = trainer.fit()
     assert state.best_step == 12 and state.best_metric == 0.7
     assert torch.equal(model.weight, snapshots[2])
+
+
+def test_training_time_survives_a_resume_and_leaves_out_the_stop(tmp_path, monkeypatch):
+    clock = [0.0]  # a fake clock: each evaluation takes 10 s, the stop between the two processes 1,000 s
+    monkeypatch.setattr("diito.trainer.time.perf_counter", lambda: clock[0])
+
+    def evaluate(crash_at: int | None, calls: list[int]):
+        def score():
+            calls.append(1)
+            clock[0] += 10.0
+            if len(calls) == crash_at:
+                raise KeyboardInterrupt  # the process dies during its second evaluation, after one checkpoint
+            return {"m": 0.0}
+        return score
+
+    def trainer(crash_at):
+        model = torch.nn.Linear(1, 1)
+
+        def loss_fn(batch):
+            loss = model(batch["input_ids"].float().mean(1, keepdim=True)).pow(2).mean()
+            return loss, {"mse": loss}
+        return Trainer(model, loss_fn, toy_loader(), TrainerConfig(progress=False, device="cpu", epochs=3), OPTIM, tmp_path / "c",
+                       Validation(evaluate(crash_at, []), "m"), log=lambda *a: None)
+
+    with pytest.raises(KeyboardInterrupt):
+        trainer(crash_at=2).fit()
+    assert torch.load(tmp_path / "c" / "last.pt", weights_only=True)["state"]["train_seconds"] == 10.0
+    clock[0] += 1000.0
+    state = trainer(crash_at=None).fit()  # resumes after epoch 1: evaluations 2 and 3 again
+    assert state.step == 12 and state.train_seconds == 30.0  # kept work only: not the stop, not the lost evaluation
