@@ -135,8 +135,8 @@ def _run(job: Job, cfg: DictConfig, device: torch.device, output_dir: Path | Non
         log.info("student: final evaluation")
         predictions = evaluator.predict(student, list(c.task.eval_splits) + data.test_splits)
         final = evaluator.score(predictions)
-        timing = {"best_step": state.best_step or state.step, "time/train_seconds": state.train_seconds}
-        run_.log_metrics(final | timing | evaluator.footprint(student, teacher.model), state.step)
+        training = {"best_step": state.best_step or state.step, "time/train_seconds": state.train_seconds}
+        run_.log_metrics(final | training | evaluator.footprint(student, teacher.model), state.step)
         if (label := one_class(predictions, data)) is not None:
             warn_one_class(label, data, "the student")
             run_.set_tags({tracking.PLATEAU: f"one class ({label}) on {c.task.eval_splits[0]}"})

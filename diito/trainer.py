@@ -224,7 +224,7 @@ class Trainer:
         self.optimizer, self.scheduler = build_optimizer(model, optim, self.total_steps, self.device)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=autocast_dtype(config.precision, self.device) == torch.float16)
         self.state = TrainState()
-        self._started = time.perf_counter()  # when this process's share of state.train_seconds began
+        self._started = 0.0  # perf_counter() when this process's unclocked share of state.train_seconds began (set by fit)
         self._sums: dict[str, Tensor] = {}  # training losses summed since they were last logged
         self._count = 0
 
