@@ -3,14 +3,17 @@
     python -m diito.report <experiment name | sweep id | parent run id> [--x loss.alpha --y loss.T]
 
 Runs are grouped by the params that vary between them (the seed aside); with a sweep, the table and
-the heatmap are also logged to its parent run. Where the training-set size varies, a learning curve
-(one line per method, mean ± std over seeds) and the paired differences against KD per size (the
-same seeds) are drawn too; ``runs.csv`` exports every run.
+the heatmap are also logged to its parent run. Where the runs hold several methods, each is compared
+with KD on the same seeds (interval, t-test, sign test with ties apart, Holm's correction, a verdict),
+the split that chose nothing first. Where the training-set size varies, a learning curve (one line per
+method, mean ± std over seeds, and the paired differences) is drawn too; ``runs.csv`` exports every
+run, and a runs.csv is read back in place of a store.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import statistics
 from pathlib import Path
@@ -113,10 +116,55 @@ def curves(runs: list[Any], metric: str, size: str = SIZE) -> Curves:
     return out
 
 
-def paired(curves_: Curves) -> list[dict]:
-    """Per setting and size, each method against KD (or the first method): the difference on the
-    seeds both ran (same seeds: the same training subsets and the same teacher), its mean, its std
-    and how many seeds it wins."""
+def compare(diffs: list[float]) -> dict[str, float | int]:
+    """What a set of paired differences supports: their mean, a 95% t interval and a paired t-test's
+    p-value (the t-test on the differences), and an exact sign test with ties left out (a tie is
+    neither a win nor a loss, and carries no evidence either way)."""
+    from scipy import stats
+
+    n, mean = len(diffs), statistics.fmean(diffs)
+    wins, losses = sum(d > 0 for d in diffs), sum(d < 0 for d in diffs)
+    std = statistics.stdev(diffs) if n > 1 else math.nan
+    if n < 2:
+        p_t, low, high = math.nan, math.nan, math.nan
+    elif std == 0:  # every seed moved by exactly the same amount: no spread to test against
+        p_t, low, high = (1.0 if mean == 0 else 0.0), mean, mean
+    else:
+        test = stats.ttest_1samp(diffs, 0.0)
+        interval = test.confidence_interval(0.95)
+        p_t, low, high = float(test.pvalue), float(interval.low), float(interval.high)
+    p_sign = float(stats.binomtest(wins, wins + losses).pvalue) if wins + losses else 1.0
+    return {"n": n, "mean_diff": mean, "std_diff": 0.0 if n < 2 else std, "ci_low": low, "ci_high": high, "p_t": p_t,
+            "wins": wins, "ties": n - wins - losses, "losses": losses, "p_sign": p_sign}
+
+
+def holm(p_values: list[float]) -> list[float]:
+    """Holm's step-down adjustment (family-wise error over the comparisons given); NaN stays NaN and
+    is not counted. A few lines of arithmetic, not worth a dependency (statsmodels' multipletests
+    gives the same numbers)."""
+    order = sorted((p, i) for i, p in enumerate(p_values) if not math.isnan(p))
+    adjusted, running = [math.nan] * len(p_values), 0.0
+    for rank, (p, i) in enumerate(order):
+        running = max(running, min(1.0, (len(order) - rank) * p))
+        adjusted[i] = running
+    return adjusted
+
+
+ALPHA = 0.05  # the level a verdict is given at, after correction
+
+
+def verdict(row: dict) -> str:
+    if math.isnan(row["p_holm"]):
+        return "too few seeds to test"
+    if row["p_holm"] < ALPHA:
+        return f"supported at {ALPHA} after correction ({'better' if row['mean_diff'] > 0 else 'worse'})"
+    return f"not supported at {ALPHA} after correction"
+
+
+def paired(curves_: Curves, metric: str = "") -> list[dict]:
+    """Per setting and size, each method against KD (or the first method) on the seeds both ran (same
+    seeds: the same teacher, and the same training subsets or the same draws of them), as
+    :func:`compare` describes them."""
     rows = []
     for setting, lines in sorted(curves_.items()):
         names = sorted(lines)
@@ -126,9 +174,17 @@ def paired(curves_: Curves) -> list[dict]:
                 seeds = sorted(set(lines[name][size]) & set(lines[baseline][size]))
                 diffs = [lines[name][size][seed] - lines[baseline][size][seed] for seed in seeds]
                 if diffs:
-                    rows.append({"setting": setting, "method": name, "baseline": baseline, "size": _size_label(size), "n": len(diffs),
-                                 "mean_diff": statistics.fmean(diffs), "std_diff": statistics.stdev(diffs) if len(diffs) > 1 else 0.0,
-                                 "wins": sum(d > 0 for d in diffs)})
+                    rows.append({"metric": metric, "setting": setting, "method": name, "baseline": baseline, "size": _size_label(size)}
+                                | compare(diffs))
+    return rows
+
+
+def with_verdicts(rows: list[dict]) -> list[dict]:
+    """``rows`` with Holm-adjusted t-test p-values over all of them (every comparison the report
+    shows is one family) and a verdict each."""
+    for row, adjusted in zip(rows, holm([r["p_t"] for r in rows])):
+        row["p_holm"] = adjusted
+        row["verdict"] = verdict(row)
     return rows
 
 
@@ -136,7 +192,7 @@ def _line_name(setting: str, method: str) -> str:
     return method + (f" [{setting}]" if setting else "")
 
 
-def format_curves(curves_: Curves, comparisons: list[dict], metric: str) -> str:
+def format_curves(curves_: Curves, metric: str) -> str:
     sizes = axis_order({size for lines in curves_.values() for line in lines.values() for size in line})
     header = ["method", *(_size_label(s) for s in sizes)]
     body = []
@@ -150,18 +206,52 @@ def format_curves(curves_: Curves, comparisons: list[dict], metric: str) -> str:
             body.append([_line_name(setting, name), *cells])
     widths = [max(len(x) for x in column) for column in zip(header, *body)]
     text = [f"{metric} by training-set size (mean ± std over seeds)"]
-    text += ["  ".join(cell.ljust(w) for cell, w in zip(line, widths)) for line in [header, *body]]
-    if comparisons:
-        text.append("")
-        text.append("paired differences (the same seeds)")
-    for row in comparisons:
-        text.append(f"{_line_name(row['setting'], row['method'])} - {row['baseline']} at {row['size']}: {row['mean_diff']:+.4f} ± "
-                    f"{row['std_diff']:.4f} over {row['n']} seeds ({row['wins']} of {row['n']} better)")
+    return "\n".join(text + ["  ".join(cell.ljust(w) for cell, w in zip(line, widths)) for line in [header, *body]])
+
+
+def format_comparisons(rows: list[dict], selection: str) -> str:
+    """The paired comparisons, the split that chose nothing first: per size the mean difference, its
+    95% interval, wins / ties / losses, the t-test's and the sign test's p-values, the Holm-adjusted
+    one and the verdict."""
+    if not rows:
+        return ""
+    header = ["comparison", "size", "n", "mean diff", "95% CI", "wins/ties/losses", "p (t)", "p (sign)", "p (Holm)", "verdict"]
+    text = [f"paired differences (the same seeds; 95% t interval, paired t-test, exact sign test without ties; "
+            f"Holm's correction over all {len(rows)} comparisons below)"]
+    for metric in dict.fromkeys(r["metric"] for r in rows):
+        role = "chose the checkpoints and any tuning" if metric.split("/")[0] == selection else "chose nothing"
+        body = [[f"{_line_name(r['setting'], r['method'])} - {r['baseline']}", r["size"], str(r["n"]), f"{r['mean_diff']:+.4f}",
+                 f"[{r['ci_low']:+.4f}, {r['ci_high']:+.4f}]", f"{r['wins']}/{r['ties']}/{r['losses']}", f"{r['p_t']:.3f}",
+                 f"{r['p_sign']:.3f}", f"{r['p_holm']:.3f}", r["verdict"]] for r in rows if r["metric"] == metric]
+        widths = [max(len(x) for x in column) for column in zip(header, *body)]
+        text += ["", f"{metric} ({role})"]
+        text += ["  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip() for line in [header, *body]]
     return "\n".join(text)
 
 
-def curve_plot(curves_: Curves, metric: str, path: Path) -> Path:
-    """The metric against the training-set size, one line per method and setting, error bars of one std."""
+def compared_metrics(runs: list[Any], metric: str) -> tuple[list[str], str]:
+    """The metric on every split that has it, the split that chose nothing first, and the split that
+    chose the checkpoints (the first of ``task.eval_splits``: keep-best and early stopping read it)."""
+    import ast
+
+    name = metric.split("/", 1)[-1]
+    selection = "validation"
+    for r in runs:
+        if "task.eval_splits" in r.data.params:
+            try:
+                selection = ast.literal_eval(r.data.params["task.eval_splits"])[0]
+            except (ValueError, SyntaxError, IndexError):
+                pass
+            break
+    splits = {m.split("/", 1)[0] for r in runs for m in r.data.metrics if m.split("/", 1)[-1] == name and "/" in m} - {"train"}
+    untouched = sorted(splits - {selection})
+    return [f"{s}/{name}" for s in untouched] + ([f"{selection}/{name}"] if selection in splits else []), selection
+
+
+def curve_plot(curves_: Curves, metric: str, path: Path, comparisons: list[dict] | None = None) -> Path:
+    """The metric against the training-set size, one line per method and setting, error bars of one
+    std; beside it, each method's paired difference from KD with its 95% interval (from
+    ``comparisons`` of that metric)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -169,18 +259,37 @@ def curve_plot(curves_: Curves, metric: str, path: Path) -> Path:
 
     lines = {_line_name(setting, name): line for setting, group in curves_.items() for name, line in group.items()}
     sizes = axis_order({size for line in lines.values() for size in line})
-    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    diffs = [r for r in comparisons or [] if r["metric"] == metric]
+    fig, axes = plt.subplots(1, 2 if diffs else 1, figsize=(11.5 if diffs else 6.4, 4.0), squeeze=False)
+    ax = axes[0][0]
     for offset, name in enumerate(sorted(lines)):
         xs = [i + 0.04 * offset for i, size in enumerate(sizes) if size in lines[name]]  # nudged so bars do not hide each other
         values = [list(lines[name][size].values()) for size in sizes if size in lines[name]]
         ax.errorbar(xs, [statistics.fmean(v) for v in values], yerr=[statistics.stdev(v) if len(v) > 1 else 0.0 for v in values],
                     marker="o", capsize=3, label=name)
-    ax.set_xticks(range(len(sizes)), [_size_label(s) for s in sizes])
+    labels = [_size_label(s) for s in sizes]
+    ax.set_xticks(range(len(sizes)), labels)
     ax.set_xlabel("training examples")
     ax.set_ylabel(metric)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     ax.set_title(f"{metric} (mean ± std over seeds)")
+    if diffs:
+        ax = axes[0][1]
+        names = sorted({(r["setting"], r["method"], r["baseline"]) for r in diffs})
+        for offset, (setting, method, baseline) in enumerate(names):
+            own = [r for r in diffs if (r["setting"], r["method"], r["baseline"]) == (setting, method, baseline)]
+            xs = [labels.index(r["size"]) + 0.06 * offset for r in own]
+            means = [r["mean_diff"] for r in own]
+            errors = [[r["mean_diff"] - r["ci_low"] for r in own], [r["ci_high"] - r["mean_diff"] for r in own]]
+            ax.errorbar(xs, means, yerr=errors, marker="o", capsize=3, label=f"{_line_name(setting, method)} - {baseline}")
+        ax.axhline(0.0, color="grey", linewidth=1)
+        ax.set_xticks(range(len(sizes)), labels)
+        ax.set_xlabel("training examples")
+        ax.set_ylabel(f"difference in {metric}")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        ax.set_title("paired difference, mean and 95% interval")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -228,9 +337,33 @@ def export_csv(runs: list[Any], path: Path) -> Path:
     return path
 
 
+def runs_from_csv(path: Path) -> list[Any]:
+    """Runs as :func:`export_csv` wrote them (run id, method, the varying params, the seed, seconds,
+    the metrics), so a committed study is reported again without its MLflow store."""
+    import csv
+    from types import SimpleNamespace
+
+    with path.open(newline="") as f:
+        reader = csv.DictReader(f)
+        columns = reader.fieldnames or []
+        if columns[:2] != ["run_id", "method"] or REPLICATES not in columns or "seconds" not in columns:
+            raise ValueError(f"{path}: not a runs.csv of python -m diito.report (columns run_id, method, ..., seed, seconds, metrics)")
+        params = columns[2:columns.index("seconds")]
+        metrics = columns[columns.index("seconds") + 1:]
+        runs = []
+        for i, row in enumerate(reader):
+            end = i * 10**6 + round(float(row["seconds"]) * 1000) if row["seconds"] else None
+            runs.append(SimpleNamespace(info=SimpleNamespace(run_id=row["run_id"], start_time=i * 10**6, end_time=end),
+                                        data=SimpleNamespace(params={k: row[k] for k in params if row[k] != ""},
+                                                             metrics={k: float(row[k]) for k in metrics if row[k] != ""},
+                                                             tags={"loss": row["method"]})))
+    return runs
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m diito.report", description=__doc__.split("\n\n")[0])
-    parser.add_argument("target", help="experiment name, sweep id (tag diito.sweep_id) or the sweep's parent run id")
+    parser.add_argument("target", help="experiment name, sweep id (tag diito.sweep_id), the sweep's parent run id, "
+                                       "or a runs.csv this command exported")
     parser.add_argument("--metric", default="validation/accuracy")
     parser.add_argument("--x", help="heatmap columns (default: the first varying key)")
     parser.add_argument("--y", help="heatmap rows (default: the second varying key)")
@@ -239,31 +372,48 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI", f"sqlite:///{Path.cwd() / 'mlflow.db'}"))
     args = parser.parse_args(argv)
 
+    parent_id = None
     try:
-        runs, parent_id = tracking.find_student_runs(args.tracking_uri, args.target)
-    except LookupError as e:
+        if args.target.endswith(".csv"):
+            runs = runs_from_csv(Path(args.target))
+        else:
+            runs, parent_id = tracking.find_student_runs(args.tracking_uri, args.target)
+    except (LookupError, ValueError, OSError) as e:
         raise SystemExit(f"error: {e}") from None
     if not runs:
         raise SystemExit(f"error: no finished runs for {args.target!r}")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    files = []
+
+    # the paired comparisons against KD, the split that chose nothing first
+    metrics, selection = compared_metrics(runs, args.metric)
+    by_metric = {m: curves(runs, m, args.size) for m in metrics or [args.metric]}
+    comparisons = with_verdicts([row for m, lines in by_metric.items() for row in paired(lines, m)])
+    if comparisons:
+        text = format_comparisons(comparisons, selection)
+        print(text + "\n")
+        (out / "comparisons.txt").write_text(text + "\n")
+        files.append(out / "comparisons.txt")
+
     keys, rows = table(runs, args.metric)
     text = format_table(keys, rows, args.metric) + "\n\n" + wall_time(runs)
     print(text)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     (out / "report.txt").write_text(text + "\n")
-    files = [out / "report.txt"]
+    files.append(out / "report.txt")
     # a study over sizes: sizes against the first other varying key, unless told otherwise
     axes = [k for k in (args.x, args.y) if k] or ([args.size, *[k for k in keys if k != args.size][:1]] if args.size in keys else keys[:2])
     if len(axes) == 2:
         files.append(heatmap(rows, axes[0], axes[1], args.metric, out / "heatmap.png"))
         print(f"heatmap: {files[-1]}")
-    files.append(export_csv(runs, out / "runs.csv"))
-    if args.size in keys:  # a learning curve: one line per method, and the paired differences
-        lines = curves(runs, args.metric, args.size)
-        curve_text = format_curves(lines, paired(lines), args.metric)
+    if not args.target.endswith(".csv"):
+        files.append(export_csv(runs, out / "runs.csv"))
+    if args.size in keys:  # a learning curve per split, one line per method; drawn for the split that chose nothing
+        curve_text = "\n\n".join(format_curves(lines, m) for m, lines in by_metric.items())
         print(curve_text)
         (out / "by_size.txt").write_text(curve_text + "\n")
-        files += [out / "by_size.txt", curve_plot(lines, args.metric, out / "by_size.png")]
+        lead = next(iter(by_metric))
+        files += [out / "by_size.txt", curve_plot(by_metric[lead], lead, out / "by_size.png", comparisons)]
         print(f"learning curve: {files[-1]}")
     if parent_id is not None:
         tracking.log_files(args.tracking_uri, parent_id, files, "report")

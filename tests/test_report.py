@@ -31,14 +31,54 @@ def test_curves_pair_the_same_seeds_against_kd_and_put_the_whole_set_last():
     curves = report.curves(_runs(), "validation/accuracy")
     assert curves == {"": {"kd": {"500": {"1": 0.70, "2": 0.72}, "None": {"1": 0.80, "2": 0.82}},
                            "diito": {"500": {"1": 0.73, "2": 0.71}, "None": {"1": 0.85, "2": 0.86}, "1000": {"1": 0.77}}}}
-    rows = report.paired(curves)
-    assert [(r["method"], r["baseline"], r["size"], r["n"], r["wins"]) for r in rows] == [("diito", "kd", "500", 2, 1), ("diito", "kd", "all", 2, 2)]
+    rows = report.with_verdicts(report.paired(curves, "validation/accuracy"))
+    assert [(r["method"], r["baseline"], r["size"], r["n"], r["wins"], r["ties"], r["losses"]) for r in rows] == [
+        ("diito", "kd", "500", 2, 1, 0, 1), ("diito", "kd", "all", 2, 2, 0, 0)]
     assert rows[0]["mean_diff"] == pytest.approx(0.01) and rows[0]["std_diff"] == pytest.approx(0.0282842712)  # +0.03 and -0.01
     assert rows[1]["mean_diff"] == pytest.approx(0.045)
-    text = report.format_curves(curves, rows, "validation/accuracy")
-    header = text.splitlines()[1].split()
-    assert header == ["method", "500", "1000", "all"]
-    assert "diito - kd at all: +0.0450 ± 0.0071 over 2 seeds (2 of 2 better)" in text
+    assert report.format_curves(curves, "validation/accuracy").splitlines()[1].split() == ["method", "500", "1000", "all"]
+    text = report.format_comparisons(rows, "validation")
+    assert "validation/accuracy (chose the checkpoints and any tuning)" in text
+    assert text.splitlines()[-1].split()[:7] == ["diito", "-", "kd", "all", "2", "+0.0450", "[-0.0185,"]
+
+
+def test_the_statistics_match_values_computed_by_hand():
+    """Differences +0.03, -0.01, +0.02, 0 over four seeds: mean 0.01, sd sqrt(0.001/3), t = mean / (sd/2) on
+    3 degrees of freedom, whose two-sided p has a closed form; the 95% interval uses t(0.975, 3) = 3.182446
+    from the tables; the sign test leaves the tie out: 2 wins, 1 loss of 3, two-sided p = 1."""
+    import math
+
+    result = report.compare([0.03, -0.01, 0.02, 0.0])
+    sd = math.sqrt(0.001 / 3)
+    t = 0.01 / (sd / 2)
+    p = 1 - 2 / math.pi * (t / (math.sqrt(3) * (1 + t * t / 3)) + math.atan(t / math.sqrt(3)))  # Student's t, 3 d.o.f.
+    assert result["mean_diff"] == pytest.approx(0.01) and result["std_diff"] == pytest.approx(sd)
+    assert result["p_t"] == pytest.approx(p, rel=1e-6)
+    assert (result["ci_low"], result["ci_high"]) == pytest.approx((0.01 - 3.182446 * sd / 2, 0.01 + 3.182446 * sd / 2), rel=1e-5)
+    assert (result["wins"], result["ties"], result["losses"], result["p_sign"]) == (2, 1, 1, pytest.approx(1.0))
+    assert report.compare([0.01] * 5)["p_sign"] == pytest.approx(2 / 32)  # five wins of five: 2 x (1/2)^5
+    assert report.compare([0.0] * 5)["wins"] == 0 and report.compare([0.0] * 5)["ties"] == 5  # ties are not losses
+    # Holm: sorted 0.01, 0.03, 0.04 times 3, 2, 1, kept monotone: 0.03, 0.06, 0.06; NaN (one seed) is left out
+    assert report.holm([0.01, 0.04, 0.03, math.nan])[:3] == pytest.approx([0.03, 0.06, 0.06])
+    rows = [{"p_holm": 0.03, "mean_diff": -0.01}, {"p_holm": 0.06, "mean_diff": 0.02}, {"p_holm": math.nan, "mean_diff": 0.0}]
+    assert [report.verdict(r) for r in rows] == ["supported at 0.05 after correction (worse)", "not supported at 0.05 after correction",
+                                                 "too few seeds to test"]
+
+
+def test_the_report_leads_with_the_split_that_chose_nothing_and_reads_its_own_export(tmp_path, capsys):
+    runs = _runs()
+    for r in runs:
+        r.data.metrics["test/accuracy"] = r.data.metrics["validation/accuracy"] - 0.01
+    assert report.compared_metrics(runs, "validation/accuracy") == (["test/accuracy", "validation/accuracy"], "validation")
+    path = report.export_csv(runs, tmp_path / "runs.csv")
+    again = report.runs_from_csv(path)
+    assert [(r.data.tags["loss"], r.data.params["seed"], r.data.metrics["test/accuracy"]) for r in again] == [
+        (r.data.tags["loss"], r.data.params["seed"], pytest.approx(r.data.metrics["test/accuracy"])) for r in runs]
+    report.main([str(path), "--out", str(tmp_path / "out")])
+    printed = capsys.readouterr().out
+    assert printed.index("test/accuracy (chose nothing)") < printed.index("validation/accuracy (chose the checkpoints")
+    assert "over all 4 comparisons" in printed  # 2 sizes x 2 splits, one family
+    assert (tmp_path / "out" / "by_size.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_each_setting_is_compared_with_its_own_kd_and_a_value_varying_within_a_method_names_its_line():
