@@ -8,7 +8,10 @@ For every (student block i, teacher block j) it takes fixed, seeded pairs of val
 (block i of the student, block j of the teacher; the interchange settings and site machinery of
 training), and counts how often the student's counterfactual prediction is the teacher's: the
 interchange-intervention accuracy (IIA). A bright diagonal band is a student whose causal structure
-follows its alignment; KD and DIITO students side by side show what the DIITO term changed. The map
+follows its alignment; KD and DIITO students side by side show what the DIITO term changed. Beside
+the cells: the teacher's efficacy per block, the base agreement (no swap), and each mapping entry
+with its blocks swapped jointly as in training; several runs of one method are drawn as their mean
+with each cell's spread. The map
 (``alignment/iia_map.json``, ``alignment/iia_map.png``) is logged to each run; with several runs, one
 figure holds them all, on the same pairs.
 """
@@ -28,7 +31,8 @@ from omegaconf import OmegaConf
 
 from diito import tracking
 from diito.batching import Encoded, Prepared, make_loader
-from diito.intervention import InterchangeConfig, Interchange, Site, block_list, counterfactual, sample_interchange
+from diito.intervention import (InterchangeConfig, Interchange, MappingConfig, MappingEntry, Shape, Site, block_list, build_mapping,
+                                counterfactual, sample_interchange)
 from diito.models import load_finetuned, load_tokenizer, num_layers
 from diito.sources import load_task
 from diito.tasks import TaskSpec
@@ -41,10 +45,30 @@ class AlignmentMap:
     student_sites: list[Site]
     teacher_sites: list[Site]
     pairs: int
+    agreement: float  # how often student and teacher predict the same class with no swap at all
+    mapped: dict[str, float]  # per mapping entry, its blocks swapped jointly as in training: IIA
+    mapped_efficacy: dict[str, float]  # per mapping entry: how often the joint swap changes the teacher's prediction
+    iia_std: np.ndarray | None = None  # the spread over runs, for a map that is several runs' mean
+    runs: int = 1
 
     def to_json(self) -> dict:
-        return {"iia": self.iia.round(6).tolist(), "teacher_efficacy": self.efficacy.round(6).tolist(), "pairs": self.pairs,
-                "student_sites": [str(s) for s in self.student_sites], "teacher_sites": [str(s) for s in self.teacher_sites]}
+        out = {"iia": self.iia.round(6).tolist(), "teacher_efficacy": self.efficacy.round(6).tolist(), "pairs": self.pairs,
+               "base_agreement": round(self.agreement, 6), "mapped_iia": self.mapped, "mapped_teacher_efficacy": self.mapped_efficacy,
+               "student_sites": [str(s) for s in self.student_sites], "teacher_sites": [str(s) for s in self.teacher_sites],
+               "runs": self.runs}
+        return out | ({"iia_std": self.iia_std.round(6).tolist()} if self.iia_std is not None else {})
+
+    @classmethod
+    def mean(cls, maps: list[AlignmentMap]) -> AlignmentMap:
+        """Several runs' maps (the same pairs and sites) as their mean, with the spread of each cell
+        (sample std over runs) beside it."""
+        first = maps[0]
+        iia = np.stack([m.iia for m in maps])
+        keys = list(first.mapped)
+        return cls(iia.mean(0), np.stack([m.efficacy for m in maps]).mean(0), first.student_sites, first.teacher_sites, first.pairs,
+                   float(np.mean([m.agreement for m in maps])), {k: float(np.mean([m.mapped[k] for m in maps])) for k in keys},
+                   {k: float(np.mean([m.mapped_efficacy[k] for m in maps])) for k in keys},
+                   iia.std(0, ddof=1) if len(maps) > 1 else None, len(maps))
 
 
 def block_sites(model: torch.nn.Module, dims: tuple[int, int] | None = None) -> list[Site]:
@@ -52,55 +76,82 @@ def block_sites(model: torch.nn.Module, dims: tuple[int, int] | None = None) -> 
     return [Site(layer, dims) for layer in range(num_layers(model.config))]
 
 
+def entry_name(entry: MappingEntry) -> str:
+    return f"{'+'.join(map(str, entry.student))} <-> {'+'.join(map(str, entry.teacher))}"
+
+
 @torch.no_grad()
 def alignment_map(student, teacher, data: Encoded, pad_token_id: int, interchange: InterchangeConfig, seed: int,
-                  batch_size: int, device: torch.device, dims: tuple[int, int] | None = None) -> AlignmentMap:
+                  batch_size: int, device: torch.device, dims: tuple[int, int] | None = None,
+                  mapping: list[MappingEntry] | None = None) -> AlignmentMap:
     """IIA of every (student site, teacher site) on the pairs of ``data`` drawn from ``seed``: every
-    cell sees the same pairs and positions."""
+    cell sees the same pairs and positions. With ``mapping``, also each entry's IIA with its sites
+    swapped jointly on each side, as training swaps them."""
     student, teacher = student.eval(), teacher.eval()
     student_sites, teacher_sites = block_sites(student, dims), block_sites(teacher, dims)
+    mapping = mapping or []
     loader = make_loader(data, batch_size, shuffle=False, seed=0, length_grouped=False, pad_token_id=pad_token_id)
     generator = torch.Generator().manual_seed(seed)
     agree = np.zeros((len(student_sites), len(teacher_sites)))
     changed = np.zeros(len(teacher_sites))
-    count = 0
+    joint, joint_changed = np.zeros(len(mapping)), np.zeros(len(mapping))
+    same, count = 0, 0
     for batch in loader:
         batch = {k: v.to(device) for k, v in batch.items() if k != "labels"}
         x = sample_interchange(batch["attention_mask"].sum(1).cpu(), interchange.interchange_prop, interchange.interchange_mode,
                                interchange.interchange_min_token, interchange.interchange_max_token,
                                interchange.pairing == "derangement", generator).to(device)
-        teacher_cf, teacher_base = _counterfactual_classes(teacher, batch, x, teacher_sites)
-        student_cf, _ = _counterfactual_classes(student, batch, x, student_sites)
+        teacher_base, teacher_states = _base(teacher, batch)
+        student_base, student_states = _base(student, batch)
+        teacher_cf = _counterfactual_classes(teacher, batch, teacher_states, x, [(site,) for site in teacher_sites])
+        student_cf = _counterfactual_classes(student, batch, student_states, x, [(site,) for site in student_sites])
         agree += (student_cf[:, None, :] == teacher_cf[None, :, :]).sum(-1).cpu().numpy()
         changed += (teacher_cf != teacher_base[None, :]).sum(-1).cpu().numpy()
+        if mapping:
+            teacher_joint = _counterfactual_classes(teacher, batch, teacher_states, x, [e.teacher for e in mapping])
+            student_joint = _counterfactual_classes(student, batch, student_states, x, [e.student for e in mapping])
+            joint += (student_joint == teacher_joint).sum(-1).cpu().numpy()
+            joint_changed += (teacher_joint != teacher_base[None, :]).sum(-1).cpu().numpy()
+        same += int((student_base == teacher_base).sum())
         count += len(batch["input_ids"])
-    return AlignmentMap(agree / count, changed / count, student_sites, teacher_sites, count)
+    names = [entry_name(e) for e in mapping]
+    return AlignmentMap(agree / count, changed / count, student_sites, teacher_sites, count, same / count,
+                        dict(zip(names, (joint / count).round(6).tolist())), dict(zip(names, (joint_changed / count).round(6).tolist())))
 
 
-def _counterfactual_classes(model, batch, x: Interchange, sites: list[Site]) -> tuple[torch.Tensor, torch.Tensor]:
-    """The predicted class of every pair after intervening at each site ([site, pair]), and without."""
-    base = model(**batch, output_hidden_states=True)
-    return torch.stack([counterfactual(model, batch, base.hidden_states, x, (site,)).logits.argmax(-1) for site in sites]), \
-        base.logits.argmax(-1)
+def _base(model, batch) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+    """The predicted class of every example with no swap, and the block outputs a counterfactual starts from."""
+    out = model(**batch, output_hidden_states=True)
+    return out.logits.argmax(-1), out.hidden_states
+
+
+def _counterfactual_classes(model, batch, hidden_states, x: Interchange, site_groups: list[tuple[Site, ...]]) -> torch.Tensor:
+    """The predicted class of every pair after intervening at each group of sites at once ([group, pair])."""
+    return torch.stack([counterfactual(model, batch, hidden_states, x, sites).logits.argmax(-1) for sites in site_groups])
 
 
 def draw(maps: dict[str, AlignmentMap], path: Path) -> Path:
-    """One heatmap per run, side by side, on one colour scale."""
+    """One heatmap per map, side by side, on one colour scale; a mean of several runs shows each
+    cell's spread under it, and every panel gives the teacher's efficacy per block (how often a swap
+    there changes its answer at all) and the base agreement."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(maps), figsize=(1.2 + 3.2 * len(maps), 3.4), squeeze=False)
+    fig, axes = plt.subplots(1, len(maps), figsize=(1.2 + 3.4 * len(maps), 3.8), squeeze=False)
     for ax, (title, m) in zip(axes[0], maps.items()):
         image = ax.imshow(m.iia, vmin=0.5, vmax=1.0, cmap="viridis", aspect="auto")
-        ax.set_xticks(range(len(m.teacher_sites)), [str(s) for s in m.teacher_sites])
+        ax.set_xticks(range(len(m.teacher_sites)), [f"{s}\n{e:.2f}" for s, e in zip(m.teacher_sites, m.efficacy)], fontsize=8)
         ax.set_yticks(range(len(m.student_sites)), [str(s) for s in m.student_sites])
-        ax.set_xlabel("teacher block")
+        ax.set_xlabel("teacher block (under it: the teacher's efficacy)", fontsize=8)
         ax.set_ylabel("student block")
-        ax.set_title(title, fontsize=9)
+        runs = f"mean of {m.runs} runs, " if m.runs > 1 else ""
+        ax.set_title(f"{title}\n{runs}base agreement {m.agreement:.2f}", fontsize=9)
         for (i, j), value in np.ndenumerate(m.iia):
-            ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=7, color="white" if value < 0.8 else "black")
+            text = f"{value:.2f}" + (f"\n±{m.iia_std[i, j]:.2f}" if m.iia_std is not None else "")
+            ax.text(j, i, text, ha="center", va="center", fontsize=6 if m.iia_std is not None else 7,
+                    color="white" if value < 0.8 else "black")
     fig.colorbar(image, ax=axes[0].tolist(), label=f"IIA ({next(iter(maps.values())).pairs} pairs)")
     fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
@@ -119,6 +170,7 @@ class TrainedRun:
     student_dir: Path
     tokenizer_dir: Path
     teacher_dir: Path
+    mapping: MappingConfig | None  # the run's alignment (a KD run's too: it names the blocks a DIITO run would align)
 
 
 def trained_run(tracking_uri: str, run_id: str, folder: Path) -> TrainedRun:
@@ -140,7 +192,9 @@ def trained_run(tracking_uri: str, run_id: str, folder: Path) -> TrainedRun:
     tokenizer_dir = student_dir
     if (student_dir / "MLmodel").exists():  # an MLflow model: the Hugging Face folder and the tokenizer are inside
         student_dir, tokenizer_dir = student_dir / "model", student_dir / "components" / "tokenizer"
-    return TrainedRun(run_id, info.info.run_name or run_id, info.data.tags.get("loss", "?"), task, interchange, student_dir, tokenizer_dir, teacher_dir)
+    mapping = MappingConfig(**logged["mapping"]) if isinstance(logged.get("mapping"), dict) else None
+    return TrainedRun(run_id, info.info.run_name or run_id, info.data.tags.get("loss", "?"), task, interchange, student_dir, tokenizer_dir,
+                      teacher_dir, mapping)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -160,6 +214,7 @@ def main(argv: list[str] | None = None) -> None:
     out.mkdir(parents=True, exist_ok=True)
 
     maps: dict[str, AlignmentMap] = {}
+    by_method: dict[str, list[AlignmentMap]] = {}
     with tempfile.TemporaryDirectory() as folder:
         for run_id in args.runs:
             run = trained_run(args.tracking_uri, run_id, Path(folder) / run_id)
@@ -168,16 +223,49 @@ def main(argv: list[str] | None = None) -> None:
             split = data.encoded[run.task.eval_splits[0]].head(args.pairs)
             teacher, student = load_finetuned(run.teacher_dir).to(device), load_finetuned(run.student_dir).to(device)
             block_list(student)  # a clear error for a model family without known blocks
+            mapping = _mapping(run, teacher, student, dims)
             maps[f"{run.method} (run {run_id[:8]})"] = m = alignment_map(
-                student, teacher, split, data.pad_token_id, run.interchange, args.seed, args.batch_size, device, dims)
+                student, teacher, split, data.pad_token_id, run.interchange, args.seed, args.batch_size, device, dims, mapping)
+            by_method.setdefault(run.method, []).append(m)
             print(f"{run_id} ({run.method}): IIA by student block (rows) and teacher block (columns), {m.pairs} pairs")
-            print("\n".join("  " + " ".join(f"{v:.3f}" for v in row) for row in m.iia))
+            print(_describe(m))
             (out / f"{run_id}.json").write_text(json.dumps(m.to_json(), indent=1))
+    if any(len(group) > 1 for group in by_method.values()):  # several runs of a method: their mean and spread per cell
+        maps = {}
+        for method, group in by_method.items():
+            maps[method] = m = AlignmentMap.mean(group)
+            print(f"{method}: mean of {len(group)} runs (± the cells' std over runs)")
+            print(_describe(m))
+            (out / f"{method}_mean.json").write_text(json.dumps(m.to_json(), indent=1))
     figure = draw(maps, out / "iia_map.png")
     for run_id in args.runs:  # each run keeps its own map and the figure it was drawn in
         (out / "iia_map.json").write_text((out / f"{run_id}.json").read_text())
         tracking.log_files(args.tracking_uri, run_id, [figure, out / "iia_map.json"], "alignment")
     print(f"wrote {figure} and logged it to {len(args.runs)} run(s) under alignment/")
+
+
+def _mapping(run: TrainedRun, teacher, student, dims: tuple[int, int] | None) -> list[MappingEntry]:
+    """The run's mapping entries, restricted to ``dims`` like the single-block cells (none when the
+    run logged no mapping, or one that does not fit these models)."""
+    if run.mapping is None:
+        return []
+    try:
+        entries = build_mapping(run.mapping, Shape.of(teacher.config), Shape.of(student.config))
+    except ValueError as e:
+        print(f"run {run.run_id}: its mapping is left out ({e})")
+        return []
+    if dims is None:
+        return entries
+    return [MappingEntry(tuple(Site(s.layer, dims) for s in e.student), tuple(Site(s.layer, dims) for s in e.teacher)) for e in entries]
+
+
+def _describe(m: AlignmentMap) -> str:
+    rows = ["  " + " ".join(f"{v:.3f}" + (f"±{m.iia_std[i, j]:.3f}" if m.iia_std is not None else "") for j, v in enumerate(row))
+            for i, row in enumerate(m.iia)]
+    rows.append("  teacher efficacy by block: " + " ".join(f"{v:.3f}" for v in m.efficacy))
+    rows.append(f"  base agreement (no swap): {m.agreement:.3f}")
+    rows += [f"  mapped {name} (swapped jointly): IIA {iia:.3f}, teacher efficacy {m.mapped_efficacy[name]:.3f}" for name, iia in m.mapped.items()]
+    return "\n".join(rows)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ from transformers import AutoModelForSequenceClassification, BertConfig
 from diito import analyze, job
 from diito.analyze import alignment_map
 from diito.batching import Encoded
-from diito.intervention import InterchangeConfig, Site, reference_counterfactual, sample_interchange
+from diito.intervention import InterchangeConfig, MappingEntry, Site, reference_counterfactual, sample_interchange
 from diito.models import build_student
 from tests.conftest import compose_config
 
@@ -44,7 +44,8 @@ def _batch(data: Encoded) -> dict[str, torch.Tensor]:
 def test_every_cell_is_the_agreement_of_independently_computed_interventions(dims):
     teacher, student = _models()
     data, interchange = _data(), InterchangeConfig(interchange_prop=0.5)
-    m = alignment_map(student, teacher, data, 0, interchange, seed=7, batch_size=64, device=torch.device("cpu"), dims=dims)
+    mapping = [MappingEntry((Site(0, dims),), (Site(0, dims), Site(1, dims))), MappingEntry((Site(1, dims),), (Site(2, dims),))]
+    m = alignment_map(student, teacher, data, 0, interchange, seed=7, batch_size=64, device=torch.device("cpu"), dims=dims, mapping=mapping)
     assert m.iia.shape == (2, 3) and m.pairs == 12
 
     batch = _batch(data)  # one batch: the map drew its pairs and positions exactly so
@@ -54,10 +55,31 @@ def test_every_cell_is_the_agreement_of_independently_computed_interventions(dim
         teacher_cf = [predicted(teacher, j) for j in range(3)]
         student_cf = [predicted(student, i) for i in range(2)]
         teacher_base = teacher(**batch).logits.argmax(-1)
+        joint = [(reference_counterfactual(student, batch, x, e.student).logits.argmax(-1),
+                  reference_counterfactual(teacher, batch, x, e.teacher).logits.argmax(-1)) for e in mapping]
+        student_base = student(**batch).logits.argmax(-1)
     expected = np.array([[float((s == t).float().mean()) for t in teacher_cf] for s in student_cf])
     np.testing.assert_allclose(m.iia, expected, atol=1e-9)
     np.testing.assert_allclose(m.efficacy, [float((t != teacher_base).float().mean()) for t in teacher_cf], atol=1e-9)
     assert len(np.unique(expected)) > 1  # the cells really differ: the check compares something
+    assert m.agreement == pytest.approx(float((student_base == teacher_base).float().mean()))
+    # each mapping entry with its teacher blocks swapped jointly, as training swaps them (not a single-block cell)
+    assert list(m.mapped.values()) == pytest.approx([float((s == t).float().mean()) for s, t in joint], abs=1e-6)
+    assert list(m.mapped_efficacy.values()) == pytest.approx([float((t != teacher_base).float().mean()) for _, t in joint], abs=1e-6)
+    assert list(m.mapped) == [f"{mapping[0].student[0]} <-> {mapping[0].teacher[0]}+{mapping[0].teacher[1]}", f"{mapping[1].student[0]} <-> {mapping[1].teacher[0]}"]
+
+
+def test_several_runs_are_one_mean_with_the_spread_of_each_cell():
+    teacher, student = _models()
+    data, interchange = _data(), InterchangeConfig(interchange_prop=0.5)
+    maps = [alignment_map(student, teacher, data, 0, interchange, seed=seed, batch_size=64, device=torch.device("cpu")) for seed in (1, 2, 3)]
+    mean = analyze.AlignmentMap.mean(maps)
+    stacked = np.stack([m.iia for m in maps])
+    np.testing.assert_allclose(mean.iia, stacked.mean(0))
+    np.testing.assert_allclose(mean.iia_std, stacked.std(0, ddof=1))
+    assert mean.runs == 3 and mean.agreement == pytest.approx(np.mean([m.agreement for m in maps]))
+    assert mean.iia_std.max() > 0  # the seeds draw other positions: the spread is real
+    assert set(mean.to_json()) >= {"iia", "iia_std", "teacher_efficacy", "base_agreement", "mapped_iia", "runs"}
 
 
 def test_a_student_that_is_its_teacher_agrees_on_the_diagonal():
@@ -69,9 +91,10 @@ def test_a_student_that_is_its_teacher_agrees_on_the_diagonal():
     assert m.iia.min() < 1.0  # off the diagonal the same swap is another intervention
 
 
-def test_the_command_maps_logged_runs_and_logs_the_map_to_each(home, tmp_path):
-    for loss in ("kd", "diito"):
-        job.run(compose_config(["teacher=tiny", "trainer=debug", f"loss={loss}", "tracking.log_model=true"]), output_dir=tmp_path / loss)
+def test_the_command_maps_logged_runs_and_logs_the_map_to_each(home, tmp_path, capsys):
+    for loss, seed in (("kd", 1), ("diito", 1), ("diito", 2)):
+        job.run(compose_config(["teacher=tiny", "trainer=debug", f"loss={loss}", f"seed={seed}", "tracking.log_model=true"]),
+                output_dir=tmp_path / f"{loss}{seed}")
     client = MlflowClient(f"sqlite:///{home}/mlflow.db")
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()], filter_string="tags.`diito.role` = 'student'")
     ids = [r.info.run_id for r in runs]
@@ -84,6 +107,11 @@ def test_the_command_maps_logged_runs_and_logs_the_map_to_each(home, tmp_path):
         assert saved == json.loads((tmp_path / "maps" / f"{run_id}.json").read_text())  # each run keeps its own map
         assert np.array(saved["iia"]).shape == (3, 4) and saved["pairs"] == 20  # 3 student blocks x 4 tiny-teacher blocks
         assert all(0.0 <= v <= 1.0 for row in saved["iia"] for v in row)
+        assert len(saved["mapped_iia"]) == 3 and 0.0 <= saved["base_agreement"] <= 1.0  # the full mapping, 4 -> 3 blocks
+    # two DIITO runs: drawn as their mean, with each cell's spread
+    mean = json.loads((tmp_path / "maps" / "diito_mean.json").read_text())
+    assert mean["runs"] == 2 and np.array(mean["iia_std"]).shape == (3, 4)
+    assert "diito: mean of 2 runs" in capsys.readouterr().out
 
 
 def test_a_run_without_a_logged_student_is_refused_by_name(home, tmp_path):
