@@ -43,12 +43,35 @@ class Encoded:
         return h.hexdigest()[:16]
 
     def head(self, n: int | None) -> Encoded:
-        """The first ``n`` examples (all of them for None): low-data runs and quick evaluations."""
+        """The first ``n`` examples (all of them for None): quick evaluations, the teacher's own limit."""
         if n is None or n >= len(self):
             return self
-        types = None if self.token_type_ids is None else self.token_type_ids[:n]
-        labels = None if self.labels is None else self.labels[:n]
-        return Encoded(self.input_ids[:n], types, labels, self.ids[:n], self.lengths[:n])
+        return self.take(np.arange(n))
+
+    def take(self, rows: np.ndarray) -> Encoded:
+        """The examples at ``rows``, in that order."""
+        pick = lambda values: [values[i] for i in rows]  # noqa: E731
+        types = None if self.token_type_ids is None else pick(self.token_type_ids)
+        labels = None if self.labels is None else self.labels[rows]
+        return Encoded(pick(self.input_ids), types, labels, pick(self.ids), self.lengths[rows])
+
+    def sample(self, n: int | None, seed: int) -> Encoded:
+        """``n`` examples drawn at random with ``seed`` (all of them for None), stratified by class
+        when the labels are classes and every class can be split so, kept in the file's order. Each
+        seed draws another sample, so runs over seeds vary the training data, not only their own
+        randomness."""
+        if n is None or n >= len(self):
+            return self
+        from sklearn.model_selection import train_test_split
+
+        rows = np.arange(len(self))
+        classes = self.labels if self.labels is not None and self.labels.dtype.kind in "iu" else None
+        if classes is not None:
+            counts = np.unique(classes, return_counts=True)[1]
+            if counts.min() < 2 or n < len(counts):  # too few of a class (or too small a sample) to stratify
+                classes = None
+        chosen, _ = train_test_split(rows, train_size=n, stratify=classes, random_state=seed % 2**32)
+        return self.take(np.sort(chosen))
 
 
 def encode(examples: Examples, tokenizer: Any, max_length: int) -> Encoded:
@@ -227,12 +250,14 @@ class Prepared:
         fingerprint = hashlib.sha256(f"{data.fingerprint()} {spec.max_length}".encode()).hexdigest()[:16]
         return cls(spec, encoded, fingerprint, tokenizer.pad_token_id, data.num_labels, data.test_splits)
 
-    def limited(self, max_train_examples: int | None, max_eval_examples: int | None) -> Prepared:
-        """What one stage sees: the first ``max_train_examples`` training examples and the first
-        ``max_eval_examples`` of every other split (each stage has its own limits)."""
-        encoded = {split: enc.head(max_train_examples if split == "train" else max_eval_examples)
-                   for split, enc in self.encoded.items()}
-        return dataclasses.replace(self, encoded=encoded)
+    def limited(self, max_train_examples: int | None, max_eval_examples: int | None, subset_seed: int | None = None) -> Prepared:
+        """What one stage sees: ``max_train_examples`` training examples (drawn with ``subset_seed``,
+        or the first ones when it is None) and the first ``max_eval_examples`` of every other split
+        (each stage has its own limits)."""
+        train = self.encoded["train"]
+        encoded = {split: enc.head(max_eval_examples) for split, enc in self.encoded.items() if split != "train"}
+        encoded["train"] = train.head(max_train_examples) if subset_seed is None else train.sample(max_train_examples, subset_seed)
+        return dataclasses.replace(self, encoded=dict(sorted(encoded.items(), key=lambda item: list(self.encoded).index(item[0]))))
 
     def loader(self, split: str, batch_size: int, *, train: bool = False, seed: int = 0, shuffle: bool = True,
                length_grouped: bool = True, rank: int = 0, world: int = 1) -> DataLoader:

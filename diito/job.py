@@ -93,7 +93,7 @@ def _run(job: Job, cfg: DictConfig, device: torch.device, output_dir: Path | Non
         distributed.barrier()
     if c.stage == "teacher":
         return teacher.metrics.get(c.task.main_metric_key, float("nan"))
-    data = all_data.limited(c.trainer.max_train_examples, c.trainer.max_eval_examples)
+    data = all_data.limited(c.trainer.max_train_examples, c.trainer.max_eval_examples, subset_seed(c))
 
     state_dir = Path(c.paths.cache) / "runs" / job.hash
     tags = tracking.sweep_tags(sweep) | teacher.tags | tracking.git_tags() | {
@@ -135,7 +135,8 @@ def _run(job: Job, cfg: DictConfig, device: torch.device, output_dir: Path | Non
         log.info("student: final evaluation")
         predictions = evaluator.predict(student, list(c.task.eval_splits) + data.test_splits)
         final = evaluator.score(predictions)
-        training = {"best_step": state.best_step or state.step, "time/train_seconds": state.train_seconds}
+        training = {"best_step": state.best_step or state.step, "steps": state.step, "epochs": trainer.epochs_run,
+                    "time/train_seconds": state.train_seconds}
         run_.log_metrics(final | training | evaluator.footprint(student, teacher.model), state.step)
         if (label := one_class(predictions, data)) is not None:
             warn_one_class(label, data, "the student")
@@ -151,6 +152,11 @@ def _run(job: Job, cfg: DictConfig, device: torch.device, output_dir: Path | Non
         shutil.rmtree(state_dir / "checkpoint", ignore_errors=True)
         (state_dir / "run.json").unlink(missing_ok=True)  # a later identical job is a new run
     return final[c.task.main_metric_key]
+
+
+def subset_seed(c: config.JobConfig) -> int:
+    """The seed of the student's training sample: ``trainer.subset_seed``, else the job's seed."""
+    return c.trainer.subset_seed if c.trainer.subset_seed is not None else c.seed
 
 
 def input_example(data: Prepared, tokenizer, n: int = 2) -> list:

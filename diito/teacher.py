@@ -110,7 +110,7 @@ def _fine_tune(config: TeacherConfig, data: Prepared, tokenizer, run_settings: T
         state = trainer.fit()
         predictions = evaluator.predict(model, data.spec.eval_splits)
         metrics = evaluator.score(predictions)
-        run.log_metrics(metrics | {"time/train_seconds": state.train_seconds}, state.step)
+        run.log_metrics(metrics | {"steps": state.step, "epochs": trainer.epochs_run, "time/train_seconds": state.train_seconds}, state.step)
         if (label := one_class(predictions, data)) is not None:
             warn_one_class(label, data, "the teacher")
             run.set_tags({tracking.PLATEAU: f"one class ({label}) on {data.spec.eval_splits[0]}"})

@@ -65,7 +65,12 @@ class LoopConfig(BaseModel):
 
 class TrainerConfig(LoopConfig):
     """The student's loop, plus how the job runs (shared with the teacher's fine-tune: none of
-    these changes what is computed, only where, how fast and how visibly)."""
+    these but ``subset_seed`` changes what is computed, only where, how fast and how visibly)."""
+
+    # The student's own: which max_train_examples examples it trains on. None draws them with the
+    # job's seed (each seed its own sample); a number fixes the draw across seeds. The teacher's
+    # limit (teacher.recipe.max_train_examples) keeps the first examples.
+    subset_seed: int | None = Field(None, ge=0, le=2**32 - 1)
 
     eval_batch_size: PositiveInt = 128
     device: str = "auto"
@@ -227,6 +232,12 @@ class Trainer:
         self._started = 0.0  # perf_counter() when this process's unclocked share of state.train_seconds began (set by fit)
         self._sums: dict[str, Tensor] = {}  # training losses summed since they were last logged
         self._count = 0
+
+    @property
+    def epochs_run(self) -> float:
+        """Epochs the fit has run (the last one may have stopped part-way): with ``min_steps`` a small
+        training set is read many times, and this says how many."""
+        return self.state.epoch + self.state.batch_in_epoch / self.batches_per_epoch
 
     # -- checkpoints -----------------------------------------------------------------------------
     @property

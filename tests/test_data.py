@@ -8,7 +8,7 @@ import pydantic
 import pytest
 import yaml
 
-from diito.batching import encode, make_loader
+from diito.batching import Prepared, encode, make_loader
 from diito.sources import DataError, Examples, check_task, load_task
 from diito.tasks import TaskSpec
 
@@ -92,6 +92,32 @@ def test_head_of_an_encoded_split(encoded):
     assert (head.input_ids, head.token_type_ids, head.ids) == (encoded.input_ids[:3], encoded.token_type_ids[:3], encoded.ids[:3])
     assert head.labels.tolist() == encoded.labels[:3].tolist() and head.lengths.tolist() == encoded.lengths[:3].tolist()
     assert encoded.head(None) is encoded and encoded.head(10**6) is encoded
+
+
+def test_a_training_sample_is_drawn_per_seed_stratified_and_in_file_order(encoded):
+    """Each seed draws its own sample (so seeds vary the data, not only the training's randomness), a
+    seed always the same one, with the classes in the split's proportions, in the file's order."""
+    samples = {seed: encoded.sample(200, seed) for seed in (1, 2, 3)}
+    assert all(len(s) == 200 for s in samples.values())
+    assert samples[1].ids == encoded.sample(200, 1).ids  # the same seed, the same sample
+    assert len({tuple(s.ids) for s in samples.values()}) == 3  # another seed, another sample
+    position = {example: i for i, example in enumerate(encoded.ids)}
+    for s in samples.values():
+        assert [position[i] for i in s.ids] == sorted(position[i] for i in s.ids)  # the file's order
+        assert abs(s.labels.mean() - encoded.labels.mean()) <= 1 / 200 + 1e-9  # stratified: the split's share of each class
+        row = position[s.ids[5]]
+        assert s.input_ids[5] == encoded.input_ids[row] and s.labels[5] == encoded.labels[row]  # rows travel whole
+    assert encoded.sample(None, 1) is encoded and encoded.sample(10**6, 1) is encoded
+
+
+def test_a_limited_stage_draws_its_training_sample_only_when_given_a_seed(rotten, tokenizer):
+    prepared = Prepared.from_task(rotten, tokenizer)
+    first = prepared.limited(100, 50)  # the teacher's recipe: the first examples
+    assert first.encoded["train"].ids == prepared.encoded["train"].ids[:100]
+    drawn = prepared.limited(100, 50, subset_seed=7)
+    assert drawn.encoded["train"].ids == prepared.encoded["train"].sample(100, 7).ids != first.encoded["train"].ids
+    assert drawn.encoded["validation"].ids == first.encoded["validation"].ids == prepared.encoded["validation"].ids[:50]
+    assert list(drawn.encoded) == list(prepared.encoded)
 
 
 def test_rotten_tomatoes_is_reproducible(rotten):

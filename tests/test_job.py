@@ -55,6 +55,7 @@ def test_end_to_end_run_logs_params_metrics_tags_and_artifacts(home):
     assert m["model/teacher_mb"] == pytest.approx(m["model/teacher_params"] * 4 / 2**20, rel=0.01)  # fp32 weights (and a few buffers)
     # the training time, beside the run's start and end (which also count loading, the final evaluation and the model's logging)
     assert 0 < m["time/train_seconds"] < (student.info.end_time - student.info.start_time) / 1000
+    assert m["steps"] == 4 and m["epochs"] == 0.5  # what the run did: 4 steps of the 8 batches of 64 examples
     assert client.get_run(teacher.info.run_id).data.metrics["time/train_seconds"] > 0
     for batch in ("batch1", "batch32"):
         per_example = "ms_batch1" if batch == "batch1" else "ms_per_example_batch32"
