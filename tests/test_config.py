@@ -50,6 +50,13 @@ def test_sweep_presets(home):
     assert dict(grid.sweeper.params) == {"loss.alpha": "0.5,0.7,0.9", "loss.T": "2,10,20", "loss.interchange_prop": "0.1,0.3,0.5"}
     seeds = compose_config(["sweep=seeds"], hydra=True).hydra.sweeper.params
     assert dict(seeds) == {"seed": "1,2,3", "loss": "kd,diito"}
+    ablation = compose_config(["sweep=ablation", "loss.alpha=0.9", "loss.T=10"], hydra=True)
+    assert dict(ablation.hydra.sweeper.params) == {"loss": "kd,diito", "trainer.max_train_examples": "500,1000", "seed": "1,2,3,4,5,6,7,8,9,10"}
+    assert (ablation.loss.alpha, ablation.loss.T, ablation.tracking.experiment) == (0.9, 10, "rotten_tomatoes-ablation")
+    tune = compose_config(["sweep=tune_seeds"], hydra=True)
+    params = dict(tune.hydra.sweeper.params)
+    assert params.pop("loss") == "kd,diito" and len(params["seed"].split(",")) >= 3  # every setting over at least 3 seeds
+    assert params == {"loss.alpha": "0.5,0.9", "loss.T": "2,10", "seed": "1,2,3"}  # one grid, the same for both methods
 
 
 @pytest.mark.parametrize(
