@@ -413,7 +413,7 @@ def test_skip_resumes_after_k_batches(encoded):
 def test_unshuffled_training_batches_follow_the_file_every_epoch(encoded):
     from diito.batching import Prepared
 
-    data = Prepared(spec("rotten_tomatoes"), {"train": encoded.head(10)}, "x", 0, 2, [])
+    data = Prepared(spec("rotten_tomatoes"), {"train": encoded.head(10)}, "x", 0, ["negative", "positive"], [])
     loader = data.loader("train", 4, train=True, seed=1, shuffle=False, length_grouped=True)
     for epoch in range(2):
         loader.batch_sampler.set_epoch(epoch)
