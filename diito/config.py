@@ -27,7 +27,7 @@ from diito.sources import DataError, check_task, glue_folder
 from diito.tasks import TaskSpec
 from diito.teacher import TeacherConfig
 from diito.tracking import TrackingConfig
-from diito.trainer import OptimConfig, TrainerConfig
+from diito.trainer import OptimConfig, Seed, TrainerConfig
 
 
 class ConfigError(ValueError):
@@ -42,7 +42,7 @@ class Paths(BaseModel):
 
 class JobConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    seed: int
+    seed: Seed
     stage: Literal["teacher", "distill"]
     rerun: bool = False
     paths: Paths

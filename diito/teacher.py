@@ -26,7 +26,7 @@ from diito.batching import Prepared, model_inputs
 from diito.evaluation import Evaluator, one_class, warn_one_class
 from diito.models import load_finetuned, load_pretrained, name_labels, save_model
 from diito.objective import task_loss
-from diito.trainer import LoopConfig, OptimConfig, Trainer, TrainerConfig, Validation, seed_everything
+from diito.trainer import LoopConfig, OptimConfig, Seed, Trainer, TrainerConfig, Validation, seed_everything
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +35,7 @@ class Recipe(LoopConfig, OptimConfig):
     """How the teacher is fine-tuned: a complete loop and optimiser, and its own seed."""
 
     epochs: PositiveInt = 1
-    seed: int = 42
+    seed: Seed = 42
 
 
 class TeacherConfig(BaseModel):

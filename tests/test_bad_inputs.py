@@ -79,6 +79,9 @@ CASES = {  # name: (overrides, or a function of tmp_path giving them; what the m
                        "mapping.entries[0]: student and teacher slices differ in width [8, 16]"),
     "unknown mapping": (["mapping.name=diagonal"], "mapping.name: Input should be 'full', 'full_original', 'middle', 'late' or 'explicit'"),
     "seed": (["seed=abc"], "seed: Input should be a valid integer"),
+    "negative seed": (["seed=-1"], "seed: Input should be greater than or equal to 0"),
+    "seed above 2**32-1": (["seed=4294967296"], "seed: Input should be less than or equal to 4294967295"),
+    "teacher seed": (["teacher.recipe.seed=-1"], "teacher.recipe.seed: Input should be greater than or equal to 0"),
     "stage": (["stage=bogus"], "stage: Input should be 'teacher' or 'distill'"),
     "max_length": (["task.max_length=0"], "task.max_length: Input should be greater than 0"),
     "max_length without room for text": (["task.max_length=2"], "task.max_length: 2 leaves no room for text: the tokenizer adds 2 special tokens"),
@@ -259,7 +262,7 @@ def test_every_numeric_setting_refuses_the_wrong_type_and_out_of_range_values(ho
     for kind, bound in bounds.items():
         value, word = {"Gt": (bound, "greater than"), "Ge": (bound - 1, "greater than or equal to"),
                        "Lt": (bound, "less than"), "Le": (bound + 1, "less than or equal to")}[kind]
-        with pytest.raises(ConfigError, match=f"^{key}: Input should be {word} {bound:g} "):
+        with pytest.raises(ConfigError, match=f"^{key}: Input should be {word} {bound if isinstance(bound, int) else format(bound, 'g')} "):
             job.validate(compose_config([*TINY, f"{key}={value}"]))
 
 
