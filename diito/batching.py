@@ -239,7 +239,7 @@ class Prepared:
     encoded: dict[str, Encoded]
     fingerprint: str  # of the examples and the tokenisation: part of the teacher cache key
     pad_token_id: int
-    num_labels: int  # 1 for regression
+    label_names: list[str] | None  # None for regression; a `files` task's come from its training file
     test_splits: list[str]  # the test splits actually present (a `files` task may have none)
 
     @classmethod
@@ -248,7 +248,12 @@ class Prepared:
         spec = data.spec
         encoded = {split: encode(examples, tokenizer, spec.max_length) for split, examples in data.splits.items()}
         fingerprint = hashlib.sha256(f"{data.fingerprint()} {spec.max_length}".encode()).hexdigest()[:16]
-        return cls(spec, encoded, fingerprint, tokenizer.pad_token_id, data.num_labels, data.test_splits)
+        return cls(spec, encoded, fingerprint, tokenizer.pad_token_id, data.label_names, data.test_splits)
+
+    @property
+    def num_labels(self) -> int:
+        """Output size of the classifier head (1 for regression)."""
+        return 1 if self.label_names is None else len(self.label_names)
 
     def limited(self, max_train_examples: int | None, max_eval_examples: int | None, subset_seed: int | None = None) -> Prepared:
         """What one stage sees: ``max_train_examples`` training examples (drawn with ``subset_seed``,

@@ -17,16 +17,17 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from pydantic import BaseModel, ConfigDict, ValidationError
+from transformers.tokenization_utils_base import VERY_LARGE_INTEGER
 
 from diito import store, tracking
 from diito.intervention import InterchangeConfig, MappingConfig, MappingEntry, Shape, build_mapping
-from diito.models import StudentConfig, load_model_config, num_layers, select_blocks
+from diito.models import StudentConfig, load_model_config, load_tokenizer, max_positions, num_layers, select_blocks
 from diito.objective import LossConfig, default_patience_layers
 from diito.sources import DataError, check_task, glue_folder
 from diito.tasks import TaskSpec
 from diito.teacher import TeacherConfig
 from diito.tracking import TrackingConfig
-from diito.trainer import OptimConfig, TrainerConfig
+from diito.trainer import OptimConfig, Seed, TrainerConfig
 
 
 class ConfigError(ValueError):
@@ -41,7 +42,7 @@ class Paths(BaseModel):
 
 class JobConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    seed: int
+    seed: Seed
     stage: Literal["teacher", "distill"]
     rerun: bool = False
     paths: Paths
@@ -122,7 +123,8 @@ def validate(cfg: DictConfig) -> Job:
     except ValueError as e:
         raise ConfigError(f"tracking.uri: {e}") from None
 
-    teacher_config = _model_config(job.teacher.checkpoint or job.teacher.model, "teacher.checkpoint" if job.teacher.checkpoint else "teacher.model")
+    teacher_key = "teacher.checkpoint" if job.teacher.checkpoint else "teacher.model"
+    teacher_config = _model_config(job.teacher.checkpoint or job.teacher.model, teacher_key)
     if job.teacher.checkpoint:
         _check_checkpoint(Path(job.teacher.checkpoint), teacher_config, job.task)
     teacher_layers = num_layers(teacher_config)
@@ -130,6 +132,8 @@ def validate(cfg: DictConfig) -> Job:
     # model (which differs from a given teacher.checkpoint's, possibly in depth and width).
     pretrained_source = job.student.init_from == "pretrained" and job.teacher.checkpoint
     source_config = _model_config(job.teacher.model, "teacher.model") if pretrained_source else teacher_config
+    _check_max_length(job.task, teacher_key, job.teacher.checkpoint or job.teacher.model,
+                      {teacher_key: teacher_config} | ({"teacher.model": source_config} if pretrained_source else {}))
     source_layers, k = num_layers(source_config), job.student.layers
     if k > source_layers:
         raise ConfigError(f"student.layers: {k} is deeper than the {source_layers}-layer {'teacher.model' if pretrained_source else 'teacher'}")
@@ -169,6 +173,32 @@ def _model_config(model: str, key: str):
         return load_model_config(model)
     except (OSError, ValueError) as e:
         raise ConfigError(f"{key}: cannot load model {model!r}: {str(e).splitlines()[0]}") from None
+
+
+def _check_max_length(task: TaskSpec, key: str, model: str, configs: dict[str, Any]) -> None:
+    """``task.max_length`` holds the special tokens the tokenizer of ``model`` (the job's, given by
+    ``key``) adds and a token of each text (else truncation is silently skipped), and no more
+    positions than the models of ``configs`` ({key: config}) have (else an example that long fails
+    mid-evaluation)."""
+    try:
+        tokenizer = load_tokenizer(model)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{key}: cannot load the tokenizer of {model!r}: {str(e).splitlines()[0]}") from None
+    texts = len(task.text_fields)
+    special = tokenizer.num_special_tokens_to_add(pair=texts == 2)
+    if task.max_length < special + texts:
+        raise ConfigError(f"task.max_length: {task.max_length} leaves no room for text: the tokenizer adds {special} special tokens to "
+                          f"{'a pair of texts' if texts == 2 else 'a text'}; at least {special + texts}, with one token of "
+                          f"{'each text' if texts == 2 else 'text'}")
+    limits = []
+    for where, config in configs.items():
+        if (found := max_positions(config)) is not None:
+            limits.append((found[0], f"{found[1]}, in {where}'s config"))
+    if tokenizer.model_max_length < VERY_LARGE_INTEGER:  # a real limit, not the "none given" placeholder
+        limits.append((tokenizer.model_max_length, f"model_max_length of {key}'s tokenizer"))
+    for limit, why in limits:
+        if task.max_length > limit:
+            raise ConfigError(f"task.max_length: {task.max_length} is more tokens than the model takes: at most {limit} ({why})")
 
 
 def _check_checkpoint(folder: Path, config, task: TaskSpec) -> None:

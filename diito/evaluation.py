@@ -134,7 +134,7 @@ def one_class(predictions: dict[str, np.ndarray], data: Prepared) -> str | None:
     predicted = predictions.get(data.spec.eval_splits[0])
     if data.num_labels == 1 or predicted is None or len(np.unique(predicted)) > 1:
         return None
-    names = data.spec.label_names
+    names = data.label_names
     return names[int(predicted[0])] if names else str(int(predicted[0]))
 
 

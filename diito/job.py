@@ -146,7 +146,7 @@ def _run(job: Job, cfg: DictConfig, device: torch.device, output_dir: Path | Non
             run_.log_artifacts(output_dir / "predictions", "predictions")
         if c.tracking.log_model:
             log.info("student: saving to %s", output_dir / "student")
-            name_labels(student, data.spec.label_names)
+            name_labels(student, data.label_names)
             folder = save_model(student, tokenizer, output_dir / "student")
             run_.log_classifier(folder, input_example(data, tokenizer), c.tracking.registered_model)
         shutil.rmtree(state_dir / "checkpoint", ignore_errors=True)

@@ -92,6 +92,24 @@ def num_layers(config: PretrainedConfig) -> int:
     return int(config.num_hidden_layers)
 
 
+# Families whose position ids start after the padding index (RoBERTa's scheme): the first
+# pad_token_id + 1 of their position embeddings never hold a token.
+_POSITIONS_AFTER_PADDING = frozenset({"roberta", "roberta-prelayernorm", "xlm-roberta", "xlm-roberta-xl", "camembert", "data2vec-text",
+                                      "ibert", "longformer", "luke", "markuplm", "mpnet", "xmod", "esm"})
+
+
+def max_positions(config: PretrainedConfig) -> tuple[int, str] | None:
+    """The most tokens one example may hold in this architecture, and why; None when its config
+    declares no limit."""
+    limit = getattr(config, "max_position_embeddings", None)
+    if limit is None or limit <= 0:  # XLNet's, with relative positions, says -1
+        return None
+    if config.model_type in _POSITIONS_AFTER_PADDING:
+        offset = (config.pad_token_id or 0) + 1
+        return limit - offset, f"max_position_embeddings {limit}, less {offset} for {config.model_type}'s padding offset"
+    return limit, f"max_position_embeddings {limit}"
+
+
 def select_blocks(strategy: str, teacher_layers: int, layers: int, blocks: list[int] | None = None) -> list[int]:
     """Teacher blocks that initialise the student's, in order.
 
@@ -111,6 +129,9 @@ def select_blocks(strategy: str, teacher_layers: int, layers: int, blocks: list[
         raise ValueError(f"student.blocks: {len(chosen)} blocks given for a {layers}-layer student")
     if any(not 0 <= b < teacher_layers for b in chosen):
         raise ValueError(f"student.blocks: {chosen} outside the teacher's blocks 0..{teacher_layers - 1}")
+    if any(a >= b for a, b in zip(chosen, chosen[1:])):
+        raise ValueError(f"student.blocks: {chosen} is not in increasing order: student block i copies the i-th teacher block listed "
+                         "and runs after block i-1, so the list keeps the teacher's order, each block once")
     return chosen
 
 

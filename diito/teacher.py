@@ -24,9 +24,9 @@ from transformers import PreTrainedModel
 from diito import cache, tracking
 from diito.batching import Prepared, model_inputs
 from diito.evaluation import Evaluator, one_class, warn_one_class
-from diito.models import load_finetuned, load_pretrained, save_model
+from diito.models import load_finetuned, load_pretrained, name_labels, save_model
 from diito.objective import task_loss
-from diito.trainer import LoopConfig, OptimConfig, Trainer, TrainerConfig, Validation, seed_everything
+from diito.trainer import LoopConfig, OptimConfig, Seed, Trainer, TrainerConfig, Validation, seed_everything
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +35,7 @@ class Recipe(LoopConfig, OptimConfig):
     """How the teacher is fine-tuned: a complete loop and optimiser, and its own seed."""
 
     epochs: PositiveInt = 1
-    seed: int = 42
+    seed: Seed = 42
 
 
 class TeacherConfig(BaseModel):
@@ -114,6 +114,7 @@ def _fine_tune(config: TeacherConfig, data: Prepared, tokenizer, run_settings: T
         if (label := one_class(predictions, data)) is not None:
             warn_one_class(label, data, "the teacher")
             run.set_tags({tracking.PLATEAU: f"one class ({label}) on {data.spec.eval_splits[0]}"})
+        name_labels(model, data.label_names)
         save_model(model, tokenizer, folder / "model")
         return {"run_id": run.run_id, "metrics": metrics, "steps": state.step}
 

@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import numpy as np
 import torch
@@ -143,6 +143,10 @@ def autocast(precision: str, device: torch.device):
     """The mixed-precision context of ``precision`` on ``device``: training and prediction share it."""
     dtype = autocast_dtype(precision, device)
     return torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext()
+
+
+Seed = Annotated[int, Field(ge=0, le=2**32 - 1)]
+"""A seed: what NumPy's and scikit-learn's generators accept, so a bad one is refused before compute."""
 
 
 def seed_everything(seed: int) -> None:

@@ -1,6 +1,7 @@
 """Task specs, loaders (packaged, GLUE TSV, generic files, hub), encoding and batching."""
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -438,10 +439,125 @@ def test_skip_resumes_after_k_batches(encoded):
 def test_unshuffled_training_batches_follow_the_file_every_epoch(encoded):
     from diito.batching import Prepared
 
-    data = Prepared(spec("rotten_tomatoes"), {"train": encoded.head(10)}, "x", 0, 2, [])
+    data = Prepared(spec("rotten_tomatoes"), {"train": encoded.head(10)}, "x", 0, ["negative", "positive"], [])
     loader = data.loader("train", 4, train=True, seed=1, shuffle=False, length_grouped=True)
     for epoch in range(2):
         loader.batch_sampler.set_epoch(epoch)
         assert [b.tolist() for b in loader.batch_sampler.batches()] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
     shuffled = data.loader("train", 4, train=True, seed=1)
     assert [b.tolist() for b in shuffled.batch_sampler.batches()] != [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+
+
+# ---------------------------------------------------------------- files read exactly, labels never translated
+
+
+def two_files(tmp_path, train: str, dev: str, suffix: str = "csv", **overrides) -> TaskSpec:
+    (tmp_path / f"train.{suffix}").write_text(train)
+    (tmp_path / f"dev.{suffix}").write_text(dev)
+    return files_spec(files={"train": str(tmp_path / f"train.{suffix}"), "validation": str(tmp_path / f"dev.{suffix}")}, **overrides)
+
+
+def test_errors_name_the_line_a_row_begins_on_past_blank_lines_and_quoted_line_breaks(tmp_path):
+    train = 'text,label\n\n"a review\nover two lines",pos\n\nfine,\n'
+    with pytest.raises(DataError, match=r"train.csv:6: the label is empty"):
+        load_task(two_files(tmp_path, train, "text,label\nok,pos\n"))
+    data = load_task(two_files(tmp_path, train.replace("fine,", "fine,neg"), "text,label\nok,pos\n"))
+    assert data.splits["train"].texts == [("a review\nover two lines",), ("fine",)]
+    jsonl = '{"text": "a", "label": "pos"}\n\n{"text": "b", "label": " "}\n'
+    with pytest.raises(DataError, match=r"train.jsonl:3: the label is empty"):
+        load_task(two_files(tmp_path, jsonl, jsonl, "jsonl"))
+
+
+def test_a_quoted_comma_is_text_and_an_unquoted_one_is_refused(tmp_path):
+    dev = "text,label\nok,pos\n"
+    data = load_task(two_files(tmp_path, 'text,label\n"good, really good",pos\n"say ""hi""",neg\n', dev))
+    assert data.splits["train"].texts == [("good, really good",), ('say "hi"',)]
+    with pytest.raises(DataError, match=r"^.*train.csv:2: 3 fields, more than the 2 of the first line \(a comma inside an unquoted text\?"):
+        load_task(two_files(tmp_path, "text,label\ngood, really good,pos\nbad, awful,neg\n", dev))
+    with pytest.raises(DataError, match=r'train.csv:2: not valid CSV .* its quotes doubled'):
+        load_task(two_files(tmp_path, 'text,label\n"good" film,pos\n', dev))
+
+
+def test_two_columns_of_one_name_are_refused_before_reading(tmp_path):
+    s = two_files(tmp_path, "text,label,text\na,pos,b\n", "text,label\nok,pos\n")
+    for call in (check_task, load_task):
+        with pytest.raises(DataError, match=r"train.csv:1: two columns named 'text' \(columns 1 and 3\)"):
+            call(s)
+
+
+def test_jsonl_values_are_read_as_written(tmp_path):
+    train = '{"text": "a", "label": 1, "id": 7}\n{"text": "b", "label": "0", "id": "x"}\n{"text": "c", "label": 0}\n'
+    s = two_files(tmp_path, train, '{"text": "d", "label": 1}\n', "jsonl", id_field=None)
+    data = load_task(s)
+    assert data.label_names == ["0", "1"] and data.splits["train"].labels.tolist() == [1, 0, 0]  # 0 and "0" are one label
+    with pytest.raises(DataError, match=r"train.jsonl:3: no key 'id'"):
+        load_task(s.model_copy(update={"id_field": "id"}))
+    with pytest.raises(DataError, match=r"train.jsonl:1: 'text' is a number, not a string"):
+        load_task(two_files(tmp_path, '{"text": 5, "label": 1}\n', '{"text": "d", "label": 1}\n', "jsonl"))
+    with pytest.raises(DataError, match=r"train.jsonl:1: 'label' is a list, not a string or a number"):
+        load_task(two_files(tmp_path, '{"text": "a", "label": [1]}\n', '{"text": "d", "label": 1}\n', "jsonl"))
+    with pytest.raises(DataError, match=r"train.jsonl:1: a string, not an object"):
+        check_task(two_files(tmp_path, '"just text"\n', '{"text": "d", "label": 1}\n', "jsonl"))
+
+
+def test_a_test_file_is_labelled_on_every_line_or_none(tmp_path):
+    s = two_files(tmp_path, '{"text": "a", "label": "pos"}\n', '{"text": "b", "label": "pos"}\n', "jsonl")
+    (tmp_path / "test.jsonl").write_text('{"text": "c"}\n{"text": "d", "label": "pos"}\n')
+    s = s.model_copy(update={"files": s.files.model_copy(update={"test": str(tmp_path / "test.jsonl")})})
+    with pytest.raises(DataError, match=r"test.jsonl:1: no key 'label'"):
+        load_task(s)
+    (tmp_path / "test.jsonl").write_text('{"text": "c"}\n{"text": "d"}\n')
+    assert load_task(s).splits["test"].labels is None
+
+
+def test_file_labels_are_names_never_class_ids(tmp_path):
+    yelp = "text,label\ngreat,2\nawful,1\n"
+    with pytest.raises(DataError, match=r"dev.csv:2: label '0' \(and '3'\) is not a label of the training file .*train.csv \('1', '2'\); "
+                                        r"labels are matched by name, never read as class ids"):
+        load_task(two_files(tmp_path, yelp, "text,label\nfine,0\nbad,1\nok,3\n"))
+    data = load_task(two_files(tmp_path, yelp, "text,label\nfine,2\nbad,1\n"))
+    assert data.label_names == ["1", "2"] and data.splits["validation"].labels.tolist() == [1, 0]
+
+
+@pytest.mark.parametrize("labels, line, spelt", [("1 0 1.0 0.0", 4, "'1.0' is line 2's '1'"), ("-1 1 +1", 4, "'+1' is line 3's '1'"),
+                                                 ("pos 01 1", 4, "'1' is line 3's '01'")])
+def test_one_number_spelt_two_ways_is_refused(tmp_path, labels, line, spelt):
+    train = "text,label\n" + "".join(f"t{i},{label}\n" for i, label in enumerate(labels.split()))
+    with pytest.raises(DataError, match=re.escape(f"train.csv:{line}: label {spelt} spelt another way")):
+        load_task(two_files(tmp_path, train, "text,label\nok,1\n"))
+
+
+def test_given_label_names_read_a_file_as_all_names_or_all_ids(tmp_path):
+    given = {"label_names": ["neg", "pos"]}
+    assert load_task(two_files(tmp_path, "text,label\na,pos\nb,neg\n", "text,label\nc,1\nd,0\n", **given)).splits["validation"].labels.tolist() == [1, 0]
+    with pytest.raises(DataError, match=r"dev.csv:2: label '1' is a class id, but line 3's 'neg' is a name of label_names \['neg', 'pos'\]"):
+        load_task(two_files(tmp_path, "text,label\na,pos\nb,neg\n", "text,label\nc,1\nd,neg\n", **given))
+    digits = {"label_names": ["1", "2"]}  # names that look like ids are names
+    data = load_task(two_files(tmp_path, "text,label\na,1\nb,2\n", "text,label\nc,1\n", **digits))
+    assert data.splits["train"].labels.tolist() == [0, 1] and data.splits["validation"].labels.tolist() == [0]
+    with pytest.raises(DataError, match=r"dev.csv:3: label '0' is a class id, but line 2's '2' is a name"):
+        load_task(two_files(tmp_path, "text,label\na,1\nb,2\n", "text,label\nc,2\nd,0\n", **digits))
+
+
+def test_glue_files_are_all_ids_or_all_names(tmp_path):
+    (tmp_path / "train.tsv").write_text("sentence\tlabel\ngreat\t1\nawful\t0\n")
+    (tmp_path / "dev.tsv").write_text("sentence\tlabel\nfine\tpositive\nbad\t0\n")
+    (tmp_path / "test.tsv").write_text("index\tsentence\n0\tx\n")
+    with pytest.raises(DataError, match=r"dev.tsv:3: label '0' is a class id, but line 2's 'positive' is a name"):
+        load_task(spec("sst2", data_dir=str(tmp_path)))
+
+
+def test_a_stray_training_label_is_warned_of(tmp_path, caplog):
+    train = "text,label\n" + "".join(f"t{i},{(-1) ** i}\n" for i in range(20)) + "odd,0\n"
+    data = load_task(two_files(tmp_path, train, "text,label\nok,1\n"))
+    assert data.label_names == ["-1", "0", "1"]
+    assert "train.csv: label '0' occurs only 1 time(s) (line 22; the commonest label 10 times): it is a class of its own" in caplog.text
+    caplog.clear()
+    load_task(two_files(tmp_path, "text,label\na,pos\nb,neg\n", "text,label\nok,pos\n"))
+    assert "occurs only" not in caplog.text  # a small file is not a stray label
+
+
+def test_a_regression_label_must_be_finite(tmp_path):
+    regression = {"regression": True, "metrics": ["pearson"], "main_metric": "pearson"}
+    with pytest.raises(DataError, match=r"train.csv:3: label 'inf' is not a number"):
+        load_task(two_files(tmp_path, "text,label\na,0.5\nb,inf\n", "text,label\nc,1\n", **regression))

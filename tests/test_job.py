@@ -13,7 +13,7 @@ import torch
 from mlflow import MlflowClient
 from mlflow.artifacts import download_artifacts
 from safetensors.torch import load_file
-from transformers import AutoModelForSequenceClassification, AutoTokenizer
+from transformers import AutoModelForSequenceClassification, AutoTokenizer, pipeline
 
 from diito import evaluation, job
 from diito.evaluation import TIMINGS
@@ -191,6 +191,20 @@ def test_regression_task_from_files_with_a_given_teacher_checkpoint(home, tmp_pa
     assert len(teachers) == 1  # nothing was fine-tuned for the second job
 
 
+def test_a_files_task_s_label_names_reach_the_saved_teacher_and_student(home, tmp_path):
+    for split, n in (("train", 24), ("dev", 8)):
+        rows = ["text,label"] + [f"{'great' if i % 2 else 'awful'} film {i},{'pos' if i % 2 else 'neg'}" for i in range(n)]
+        (tmp_path / f"{split}.csv").write_text("\n".join(rows) + "\n")
+    task = ["task=files", "task.name=reviews", f"task.files.train={tmp_path / 'train.csv'}", f"task.files.validation={tmp_path / 'dev.csv'}"]
+    job.run(compose_config([*SMOKE, *task, "tracking=none", "tracking.log_model=true"]), output_dir=tmp_path / "out")
+    teacher = next((home / ".cache" / "teachers").glob("reviews-*/model"))
+    for folder in (tmp_path / "out" / "student", teacher):
+        config = AutoModelForSequenceClassification.from_pretrained(folder).config
+        assert config.id2label == {0: "neg", 1: "pos"} and config.label2id == {"neg": 0, "pos": 1}
+    answers = pipeline("text-classification", model=str(tmp_path / "out" / "student"))(["a great film", "an awful film"])
+    assert {a["label"] for a in answers} <= {"neg", "pos"}
+
+
 def test_student_settings_never_reach_the_teacher(home, tmp_path, caplog):
     """The teacher is its own stage: student-side keys reuse the one teacher; only teacher.recipe changes it."""
     caplog.set_level("INFO", logger="diito")
@@ -223,8 +237,8 @@ def test_student_settings_never_reach_the_teacher(home, tmp_path, caplog):
 
 
 def test_a_classifier_stuck_on_one_class_is_told_apart(caplog):
-    spec = SimpleNamespace(eval_splits=["validation"], label_names=["negative", "positive"], main_metric="accuracy")
-    data = SimpleNamespace(spec=spec, num_labels=2)
+    spec = SimpleNamespace(eval_splits=["validation"], main_metric="accuracy")
+    data = SimpleNamespace(spec=spec, num_labels=2, label_names=["negative", "positive"])
     assert evaluation.one_class({"validation": np.array([0, 1, 1])}, data) is None
     assert evaluation.one_class({"validation": np.array([1, 1, 1])}, data) == "positive"
     assert evaluation.one_class({"validation": np.array([0.5, 0.5])}, SimpleNamespace(spec=spec, num_labels=1)) is None

@@ -1,9 +1,9 @@
 import pytest
 import torch
-from transformers import AutoModelForSequenceClassification, DistilBertConfig
+from transformers import AutoModelForSequenceClassification, BertConfig, DistilBertConfig, RobertaConfig, XLNetConfig
 
 from diito.intervention import block_list
-from diito.models import build_student, load_pretrained, select_blocks
+from diito.models import build_student, load_pretrained, max_positions, select_blocks
 
 
 def block_modules(model):
@@ -20,6 +20,16 @@ def test_select_blocks_strategies():
         select_blocks("first_k", 6, 3, blocks=[0, 7, 2])
     with pytest.raises(ValueError, match="3 blocks given for a 2-layer"):
         select_blocks("first_k", 6, 2, blocks=[0, 1, 2])
+    for blocks in ([2, 0, 1], [0, 0, 1]):  # a student block would follow a different teacher block than it was trained after
+        with pytest.raises(ValueError, match=rf"student.blocks: \[{blocks[0]}, {blocks[1]}, 1\] is not in increasing order"):
+            select_blocks("first_k", 6, 3, blocks=blocks)
+
+
+def test_max_positions_leaves_out_robertas_padding_offset():
+    assert max_positions(BertConfig(max_position_embeddings=512)) == (512, "max_position_embeddings 512")
+    assert max_positions(RobertaConfig(max_position_embeddings=514, pad_token_id=1)) == (
+        512, "max_position_embeddings 514, less 2 for roberta's padding offset")
+    assert max_positions(XLNetConfig()) is None  # relative positions: no limit in the config
 
 
 def _same(a: torch.nn.Module, b: torch.nn.Module) -> bool:
