@@ -2,10 +2,13 @@
 
 import os
 import sys
+import traceback
 from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
+
+from diito import store
 
 # The project folder holds the MLflow database and the caches, whatever the working directory
 # (conf/paths/default.yaml reads it).
@@ -25,6 +28,7 @@ def main(cfg: DictConfig) -> float:
     from diito.sweep import record_job_failure, sweep_info
     from diito.trainer import NonFiniteLoss
 
+    store.mask_logs()  # again: a launcher's worker process did not run this file's top level
     hydra_cfg = HydraConfig.get()
     output_dir = Path(hydra_cfg.runtime.output_dir)
     job_name = hydra_cfg.job.override_dirname or "default"
@@ -41,13 +45,17 @@ def main(cfg: DictConfig) -> float:
                                         config.raw_params(cfg), e)
             return float("nan")
         if isinstance(e, (config.ConfigError, DataError)):  # bad input: nothing was started
-            print(f"error: {e}", file=sys.stderr)
+            print(f"error: {store.mask(str(e))}", file=sys.stderr)
             sys.exit(2)
         if isinstance(e.__cause__, NonFiniteLoss):  # recorded in its FAILED run; the traceback adds nothing
             print(f"error: {e.__cause__}", file=sys.stderr)
+            sys.exit(1)
+        if store.mask(str(e)) != str(e):  # the traceback Hydra prints would show a credential: print it masked
+            print(store.mask("".join(traceback.format_exception(e))), file=sys.stderr)
             sys.exit(1)
         raise
 
 
 if __name__ == "__main__":
+    store.mask_logs()
     main()

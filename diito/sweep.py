@@ -37,7 +37,7 @@ def sweep_info(sweep_dir: str | Path) -> dict[str, str] | None:
 
 def record_job_failure(sweep_dir: str | Path, job_dir: str | Path, job_name: str, error: BaseException) -> None:
     """Note in the sweep's folder that a job failed (read back when the sweep ends)."""
-    text = json.dumps({"run": job_name, "error": store.mask(f"{type(error).__name__}: {error}")})
+    text = json.dumps({"run": store.mask(job_name), "error": store.mask(f"{type(error).__name__}: {error}")})
     atomic_write_text(Path(sweep_dir) / FAILURES / f"{Path(job_dir).name}.json", text)
 
 
