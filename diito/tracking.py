@@ -492,6 +492,12 @@ def finish_sweep(config: TrackingConfig, sweep: Mapping[str, str], metric: str) 
     return summary
 
 
+def stop_sweep(config: TrackingConfig, sweep: Mapping[str, str], status: str, error: str | None = None) -> None:
+    """End the parent run of a sweep that stopped before its summary: KILLED when it was interrupted,
+    FAILED (with the ``error`` tag) when an error stopped it."""
+    _end(Run(_client(config), sweep["parent_run_id"]), status, error)
+
+
 # -- queries for reports -----------------------------------------------------------------------------
 def find_student_runs(tracking_uri: str, target: str) -> tuple[list[Any], str | None]:
     """The finished student runs of a sweep (by sweep id or parent run id) or of an experiment (by
