@@ -2,10 +2,13 @@
 
 import os
 import sys
+import traceback
 from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
+
+from diito import interrupts, store
 
 # The project folder holds the MLflow database and the caches, whatever the working directory
 # (conf/paths/default.yaml reads it).
@@ -25,6 +28,8 @@ def main(cfg: DictConfig) -> float:
     from diito.sweep import record_job_failure, sweep_info
     from diito.trainer import NonFiniteLoss
 
+    store.mask_logs()  # again: a launcher's worker process did not run this file's top level
+    interrupts.handle_sigterm()
     hydra_cfg = HydraConfig.get()
     output_dir = Path(hydra_cfg.runtime.output_dir)
     job_name = hydra_cfg.job.override_dirname or "default"
@@ -32,6 +37,9 @@ def main(cfg: DictConfig) -> float:
     sweep = sweep_info(hydra_cfg.sweep.dir) if in_sweep else None
     try:
         return run(cfg, output_dir, hydra_dir=output_dir / hydra_cfg.output_subdir, job_name=job_name, sweep=sweep)
+    except KeyboardInterrupt as stop:  # Ctrl-C or SIGTERM: the run is marked KILLED; say how to continue
+        print(interrupts.how_to_continue(stop), file=sys.stderr)
+        raise
     except Exception as e:
         if in_sweep:  # one failing job must not stop the sweep; it shows there as a FAILED child
             logging.getLogger("diito").error("job %s failed: %s", tracking.mask(job_name), tracking.mask(str(e)))
@@ -41,13 +49,29 @@ def main(cfg: DictConfig) -> float:
                                         config.raw_params(cfg), e)
             return float("nan")
         if isinstance(e, (config.ConfigError, DataError)):  # bad input: nothing was started
-            print(f"error: {e}", file=sys.stderr)
+            print(f"error: {store.mask(str(e))}", file=sys.stderr)
             sys.exit(2)
         if isinstance(e.__cause__, NonFiniteLoss):  # recorded in its FAILED run; the traceback adds nothing
             print(f"error: {e.__cause__}", file=sys.stderr)
+            sys.exit(1)
+        if store.mask(str(e)) != str(e):  # the traceback Hydra prints would show a credential: print it masked
+            print(store.mask("".join(traceback.format_exception(e))), file=sys.stderr)
             sys.exit(1)
         raise
 
 
 if __name__ == "__main__":
-    main()
+    store.mask_logs()
+    interrupts.handle_sigterm()
+    try:
+        main()
+    except BaseException as stop:
+        # A sweep stopped before its end must not leave its parent run RUNNING. diito.sweep is loaded
+        # once a sweep starts (importing it for every command would slow --help down by seconds).
+        if "diito.sweep" in sys.modules:
+            from diito.sweep import end_stopped_sweep
+
+            end_stopped_sweep(stop)
+        if isinstance(stop, KeyboardInterrupt):  # said where it was caught; no traceback
+            sys.exit(interrupts.exit_code())
+        raise

@@ -8,12 +8,14 @@ store it opens them in can take them.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import re
 import urllib.parse
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from filelock import FileLock
 
@@ -21,14 +23,43 @@ SCHEMES = ("sqlite", "http", "https", "postgresql", "mysql", "mssql", "databrick
 SECRET_VARIABLES = ("MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN", "MLFLOW_TRACKING_CLIENT_CERT_PATH")
 
 
+# The password of a URI's ``user:password@``, also as Hydra writes an override in a sweep's job names
+# and override files, with ``:`` escaped (``http\://alice\:pw@host``).
+_PASSWORD = re.compile(r"(\b[a-zA-Z][\w+.-]*\\?://(?:\\[^:]|[^/:@\s\\])*\\?:)[^/@\s]+@")
+
+
 def mask(text: str) -> str:
-    """``text`` with credentials replaced by ``***``: the password of a URI's ``user:password@``, and
-    the values of MLflow's secret environment variables."""
-    text = re.sub(r"(\b[a-zA-Z][\w+.-]*://[^/:@\s]+):[^/@\s]+@", r"\1:***@", str(text))
+    """``text`` with credentials replaced by ``***``: the password of a URI's ``user:password@``
+    (escaped or not), and the values of MLflow's secret environment variables."""
+    text = _PASSWORD.sub(r"\1***@", str(text))
     for name in SECRET_VARIABLES:
         if os.environ.get(name):
             text = text.replace(os.environ[name], "***")
     return text
+
+
+def mask_logs() -> None:
+    """Mask every log record of this process before any handler sees it: this project's, MLflow's,
+    and Hydra's own lines that repeat the command line (``#0 : ... tracking.uri=...``). A record
+    factory, because Hydra replaces the handlers when it configures logging."""
+    make = logging.getLogRecordFactory()
+    if getattr(make, "masks", False):
+        return
+
+    def masked(*args: Any, **kwargs: Any) -> logging.LogRecord:
+        record = make(*args, **kwargs)
+        try:
+            message = record.getMessage()
+        except Exception:  # noqa: BLE001 - a malformed record is the handler's to report, as without masking
+            return record
+        if mask(message) != message:
+            record.msg, record.args = mask(message), None
+        if record.exc_info:
+            record.exc_text = mask(logging.Formatter().formatException(record.exc_info))
+        return record
+
+    masked.masks = True  # type: ignore[attr-defined]
+    logging.setLogRecordFactory(masked)
 
 
 def check(uri: str, timeout: float) -> None:

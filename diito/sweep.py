@@ -4,7 +4,8 @@
 starts it prepares the store and the experiment once (so parallel jobs never race to create them)
 and opens the parent run; jobs find it in ``<sweep dir>/sweep.json``. When all jobs have returned,
 it writes the summary (best child, failures) to the parent and makes the sweep's exit status say
-whether any job failed.
+whether any job failed. A sweep that stops before that (:func:`end_stopped_sweep`) ends its
+parent KILLED or FAILED.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 from diito import config as job_config
-from diito import store, tracking
+from diito import interrupts, store, tracking
 from diito.files import atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -27,6 +28,7 @@ SWEEP_FILE = "sweep.json"
 
 
 FAILURES = "failed"  # a file per failed job, so a sweep knows its failures even without tracking
+_open: tuple[tracking.TrackingConfig, dict[str, str]] | None = None  # the parent run this process opened and has not ended
 
 
 def sweep_info(sweep_dir: str | Path) -> dict[str, str] | None:
@@ -37,7 +39,7 @@ def sweep_info(sweep_dir: str | Path) -> dict[str, str] | None:
 
 def record_job_failure(sweep_dir: str | Path, job_dir: str | Path, job_name: str, error: BaseException) -> None:
     """Note in the sweep's folder that a job failed (read back when the sweep ends)."""
-    text = json.dumps({"run": job_name, "error": store.mask(f"{type(error).__name__}: {error}")})
+    text = json.dumps({"run": store.mask(job_name), "error": store.mask(f"{type(error).__name__}: {error}")})
     atomic_write_text(Path(sweep_dir) / FAILURES / f"{Path(job_dir).name}.json", text)
 
 
@@ -47,20 +49,24 @@ def job_failures(sweep_dir: str | Path) -> list[dict[str, str]]:
 
 class SweepCallback(Callback):
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        global _open
         settings = job_config.tracking_settings(config)
         if not settings.enabled:
             return
         sweep_dir = Path(config.hydra.sweep.dir)
         sweep_dir.mkdir(parents=True, exist_ok=True)
         info = tracking.start_sweep(settings, sweep_dir, list(config.hydra.overrides.task))
+        _open = settings, info
         (sweep_dir / SWEEP_FILE).write_text(json.dumps(info))
         log.info("MLflow parent run %s (%s)", info["parent_run_id"], info["name"])
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        global _open
         settings = job_config.tracking_settings(config)
         info = sweep_info(config.hydra.sweep.dir)
         if settings.enabled and info is not None:
             summary = tracking.finish_sweep(settings, info, job_config.main_metric_key(config))
+            _open = None
         else:  # no tracking: the sweep's folder knows which jobs failed
             failures = job_failures(config.hydra.sweep.dir)
             jobs = len(list(Path(config.hydra.sweep.dir).glob("*/.hydra")))
@@ -73,3 +79,23 @@ class SweepCallback(Callback):
         print("\n".join(lines), file=sys.stderr if failed else sys.stdout)
         if failed:
             sys.exit(1)
+
+
+def end_stopped_sweep(stop: BaseException) -> None:
+    """For a sweep that ``stop`` ended before its end (Ctrl-C, SIGTERM, or an error Hydra raises
+    between jobs, such as a choice that names no config): end its parent run KILLED or FAILED
+    instead of leaving it RUNNING, and say so."""
+    global _open
+    if _open is None:
+        return
+    settings, info = _open
+    _open = None
+    parent = f"its MLflow parent run {info['parent_run_id']} ({info['name']})"
+    if isinstance(stop, KeyboardInterrupt):
+        tracking.stop_sweep(settings, info, "KILLED")
+        print(f"sweep stopped by {interrupts.signal_name()}: {parent} is marked KILLED; run the same command again to "
+              "finish it (finished jobs are skipped)", file=sys.stderr)
+    else:  # Hydra prints an error and exits: the error is the exit's context
+        error = stop.__context__ if isinstance(stop, SystemExit) else stop
+        tracking.stop_sweep(settings, info, "FAILED", f"{type(error).__name__}: {error}" if error else f"exit code {stop.code}")
+        print(f"sweep stopped by an error: {parent} is marked FAILED", file=sys.stderr)

@@ -309,6 +309,8 @@ def _client(config: TrackingConfig) -> MlflowClient:
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", str(config.retries))
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(max(1, round(config.timeout))))
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+    if mask(config.uri or "") != (config.uri or ""):  # MLflow's "View run at <uri>" lines would print the password
+        os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
     return MlflowClient(tracking_uri=config.uri)
 
 
@@ -469,24 +471,31 @@ def start_sweep(config: TrackingConfig, sweep_dir: Path, overrides: list[str]) -
 
 def finish_sweep(config: TrackingConfig, sweep: Mapping[str, str], metric: str) -> dict[str, Any]:
     """The sweep's summary (jobs finished and failed, the best child by ``metric``), logged to its
-    parent run, which ends FAILED when a job failed."""
+    parent run, which ends FAILED when a job failed. Run names and errors are masked again: a run
+    that joined from an older store may hold them unmasked."""
     client = _client(config)
     parent = client.get_run(sweep["parent_run_id"])
     children = client.search_runs([parent.info.experiment_id], filter_string=f"tags.`{SWEEP_ID}` = '{sweep['sweep_id']}' and tags.`{ROLE}` != 'sweep'")
     failed = [r for r in children if r.info.status != "FINISHED"]
     scored = [r for r in children if r.info.status == "FINISHED" and math.isfinite(r.data.metrics.get(metric, math.nan))]
     summary = {"jobs": len(children), "finished": len(children) - len(failed), "failed": len(failed), "metric": metric,
-               "failures": [{"run": r.info.run_name, "error": r.data.tags.get(ERROR, "")} for r in failed]}
+               "failures": [{"run": mask(r.info.run_name), "error": mask(r.data.tags.get(ERROR, ""))} for r in failed]}
     run = Run(client, parent.info.run_id)
     if scored:
         best = max(scored, key=lambda r: r.data.metrics[metric])
-        summary |= {"best_run_id": best.info.run_id, "best_run": best.info.run_name, "best_value": best.data.metrics[metric]}
-        run.set_tags({BEST_RUN_ID: best.info.run_id, BEST_RUN: best.info.run_name})
+        summary |= {"best_run_id": best.info.run_id, "best_run": mask(best.info.run_name), "best_value": best.data.metrics[metric]}
+        run.set_tags({BEST_RUN_ID: best.info.run_id, BEST_RUN: summary["best_run"]})
         run.log_metrics({f"best/{metric}": best.data.metrics[metric]}, step=0)
     run.log_metrics({"jobs_finished": summary["finished"], "jobs_failed": summary["failed"]}, step=0)
     run.log_dict(summary, "summary.json")
     client.set_terminated(parent.info.run_id, status="FAILED" if failed else "FINISHED")
     return summary
+
+
+def stop_sweep(config: TrackingConfig, sweep: Mapping[str, str], status: str, error: str | None = None) -> None:
+    """End the parent run of a sweep that stopped before its summary: KILLED when it was interrupted,
+    FAILED (with the ``error`` tag) when an error stopped it."""
+    _end(Run(_client(config), sweep["parent_run_id"]), status, error)
 
 
 # -- queries for reports -----------------------------------------------------------------------------

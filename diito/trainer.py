@@ -27,6 +27,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from diito.files import atomic_write
+from diito.interrupts import Interrupted
 
 log = logging.getLogger(__name__)
 Batch = dict[str, Tensor]
@@ -236,6 +237,7 @@ class Trainer:
         self._started = 0.0  # perf_counter() when this process's unclocked share of state.train_seconds began (set by fit)
         self._sums: dict[str, Tensor] = {}  # training losses summed since they were last logged
         self._count = 0
+        self._checkpoint_step: int | None = None  # the step of the newest checkpoint written or resumed from
 
     @property
     def epochs_run(self) -> float:
@@ -282,6 +284,7 @@ class Trainer:
         if self._last.exists():
             os.replace(self._last, self._previous)
         atomic_write(self._last, lambda tmp: torch.save(checkpoint, tmp))
+        self._checkpoint_step = self.state.step
 
     def try_resume(self) -> bool:
         """Load the newest readable checkpoint; True when training resumes from one. A damaged
@@ -319,17 +322,21 @@ class Trainer:
         self._started = time.perf_counter()
         if self.config.resume and self.try_resume():
             log.info("%s: resuming from step %d", self.name, self.state.step)
+            self._checkpoint_step = self.state.step
         c, s = self.config, self.state  # after resuming, which replaces the state
         bar = tqdm(total=self.total_steps, initial=s.step, desc=self.name, disable=not c.progress, dynamic_ncols=True)
-        while s.step < self.total_steps and not s.stopped_early:
-            self._train_rest_of_epoch(bar)
-            finished = s.step >= self.total_steps
-            if s.batch_in_epoch == self.batches_per_epoch and not finished and not s.stopped_early:
-                s.epoch, s.batch_in_epoch = s.epoch + 1, 0
-            if finished or s.batch_in_epoch == 0:
-                self._evaluate()  # at each epoch end, and once at the very end
-                if not finished and not s.stopped_early:
-                    self.save_checkpoint()
+        try:
+            while s.step < self.total_steps and not s.stopped_early:
+                self._train_rest_of_epoch(bar)
+                finished = s.step >= self.total_steps
+                if s.batch_in_epoch == self.batches_per_epoch and not finished and not s.stopped_early:
+                    s.epoch, s.batch_in_epoch = s.epoch + 1, 0
+                if finished or s.batch_in_epoch == 0:
+                    self._evaluate()  # at each epoch end, and once at the very end
+                    if not finished and not s.stopped_early:
+                        self.save_checkpoint()
+        except KeyboardInterrupt as stop:  # Ctrl-C or SIGTERM: say where the next run continues
+            raise Interrupted(self.name, s.step, self._checkpoint_step if c.resume else None) from stop
         bar.close()
         self._clock()
         if c.keep_best and self._best.exists():

@@ -171,6 +171,19 @@ def test_credentials_never_reach_the_message(home):
     assert "http://alice:***@127.0.0.1:9" in str(error.value) and "s3cret" not in str(error.value)
 
 
+@pytest.mark.parametrize("text, masked", [
+    ("http://alice:s3cret@host:5000", "http://alice:***@host:5000"),
+    (r"tracking.uri=http\://alice\:s3cret@host\:5000,loss.T=2", r"tracking.uri=http\://alice\:***@host\:5000,loss.T=2"),  # Hydra's job name
+    ("postgresql+psycopg://mlflow:s3cret@db:5432/mlflow", "postgresql+psycopg://mlflow:***@db:5432/mlflow"),
+    ("View run x at: https://:s3cret@host/#/experiments/1", "View run x at: https://:***@host/#/experiments/1"),
+    ("http://host:5000/a and sqlite:///a/b.db", "http://host:5000/a and sqlite:///a/b.db"),
+])
+def test_every_form_of_a_password_in_a_uri_is_masked(text, masked):
+    from diito.store import mask
+
+    assert mask(text) == masked
+
+
 @pytest.mark.parametrize("overrides, message", [
     (["loss.alpha=2"], "error: loss.alpha: Input should be less than or equal to 1"),
     (["task=files", "task.files.train=/none/train.csv", "task.files.validation=/none/dev.csv"], "error: task.files.train: file not found"),

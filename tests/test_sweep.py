@@ -156,3 +156,21 @@ def test_optuna_search_with_current_optuna(home):
     assert len(children) == 3 and {c.data.tags["mlflow.parentRunId"] for c in children} == {parent.info.run_id}
     assert all(0.5 <= float(c.data.params["loss.alpha"]) <= 0.9 and c.data.params["loss.T"] in {"2.0", "10.0"} for c in children)
     assert results["best_value"] == max(c.data.metrics["validation/accuracy"] for c in children)
+
+
+def test_a_sweep_that_hydra_stops_with_an_error_ends_its_parent_failed(home):
+    result = run_cli(["-m", *SMOKE, "loss=kd,diito,dito"], home)  # a typo: Hydra finds no loss/dito, after the parent was opened
+    assert result.returncode == 1 and "Could not find 'loss/dito'" in result.stderr
+    _, (parent,), children = sweep_runs(home)
+    assert parent.info.status == "FAILED" and "Could not find 'loss/dito'" in parent.data.tags["error"]
+    assert all(c.info.status != "RUNNING" for c in children)
+    assert f"sweep stopped by an error: its MLflow parent run {parent.info.run_id} ({parent.info.run_name}) is marked FAILED" in result.stderr
+
+
+def test_the_job_name_leaves_out_every_tracking_setting():
+    """A job's name (its MLflow run's, Hydra's override_dirname) never repeats a tracking.uri and its password."""
+    from diito.tracking import TrackingConfig
+    from tests.conftest import compose_config
+
+    excluded = set(compose_config(hydra=True).hydra.job.config.override_dirname.exclude_keys)
+    assert excluded == {"tracking"} | {f"tracking.{f.alias or name}" for name, f in TrackingConfig.model_fields.items()}

@@ -9,7 +9,7 @@ import sys
 import pytest
 from mlflow import MlflowClient
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, run_cli
 
 pytestmark = pytest.mark.slow
 
@@ -79,3 +79,64 @@ def test_credentials_and_environment_values_never_reach_mlflow(home, mlflow_serv
         assert not any("s3cret" in str(text) for text in logged), run.data.tags["diito.role"]
     (student,) = [r for r in runs if r.data.tags["diito.role"] == "student"]
     assert student.data.params["loss.T"] == "<$DIITO_T>" and "tracking.uri" not in student.data.params
+
+
+@pytest.mark.parametrize("given", ["override", "environment"])
+def test_a_sweep_never_prints_or_stores_the_password_of_its_tracking_uri(home, mlflow_server, given):
+    """A sweep of finishing and failing jobs against a server reached as http://alice:<password>@...
+    (a server without auth ignores the credentials; MLflow's client sends them): the password is in
+    neither the console, nor the server's database and artifacts, nor what the project writes in the
+    sweep folder."""
+    password = "Pa55-w0rd-7q"
+    secret_uri = mlflow_server.uri.replace("http://", f"http://alice:{password}@")
+    where = {"override": ([f"tracking.uri={secret_uri}"], {}), "environment": ([], {"MLFLOW_TRACKING_URI": secret_uri})}
+    overrides, env = where[given]
+    result = run_cli(["-m", "teacher=tiny", "trainer=debug", "trainer.max_steps=2", "loss.T=2,4", "loss.alpha=0.5,1.5",
+                      "tracking=server", *overrides], home, **env)
+    assert result.returncode == 1 and "sweep: 2/4 jobs finished" in result.stderr, result.stderr[-3000:]  # alpha=1.5 fails
+    assert password not in result.stdout + result.stderr
+
+    client = MlflowClient(mlflow_server.uri)
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert sorted(r.data.tags["diito.role"] for r in runs) == ["student"] * 4 + ["sweep", "teacher"]
+    downloads = home / "downloads"
+    for run in runs:
+        client.download_artifacts(run.info.run_id, "", str(downloads / run.info.run_id))
+    assert any(downloads.rglob("overrides.yaml")) and any(downloads.rglob("summary.json"))  # the files that held it
+    (sweep_dir,) = home.glob("multirun/*/*")
+    hydra_own = {sweep_dir / "multirun.yaml", *sweep_dir.glob("*/.hydra/*")}  # the user's command line, on their disk
+    project_files = [p for p in sweep_dir.rglob("*") if p.is_file() and p not in hydra_own]
+    assert {"sweep.json", "1.json", "3.json"} <= {p.name for p in project_files}
+    for path in [*mlflow_server.folder.rglob("*"), *downloads.rglob("*"), *project_files]:
+        assert not path.is_file() or password.encode() not in path.read_bytes(), path
+
+
+def test_an_error_that_quotes_the_uri_is_printed_masked(home):
+    """A server that answers its health check but drops every request: MLflow's error quotes the URI
+    with its password, and the traceback shows it masked."""
+    import http.server
+    import threading
+
+    class DropsRequests(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            if self.path.startswith("/health"):
+                self.send_response(200)
+                self.end_headers()
+                self.wfile.write(b"OK")
+            else:
+                self.close_connection = True  # no answer at all
+
+        do_POST = do_GET
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), DropsRequests)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        result = run_cli(["teacher=tiny", "trainer=debug", "tracking=server", f"tracking.uri=http://alice:s3cret@127.0.0.1:{server.server_port}",
+                          "tracking.retries=0", "tracking.timeout=1"], home, timeout=300)
+    finally:
+        server.shutdown()
+    assert result.returncode == 1 and f"API request to http://alice:***@127.0.0.1:{server.server_port}/api/" in result.stderr, result.stderr[-3000:]
+    assert "s3cret" not in result.stdout + result.stderr
