@@ -178,10 +178,11 @@ def datasets(data: Prepared) -> list[tracking.DatasetRecord]:
 
 def log_config(run: tracking.Run | tracking.NullRun, job: Job, cfg: DictConfig, hydra_dir: Path | None) -> None:
     """Params (the validated settings, so 4 and 4.0 log alike; a run that makes no interventions
-    leaves out their settings), the resolved config, and Hydra's record of the command line. Values
-    read from the environment are replaced by the variable's name, and credentials are masked."""
+    leaves out their settings; the digest of the data read, part of the job's identity), the
+    resolved config, and Hydra's record of the command line. Values read from the environment are
+    replaced by the variable's name, and credentials are masked."""
     from_env = config.from_environment(cfg)
-    params = tracking.params(job.config.model_dump(mode="json"), leave_out=job.unused_settings)
+    params = tracking.params(job.config.model_dump(mode="json"), leave_out=job.unused_settings) | {"data_digest": job.data_digest}
     run.log_params({k: f"<${from_env[k]}>" if k in from_env else v for k, v in params.items()})
     resolved = OmegaConf.to_container(cfg, resolve=True)
     for key, variable in from_env.items():

@@ -336,3 +336,30 @@ def test_damaged_entries_are_reported_and_replaced(home, tmp_path, caplog, monke
     assert "run state" in caplog.text and "is unreadable" in caplog.text
     client, students = runs_by_role(home, "student")
     assert students[-1].info.status == "FINISHED"
+
+
+def test_the_identity_holds_a_digest_of_the_data_read_before_compute(home, tmp_path):
+    """The same settings on changed data are another job: known at validation, without reading a
+    row (a hub dataset is known by its id: it is not downloaded before compute)."""
+    def identity(overrides: list[str]) -> tuple[str, str]:
+        validated = job.validate(compose_config([*SMOKE, *overrides]))
+        return validated.hash, validated.data_digest
+
+    task = ["task=files", f"task.files.train={tmp_path / 'train.csv'}", f"task.files.validation={tmp_path / 'dev.csv'}"]
+    (tmp_path / "dev.csv").write_text("text,label\nfine,pos\npoor,neg\n")
+    (tmp_path / "train.csv").write_text("text,label\ngood,pos\nbad,pos\n")
+    first = identity(task)
+    (tmp_path / "train.csv").write_text("text,label\ngood,pos\nbad,pos\n")  # rewritten unchanged
+    assert identity(task) == first
+    (tmp_path / "train.csv").write_text("text,label\ngood,pos\nbad,neg\n")  # a label fixed
+    fixed = identity(task)
+    assert fixed[0] != first[0] and fixed[1] != first[1]
+    glue = tmp_path / "SST-2"
+    glue.mkdir()
+    for name, rows in (("train.tsv", "a film\t1\n"), ("dev.tsv", "a film\t0\n"), ("test.tsv", "0\ta film\n")):
+        (glue / name).write_text({"test.tsv": "index\tsentence\n"}.get(name, "sentence\tlabel\n") + rows)
+    sst2 = identity(["task=sst2", f"task.data_dir={tmp_path}"])  # the GLUE root: its SST-2 folder is read
+    (glue / "dev.tsv").write_text("sentence\tlabel\na film\t1\n")
+    assert identity(["task=sst2", f"task.data_dir={tmp_path}"])[1] != sst2[1]
+    assert identity(["task=sst2"])[1] == identity(["task=sst2"])[1] != identity(["task=cola"])[1]  # the hub's id
+    assert len({identity([])[1], first[1], sst2[1]}) == 3  # the packaged rotten_tomatoes CSV
