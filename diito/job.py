@@ -100,7 +100,7 @@ def _run(job: Job, cfg: DictConfig, device: torch.device, output_dir: Path | Non
         tracking.ROLE: "student", "task": c.task.name, "teacher": c.teacher.name, "student_layers": c.student.layers,
         "loss": c.loss.kind, tracking.CONFIG_HASH: job.hash,
     }
-    runs = tracking.resumable_run(state_dir, c.tracking, c.tracking.run_name or job_name, tags) if rank == 0 else tracking.no_run()
+    runs = tracking.resumable_run(state_dir, job.hash, c.tracking, c.tracking.run_name or job_name, tags) if rank == 0 else tracking.no_run()
     with runs as run_:
         log_config(run_, job, cfg, hydra_dir)
         run_.log_datasets(datasets(data))
@@ -125,7 +125,7 @@ def _run(job: Job, cfg: DictConfig, device: torch.device, output_dir: Path | Non
                                       length_grouped=c.trainer.length_grouped, rank=rank, world=world),
                           c.trainer, c.optim, state_dir / "checkpoint",
                           Validation(lambda: evaluator.metrics(student) | (probe() if probe else {}), c.task.main_metric_key),
-                          run_.log_metrics, name="student")
+                          run_.log_metrics, name="student", owner=job.hash)
         with tracking.system_metrics(run_, c.tracking):
             state = trainer.fit()
         if rank != 0:  # rank 0 evaluates, saves and logs
