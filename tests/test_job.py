@@ -11,6 +11,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from filelock import FileLock
 from mlflow import MlflowClient
 from mlflow.artifacts import download_artifacts
 from safetensors.torch import load_file
@@ -390,6 +391,23 @@ def test_a_checkpoint_that_does_not_fit_the_model_starts_afresh(home, tmp_path, 
     assert students[-1].info.status == "FINISHED"
     first, again = (load_file(tmp_path / name / "student" / "model.safetensors") for name in ("uninterrupted", "b"))
     assert all(torch.equal(first[k], again[k]) for k in first)
+
+
+def test_a_second_identical_job_is_refused_in_one_line_before_compute(home):
+    """The first job holds its state folder's lock for all its life; the second ends at once."""
+    cfg = compose_config(SMOKE)
+    folder = state_folder(home, cfg)
+    folder.mkdir(parents=True)
+    with FileLock(str(folder / ".lock")):  # the running job
+        result = run_cli(SMOKE, home)
+    assert result.returncode == 75, result.stderr[-3000:]
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"error: an identical job is already running (its state: {folder}); wait for it to end, or change a setting to run another job")
+    assert "Traceback" not in result.stderr
+    assert not (home / ".cache" / "teachers").exists()  # nothing computed: not even the teacher
+    _, students = runs_by_role(home, "student")
+    _, teachers = runs_by_role(home, "teacher")
+    assert students == teachers == []
 
 
 def test_the_identity_holds_a_digest_of_the_data_read_before_compute(home, tmp_path):
