@@ -14,6 +14,10 @@ from diito import interrupts, store
 # (conf/paths/default.yaml reads it).
 os.environ.setdefault("DIITO_HOME", str(Path(__file__).resolve().parent))
 
+# An identical job is running: nothing was started; the same command succeeds once it has ended
+# (sysexits.h's EX_TEMPFAIL, "try again later"), told apart from bad input (2) and a failed job (1).
+EXIT_RUNNING = 75
+
 
 @hydra.main(config_path="conf", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> float:
@@ -23,7 +27,7 @@ def main(cfg: DictConfig) -> float:
     from hydra.types import RunMode
 
     from diito import config, tracking
-    from diito.job import run
+    from diito.job import JobRunning, run
     from diito.sources import DataError
     from diito.sweep import record_job_failure, sweep_info
     from diito.trainer import NonFiniteLoss
@@ -51,6 +55,9 @@ def main(cfg: DictConfig) -> float:
         if isinstance(e, (config.ConfigError, DataError)):  # bad input: nothing was started
             print(f"error: {store.mask(str(e))}", file=sys.stderr)
             sys.exit(2)
+        if isinstance(e, JobRunning):  # nothing was started either
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(EXIT_RUNNING)
         if isinstance(e.__cause__, NonFiniteLoss):  # recorded in its FAILED run; the traceback adds nothing
             print(f"error: {e.__cause__}", file=sys.stderr)
             sys.exit(1)

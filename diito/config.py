@@ -23,7 +23,7 @@ from diito import store, tracking
 from diito.intervention import InterchangeConfig, MappingConfig, MappingEntry, Shape, build_mapping
 from diito.models import StudentConfig, load_model_config, load_tokenizer, max_positions, num_layers, select_blocks
 from diito.objective import LossConfig, default_patience_layers
-from diito.sources import DataError, check_task, glue_folder
+from diito.sources import DataError, check_task, data_digest, glue_folder
 from diito.tasks import TaskSpec
 from diito.teacher import TeacherConfig
 from diito.tracking import TrackingConfig
@@ -65,11 +65,14 @@ class Job:
     student_blocks: list[int]
     patience_layers: list[int]
     mapping: list[MappingEntry] | None  # the checked intervention sites; None when nothing intervenes
+    data_digest: str  # of the data the task reads (sources.data_digest)
 
     @property
     def hash(self) -> str:
-        """The job's identity: a digest of the validated settings that can change its result."""
-        return tracking.identity(self.config.model_dump(mode="json"))
+        """The job's identity: a digest of the validated settings that can change its result and of
+        the data it reads, so the same settings on changed data are another job (never skipped as
+        finished, never resumed from the old data's checkpoints)."""
+        return tracking.identity(self.config.model_dump(mode="json") | {"data_digest": self.data_digest})
 
     @property
     def unused_settings(self) -> frozenset[str]:
@@ -114,6 +117,7 @@ def validate(cfg: DictConfig) -> Job:
     try:
         job.task = glue_folder(job.task)
         check_task(job.task)
+        digest = data_digest(job.task)
     except DataError as e:
         raise ConfigError(str(e)) from None
     check_device(job.trainer.device)
@@ -165,7 +169,7 @@ def validate(cfg: DictConfig) -> Job:
             mapping = build_mapping(job.mapping, teacher_shape, student_shape)
         except ValueError as e:
             raise ConfigError(str(e)) from None
-    return Job(job, teacher_layers, blocks, patience, mapping)
+    return Job(job, teacher_layers, blocks, patience, mapping, digest)
 
 
 def _model_config(model: str, key: str):

@@ -6,13 +6,17 @@ With :mod:`diito.config`, the only code that reads the config tree; every step h
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
+import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+from filelock import FileLock, Timeout
 from omegaconf import DictConfig, OmegaConf
 from torch.nn.parallel import DistributedDataParallel
 
@@ -30,6 +34,15 @@ from diito.trainer import Trainer, Validation, resolve_device, seed_everything
 log = logging.getLogger(__name__)
 
 
+class JobRunning(RuntimeError):
+    """An identical job (the same settings on the same data) is running: this one does not start."""
+
+
+def state_folder(job: Job) -> Path:
+    """Where a job keeps what it needs to resume (its checkpoints, its run's id): named by its identity."""
+    return Path(job.config.paths.cache) / "runs" / job.hash
+
+
 def run(cfg: DictConfig, output_dir: Path | None = None, hydra_dir: Path | None = None, job_name: str = "default",
         sweep: dict[str, str] | None = None) -> float:
     """Run the job ``cfg`` describes; returns the student's main validation metric (the teacher's
@@ -38,29 +51,55 @@ def run(cfg: DictConfig, output_dir: Path | None = None, hydra_dir: Path | None 
     the run is a child of the sweep's parent, and a job that already FINISHED with the same config
     is not run again (unless ``rerun=true``): its run joins this sweep instead. With
     ``trainer.devices=N`` the student trains as N ranks spawned here; under a launcher that started
-    the ranks itself (torchrun, submitit), this process is one of them."""
+    the ranks itself (torchrun, submitit), this process is one of them. :class:`JobRunning` when an
+    identical job holds the state folder, before any compute."""
     job = validate(cfg)
     c = job.config
-    if sweep and c.tracking.enabled and not c.rerun and c.stage == "distill":
-        done = tracking.finished_run(c.tracking, job.hash)
-        if done is not None:
-            run_, metrics = done
-            log.info("already finished as run %s: skipped (rerun=true runs it again)", run_.run_id)
-            run_.set_tags(tracking.sweep_tags(sweep))
-            return metrics.get(c.task.main_metric_key, float("nan"))
-    if distributed.launched():
-        with distributed.process_group(c.trainer.device) as (rank, _, device):
-            return _run(job, cfg, device, output_dir, hydra_dir, job_name, sweep, rank)
-    device = resolve_device(c.trainer.device)
-    if c.trainer.devices > 1 and c.stage == "distill":
-        _data_and_teacher(job, device)  # once, here, before the ranks start (they find it in the cache)
-        try:
-            return distributed.spawn(c.trainer.devices, _spawned, (cfg, output_dir, hydra_dir, job_name, sweep))
-        except distributed.RankFailed as e:
-            if e.details.get("run_id"):  # already recorded in its FAILED run
-                raise tracking.RunFailed(e.details["run_id"], e) from None
-            raise
-    return _run(job, cfg, device, output_dir, hydra_dir, job_name, sweep)
+    launched = distributed.launched()
+    with _held(job, holder=not launched or os.environ["RANK"] == "0"):
+        if sweep and c.tracking.enabled and not c.rerun and c.stage == "distill":
+            done = tracking.finished_run(c.tracking, job.hash)
+            if done is not None:
+                run_, metrics = done
+                log.info("already finished as run %s: skipped (rerun=true runs it again)", run_.run_id)
+                run_.set_tags(tracking.sweep_tags(sweep))
+                return metrics.get(c.task.main_metric_key, float("nan"))
+        if launched:
+            with distributed.process_group(c.trainer.device) as (rank, _, device):
+                return _run(job, cfg, device, output_dir, hydra_dir, job_name, sweep, rank)
+        device = resolve_device(c.trainer.device)
+        if c.trainer.devices > 1 and c.stage == "distill":
+            _data_and_teacher(job, device)  # once, here, before the ranks start (they find it in the cache)
+            try:
+                return distributed.spawn(c.trainer.devices, _spawned, (cfg, output_dir, hydra_dir, job_name, sweep))
+            except distributed.RankFailed as e:
+                if e.details.get("run_id"):  # already recorded in its FAILED run
+                    raise tracking.RunFailed(e.details["run_id"], e) from None
+                raise
+        return _run(job, cfg, device, output_dir, hydra_dir, job_name, sweep)
+
+
+@contextlib.contextmanager
+def _held(job: Job, holder: bool) -> Iterator[None]:
+    """The job's state folder, locked for the whole job (teacher, training, logging), so a second
+    identical job is refused before any compute instead of after the teacher. One process holds it:
+    this one, whose spawned ranks run inside its hold, or rank 0 of a launcher's ranks (``holder``).
+    A teacher-only job takes none: a second one waits for the teacher's cache entry and reuses it."""
+    if job.config.stage != "distill" or not holder:
+        yield
+        return
+    folder = state_folder(job)
+    folder.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(folder / ".lock"))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        raise JobRunning(f"an identical job is already running (its state: {folder}); "
+                         "wait for it to end, or change a setting to run another job") from None
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def _spawned(cfg: DictConfig, output_dir, hydra_dir, job_name, sweep) -> float:
@@ -95,12 +134,12 @@ def _run(job: Job, cfg: DictConfig, device: torch.device, output_dir: Path | Non
         return teacher.metrics.get(c.task.main_metric_key, float("nan"))
     data = all_data.limited(c.trainer.max_train_examples, c.trainer.max_eval_examples, subset_seed(c))
 
-    state_dir = Path(c.paths.cache) / "runs" / job.hash
+    state_dir = state_folder(job)
     tags = tracking.sweep_tags(sweep) | teacher.tags | tracking.git_tags() | {
         tracking.ROLE: "student", "task": c.task.name, "teacher": c.teacher.name, "student_layers": c.student.layers,
         "loss": c.loss.kind, tracking.CONFIG_HASH: job.hash,
     }
-    runs = tracking.resumable_run(state_dir, c.tracking, c.tracking.run_name or job_name, tags) if rank == 0 else tracking.no_run()
+    runs = tracking.resumable_run(state_dir, job.hash, c.tracking, c.tracking.run_name or job_name, tags) if rank == 0 else tracking.no_run()
     with runs as run_:
         log_config(run_, job, cfg, hydra_dir)
         run_.log_datasets(datasets(data))
@@ -125,7 +164,7 @@ def _run(job: Job, cfg: DictConfig, device: torch.device, output_dir: Path | Non
                                       length_grouped=c.trainer.length_grouped, rank=rank, world=world),
                           c.trainer, c.optim, state_dir / "checkpoint",
                           Validation(lambda: evaluator.metrics(student) | (probe() if probe else {}), c.task.main_metric_key),
-                          run_.log_metrics, name="student")
+                          run_.log_metrics, name="student", owner=job.hash)
         with tracking.system_metrics(run_, c.tracking):
             state = trainer.fit()
         if rank != 0:  # rank 0 evaluates, saves and logs
@@ -184,10 +223,11 @@ def datasets(data: Prepared) -> list[tracking.DatasetRecord]:
 
 def log_config(run: tracking.Run | tracking.NullRun, job: Job, cfg: DictConfig, hydra_dir: Path | None) -> None:
     """Params (the validated settings, so 4 and 4.0 log alike; a run that makes no interventions
-    leaves out their settings), the resolved config, and Hydra's record of the command line. Values
-    read from the environment are replaced by the variable's name, and credentials are masked."""
+    leaves out their settings; the digest of the data read, part of the job's identity), the
+    resolved config, and Hydra's record of the command line. Values read from the environment are
+    replaced by the variable's name, and credentials are masked."""
     from_env = config.from_environment(cfg)
-    params = tracking.params(job.config.model_dump(mode="json"), leave_out=job.unused_settings)
+    params = tracking.params(job.config.model_dump(mode="json"), leave_out=job.unused_settings) | {"data_digest": job.data_digest}
     run.log_params({k: f"<${from_env[k]}>" if k in from_env else v for k, v in params.items()})
     resolved = OmegaConf.to_container(cfg, resolve=True)
     for key, variable in from_env.items():

@@ -73,7 +73,7 @@ def obtain_teacher(config: TeacherConfig, data: Prepared, tokenizer, run_setting
         return Teacher(load_finetuned(config.checkpoint).to(device).eval(), "checkpoint", config.checkpoint)
     key = tracking.identity({"data": data.fingerprint, "model": config.model, "recipe": config.recipe.model_dump(mode="json")})
     folder = cache_dir / "teachers" / f"{data.spec.name}-{key}"
-    info, built = cache.build_once(folder, lambda folder: _fine_tune(config, data, tokenizer, run_settings, tracking_config, folder, device),
+    info, built = cache.build_once(folder, lambda folder: _fine_tune(config, data, tokenizer, run_settings, tracking_config, folder, key, device),
                                    check=_damage)
     shutil.rmtree(folder / "checkpoint", ignore_errors=True)  # only once the entry is complete
     main = info.get("metrics", {}).get(data.spec.main_metric_key)
@@ -84,8 +84,10 @@ def obtain_teacher(config: TeacherConfig, data: Prepared, tokenizer, run_setting
 
 
 def _fine_tune(config: TeacherConfig, data: Prepared, tokenizer, run_settings: TrainerConfig, tracking_config: tracking.TrackingConfig,
-               folder: Path, device: torch.device) -> dict:
-    """Fine-tune the base model with the recipe into ``folder``; returns the cache entry's info."""
+               folder: Path, key: str, device: torch.device) -> dict:
+    """Fine-tune the base model with the recipe into ``folder``, the cache entry ``key`` names (it
+    stamps the fine-tune's checkpoints and run record, so nothing else's is resumed); returns the
+    entry's info."""
     recipe = config.recipe
     log.info("teacher: fine-tuning %s on %s (teacher.recipe)", config.name, data.spec.name)
     settings = run_settings.with_loop(recipe)
@@ -98,7 +100,7 @@ def _fine_tune(config: TeacherConfig, data: Prepared, tokenizer, run_settings: T
         return loss, {"ce": loss}
 
     tags = {tracking.ROLE: "teacher", "task": data.spec.name, "teacher": config.name} | tracking.git_tags()
-    with tracking.resumable_run(folder, tracking_config, f"teacher-{data.spec.name}-{config.name}", tags) as run:
+    with tracking.resumable_run(folder, key, tracking_config, f"teacher-{data.spec.name}-{config.name}", tags) as run:
         run.log_params(tracking.params({"task": data.spec.model_dump(), "teacher": config.model_dump()}))
         evaluator = Evaluator(data, settings.eval_batch_size, settings.precision, device)
         seed_everything(recipe.seed)
@@ -106,7 +108,7 @@ def _fine_tune(config: TeacherConfig, data: Prepared, tokenizer, run_settings: T
                              length_grouped=settings.length_grouped)
         trainer = Trainer(model, loss_fn, loader,
                           settings, optim, folder / "checkpoint", Validation(lambda: evaluator.metrics(model), data.spec.main_metric_key),
-                          run.log_metrics, name="teacher")
+                          run.log_metrics, name="teacher", owner=key)
         state = trainer.fit()
         predictions = evaluator.predict(model, data.spec.eval_splits)
         metrics = evaluator.score(predictions)

@@ -28,7 +28,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from filelock import FileLock, Timeout
 from mlflow import MlflowClient
 from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
@@ -398,30 +397,26 @@ def no_run() -> Iterator[NullRun]:
 
 
 @contextlib.contextmanager
-def resumable_run(state_dir: Path, config: TrackingConfig, run_name: str | None, tags: Mapping[str, Any]) -> Iterator[Run | NullRun]:
-    """A run whose id is kept in ``state_dir``, so re-running an interrupted job continues the same
-    run. Holding the folder's lock keeps two identical jobs from sharing one state."""
+def resumable_run(state_dir: Path, identity: str, config: TrackingConfig, run_name: str | None,
+                  tags: Mapping[str, Any]) -> Iterator[Run | NullRun]:
+    """A run whose id is kept in ``state_dir`` with the ``identity`` of what it runs (a job's
+    hash, a teacher's cache key), so re-running an interrupted job continues the same run, and a
+    record of anything else starts a new one. The caller holds the folder's lock, so no other
+    process shares this state."""
     state_dir.mkdir(parents=True, exist_ok=True)
-    lock = FileLock(str(state_dir / ".lock"))
-    try:
-        lock.acquire(timeout=0)
-    except Timeout:
-        raise RuntimeError(f"an identical job is already running (its state: {state_dir})") from None
-    try:
-        id_file = state_dir / "run.json"
-        where = {"uri": mask(config.uri or ""), "experiment": config.experiment}
-        run_id = _saved_run_id(id_file, where)
-        with open_run(config, run_name, tags, run_id=run_id) as run:
-            if run.run_id and run.run_id != run_id:
-                atomic_write_text(id_file, json.dumps({"run_id": run.run_id} | where))
-            yield run
-    finally:
-        lock.release()
+    id_file = state_dir / "run.json"
+    where = {"identity": identity, "uri": mask(config.uri or ""), "experiment": config.experiment}
+    run_id = _saved_run_id(id_file, where)
+    with open_run(config, run_name, tags, run_id=run_id) as run:
+        if run.run_id and run.run_id != run_id:
+            atomic_write_text(id_file, json.dumps({"run_id": run.run_id} | where))
+        yield run
 
 
 def _saved_run_id(id_file: Path, where: dict[str, str]) -> str | None:
-    """The run an interrupted job was logging to, if it logged to the same store and experiment; an
-    unreadable record starts a new run (said aloud)."""
+    """The run an interrupted job was logging to, if it ran the same identity and logged to the
+    same store and experiment (a record without an identity is an older version's: not this job's
+    for sure); an unreadable record starts a new run (said aloud)."""
     if not id_file.exists():
         return None
     try:

@@ -15,7 +15,7 @@ import os
 import random
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -217,14 +217,30 @@ class Validation:
     main_metric: str
 
 
+CHECKPOINT_ENTRIES = ("owner", "model", "optimizer", "scheduler", "scaler", "state", "rng", "running")
+"""What a checkpoint holds; one without any of them (an older version's) is not resumed."""
+
+
+def _difference(ours: dict[str, tuple], theirs: dict[str, tuple]) -> str:
+    """The first way two {tensor name: shape} tables differ, in words."""
+    if missing := sorted(ours.keys() - theirs.keys()):
+        return f"{len(missing)} tensor(s) missing, such as {missing[0]}"
+    if extra := sorted(theirs.keys() - ours.keys()):
+        return f"{len(extra)} tensor(s) the model lacks, such as {extra[0]}"
+    key = next(k for k in ours if ours[k] != theirs[k])
+    return f"{key} is {list(theirs[key])}, the model's {list(ours[key])}"
+
+
 class Trainer:
     """Trains ``model`` on the batches of ``loader`` with ``loss_fn``; checkpoints go to
-    ``checkpoint_dir``, metrics to ``log``; ``name`` labels the progress bar and log lines."""
+    ``checkpoint_dir``, stamped with ``owner`` (the identity of what is trained: a checkpoint
+    stamped otherwise is never resumed), metrics to ``log``; ``name`` labels the progress bar and
+    log lines."""
 
     def __init__(self, model: torch.nn.Module, loss_fn: LossFn, loader: torch.utils.data.DataLoader, config: TrainerConfig,
-                 optim: OptimConfig, checkpoint_dir: Path, validation: Validation, log: LogFn, name: str = "train"):
+                 optim: OptimConfig, checkpoint_dir: Path, validation: Validation, log: LogFn, name: str = "train", owner: str = ""):
         self.model, self.loss_fn, self.loader, self.config = model, loss_fn, loader, config
-        self.checkpoint_dir, self.validation, self.log, self.name = checkpoint_dir, validation, log, name
+        self.checkpoint_dir, self.validation, self.log, self.name, self.owner = checkpoint_dir, validation, log, name, owner
         self.device = resolve_device(config.device)
         # The loader says whether this is one rank of several (the student under DDP) or a whole fit
         # (the teacher, fine-tuned by rank 0 alone while the others wait).
@@ -273,6 +289,7 @@ class Trainer:
         self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
         log.info("%s: writing checkpoint at step %d", self.name, self.state.step)
         checkpoint = {
+            "owner": self.owner,
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
@@ -287,27 +304,53 @@ class Trainer:
         self._checkpoint_step = self.state.step
 
     def try_resume(self) -> bool:
-        """Load the newest readable checkpoint; True when training resumes from one. A damaged
-        one is reported and passed over for the one before it (or a fresh start)."""
-        for path in (self._last, self._previous):
-            if not path.exists():
-                continue
+        """Load the newest checkpoint that is this fit's; True when training resumes from one. A
+        damaged one, or one that is not this fit's (another owner, another shape, an older version's),
+        is said in one line and passed over for the one before it (or a fresh start)."""
+        candidates = [p for p in (self._last, self._previous) if p.exists()]
+        for i, path in enumerate(candidates):
             try:
                 ckpt = torch.load(path, map_location=self.device, weights_only=True)
-                state = TrainState(**ckpt["state"])
+                problem = self._misfit(ckpt)
             except Exception as e:  # noqa: BLE001 - any unreadable file is handled alike
-                log.warning("%s: checkpoint %s is damaged (%s: %s); trying an earlier one", self.name, path, type(e).__name__,
-                            str(e).splitlines()[0] if str(e) else "")
+                problem = f"is damaged ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+            if problem is not None:
+                log.warning("%s: checkpoint %s %s; %s", self.name, path, problem,
+                            "trying an earlier one" if i + 1 < len(candidates) else "starting afresh")
                 continue
             self.model.load_state_dict(ckpt["model"])
             self.optimizer.load_state_dict(ckpt["optimizer"])
             self.scheduler.load_state_dict(ckpt["scheduler"])
             self.scaler.load_state_dict(ckpt["scaler"])
-            self.state = state
+            self.state = TrainState(**ckpt["state"])
             self._sums, self._count = ckpt["running"]["sums"], ckpt["running"]["count"]
             _set_rng_state(ckpt["rng"])
             return True
         return False
+
+    def _misfit(self, ckpt: dict[str, Any]) -> str | None:
+        """Why a readable checkpoint is not this fit's to resume, or None. Checked before anything
+        is loaded: ``load_state_dict`` copies the tensors that fit before it raises on one that does
+        not, which would leave a model half another's."""
+        if missing := [k for k in CHECKPOINT_ENTRIES if k not in ckpt]:
+            return f"lacks {', '.join(missing)} (an older version's, or incomplete)"
+        if ckpt["owner"] != self.owner:
+            return f"belongs to another job ({ckpt['owner'] or 'unnamed'}, this one is {self.owner or 'unnamed'})"
+        if set(ckpt["state"]) != {f.name for f in fields(TrainState)} or not {"sums", "count"} <= set(ckpt["running"]):
+            return "holds another version's training state"
+        ours = {k: tuple(v.shape) for k, v in self.model.state_dict().items()}
+        theirs = {k: tuple(v.shape) for k, v in ckpt["model"].items()}
+        if ours != theirs:
+            return f"does not fit the model ({_difference(ours, theirs)})"
+        groups, saved_groups = self.optimizer.param_groups, ckpt["optimizer"]["param_groups"]
+        saved, states = [i for group in saved_groups for i in group["params"]], ckpt["optimizer"]["state"]
+        params = [p for group in groups for p in group["params"]]
+        if [len(g["params"]) for g in saved_groups] != [len(g["params"]) for g in groups] or any(
+                torch.is_tensor(t) and t.dim() and t.shape != p.shape for i, p in zip(saved, params) for t in states.get(i, {}).values()):
+            return "does not fit the optimizer (its parameters differ)"
+        if bool(ckpt["scaler"]) != self.scaler.is_enabled():
+            return "was trained in another precision (fp16's loss scaling differs)"
+        return None
 
     def _clock(self) -> None:
         """Add the seconds since the last call (or since this process began training) to the state."""
@@ -323,6 +366,8 @@ class Trainer:
         if self.config.resume and self.try_resume():
             log.info("%s: resuming from step %d", self.name, self.state.step)
             self._checkpoint_step = self.state.step
+        elif self.rank == 0:  # an earlier attempt's (or another job's) best weights are not this fit's
+            self._best.unlink(missing_ok=True)
         c, s = self.config, self.state  # after resuming, which replaces the state
         bar = tqdm(total=self.total_steps, initial=s.step, desc=self.name, disable=not c.progress, dynamic_ncols=True)
         try:

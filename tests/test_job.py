@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -10,6 +11,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from filelock import FileLock
 from mlflow import MlflowClient
 from mlflow.artifacts import download_artifacts
 from safetensors.torch import load_file
@@ -351,3 +353,100 @@ def test_damaged_entries_are_reported_and_replaced(home, tmp_path, caplog, monke
     assert "run state" in caplog.text and "is unreadable" in caplog.text
     client, students = runs_by_role(home, "student")
     assert students[-1].info.status == "FINISHED"
+
+
+def state_folder(home, cfg) -> Path:
+    """Where a job keeps what it needs to resume: ``.cache/runs/<its identity>``."""
+    return home / ".cache" / "runs" / job.validate(cfg).hash
+
+
+def test_a_checkpoint_of_another_job_is_never_loaded(home, tmp_path, monkeypatch, caplog):
+    """Another job's resume state (its checkpoints and its run) found where this job looks: passed
+    over in one line, and the job ends like an uninterrupted one, in a run of its own."""
+    caplog.set_level("INFO", logger="diito")
+    steps = [*SMOKE, "trainer.max_steps=6", "trainer.save_every=2", "trainer.keep_best=false"]
+    cfg_a, cfg_b = compose_config([*steps, "optim.lr=5e-4"]), compose_config(steps)
+    job.run(cfg_b, output_dir=tmp_path / "uninterrupted")
+    undo = kill_after_checkpoint(monkeypatch, 4)
+    with pytest.raises(RunFailed):
+        job.run(cfg_a, output_dir=tmp_path / "a")
+    undo()
+    shutil.copytree(state_folder(home, cfg_a), state_folder(home, cfg_b), dirs_exist_ok=True)
+
+    job.run(cfg_b, output_dir=tmp_path / "b")
+    last = state_folder(home, cfg_b) / "checkpoint" / "last.pt"
+    assert f"student: checkpoint {last} belongs to another job" in caplog.text and "student: resuming" not in caplog.text
+    _, (uninterrupted, a, b) = runs_by_role(home, "student")
+    assert a.info.status == "FAILED" and b.info.status == "FINISHED"  # A's run was not continued by B
+    first, again = (load_file(tmp_path / name / "student" / "model.safetensors") for name in ("uninterrupted", "b"))
+    assert all(torch.equal(first[k], again[k]) for k in first)
+
+
+def test_a_checkpoint_that_does_not_fit_the_model_starts_afresh(home, tmp_path, monkeypatch, caplog):
+    """A checkpoint of another shape (say, an older version's, under this job's identity) is passed
+    over in one line before anything is loaded: no traceback on every re-run."""
+    caplog.set_level("INFO", logger="diito")
+    steps = [*SMOKE, "trainer.max_steps=6", "trainer.save_every=2"]
+    cfg_a, cfg_b = compose_config([*steps, "student.layers=2"]), compose_config(steps)
+    job.run(cfg_b, output_dir=tmp_path / "uninterrupted")
+    undo = kill_after_checkpoint(monkeypatch, 4)
+    with pytest.raises(RunFailed):
+        job.run(cfg_a, output_dir=tmp_path / "a")
+    undo()
+    mine = state_folder(home, cfg_b) / "checkpoint"
+    mine.mkdir(parents=True)
+    for name in ("last.pt", "previous.pt"):  # a 2-layer student's checkpoints, stamped with the 3-layer job's identity
+        checkpoint = torch.load(state_folder(home, cfg_a) / "checkpoint" / name, weights_only=True)
+        torch.save(checkpoint | {"owner": job.validate(cfg_b).hash}, mine / name)
+
+    job.run(cfg_b, output_dir=tmp_path / "b")
+    assert f"student: checkpoint {mine / 'last.pt'} does not fit the model" in caplog.text
+    assert "starting afresh" in caplog.text and "student: resuming" not in caplog.text
+    _, students = runs_by_role(home, "student")
+    assert students[-1].info.status == "FINISHED"
+    first, again = (load_file(tmp_path / name / "student" / "model.safetensors") for name in ("uninterrupted", "b"))
+    assert all(torch.equal(first[k], again[k]) for k in first)
+
+
+def test_a_second_identical_job_is_refused_in_one_line_before_compute(home):
+    """The first job holds its state folder's lock for all its life; the second ends at once."""
+    cfg = compose_config(SMOKE)
+    folder = state_folder(home, cfg)
+    folder.mkdir(parents=True)
+    with FileLock(str(folder / ".lock")):  # the running job
+        result = run_cli(SMOKE, home)
+    assert result.returncode == 75, result.stderr[-3000:]
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"error: an identical job is already running (its state: {folder}); wait for it to end, or change a setting to run another job")
+    assert "Traceback" not in result.stderr
+    assert not (home / ".cache" / "teachers").exists()  # nothing computed: not even the teacher
+    _, students = runs_by_role(home, "student")
+    _, teachers = runs_by_role(home, "teacher")
+    assert students == teachers == []
+
+
+def test_the_identity_holds_a_digest_of_the_data_read_before_compute(home, tmp_path):
+    """The same settings on changed data are another job: known at validation, without reading a
+    row (a hub dataset is known by its id: it is not downloaded before compute)."""
+    def identity(overrides: list[str]) -> tuple[str, str]:
+        validated = job.validate(compose_config([*SMOKE, *overrides]))
+        return validated.hash, validated.data_digest
+
+    task = ["task=files", f"task.files.train={tmp_path / 'train.csv'}", f"task.files.validation={tmp_path / 'dev.csv'}"]
+    (tmp_path / "dev.csv").write_text("text,label\nfine,pos\npoor,neg\n")
+    (tmp_path / "train.csv").write_text("text,label\ngood,pos\nbad,pos\n")
+    first = identity(task)
+    (tmp_path / "train.csv").write_text("text,label\ngood,pos\nbad,pos\n")  # rewritten unchanged
+    assert identity(task) == first
+    (tmp_path / "train.csv").write_text("text,label\ngood,pos\nbad,neg\n")  # a label fixed
+    fixed = identity(task)
+    assert fixed[0] != first[0] and fixed[1] != first[1]
+    glue = tmp_path / "SST-2"
+    glue.mkdir()
+    for name, rows in (("train.tsv", "a film\t1\n"), ("dev.tsv", "a film\t0\n"), ("test.tsv", "0\ta film\n")):
+        (glue / name).write_text({"test.tsv": "index\tsentence\n"}.get(name, "sentence\tlabel\n") + rows)
+    sst2 = identity(["task=sst2", f"task.data_dir={tmp_path}"])  # the GLUE root: its SST-2 folder is read
+    (glue / "dev.tsv").write_text("sentence\tlabel\na film\t1\n")
+    assert identity(["task=sst2", f"task.data_dir={tmp_path}"])[1] != sst2[1]
+    assert identity(["task=sst2"])[1] == identity(["task=sst2"])[1] != identity(["task=cola"])[1]  # the hub's id
+    assert len({identity([])[1], first[1], sst2[1]}) == 3  # the packaged rotten_tomatoes CSV

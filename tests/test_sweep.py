@@ -174,3 +174,36 @@ def test_the_job_name_leaves_out_every_tracking_setting():
 
     excluded = set(compose_config(hydra=True).hydra.job.config.override_dirname.exclude_keys)
     assert excluded == {"tracking"} | {f"tracking.{f.alias or name}" for name, f in TrackingConfig.model_fields.items()}
+
+
+@pytest.mark.slow  # three sweeps (test_job.py checks the identity itself in seconds)
+def test_a_sweep_run_again_on_changed_files_is_a_new_job(home, tmp_path):
+    """A job is its settings and the bytes of the files it reads: unchanged files are skipped in a
+    re-run sweep; the same files with their labels fixed are a new job (and a new teacher)."""
+    words = ["good", "bad", "fine", "great", "awful", "okay", "nice", "poor"]
+    rng = __import__("random").Random(0)
+    rows = {split: [(" ".join(rng.choices(words, k=4)), rng.choice(["neg", "pos"])) for _ in range(n)]
+            for split, n in (("train", 24), ("dev", 8))}
+
+    def write(flip: int) -> None:  # the first ``flip`` training labels wrong, as a user's first draft
+        for split, examples in rows.items():
+            lines = ["text,label"] + [f"{text},{({'neg': 'pos', 'pos': 'neg'}[label] if split == 'train' and i < flip else label)}"
+                                      for i, (text, label) in enumerate(examples)]
+            (tmp_path / f"{split}.csv").write_text("\n".join(lines) + "\n")
+
+    sweep = ["-m", *SMOKE, "task=files", "task.name=mine", f"task.files.train={tmp_path / 'train.csv'}",
+             f"task.files.validation={tmp_path / 'dev.csv'}", "loss.alpha=0.5"]
+    write(flip=6)
+    assert run_cli(sweep, home).returncode == 0
+    unchanged = run_cli(sweep, home)
+    assert unchanged.returncode == 0 and "skipped (rerun=true runs it again)" in unchanged.stdout + unchanged.stderr
+    write(flip=0)  # the labels fixed, in the same files
+    fixed = run_cli(sweep, home)
+    assert fixed.returncode == 0, fixed.stderr[-3000:]
+    assert "skipped" not in fixed.stdout + fixed.stderr
+    _, parents, children = sweep_runs(home)
+    assert len(parents) == 3 and len(children) == 2
+    old, new = sorted(children, key=lambda c: c.info.start_time)
+    assert new.data.tags["mlflow.parentRunId"] == max(parents, key=lambda p: p.info.start_time).info.run_id
+    assert old.data.tags["config_hash"] != new.data.tags["config_hash"]
+    assert len(list((home / ".cache" / "teachers").glob("*/info.json"))) == 2  # the teacher, fine-tuned on the fixed labels

@@ -260,3 +260,33 @@ def test_training_time_survives_a_resume_and_leaves_out_the_stop(tmp_path, monke
     clock[0] += 1000.0
     state = trainer(crash_at=None).fit()  # resumes after epoch 1: evaluations 2 and 3 again
     assert state.step == 12 and state.train_seconds == 30.0  # kept work only: not the stop, not the lost evaluation
+
+
+def _stamped(folder, model: torch.nn.Module, owner: str = "job-a") -> Trainer:
+    """A one-epoch fit of ``model`` whose checkpoints go to ``folder``, stamped ``owner``."""
+    return Trainer(model, lambda batch: (model(batch["labels"].unsqueeze(1)).pow(2).mean(), {}), toy_loader(),
+                   TrainerConfig(progress=False, device="cpu", epochs=1), OPTIM, folder, Validation(lambda: {"m": 0.0}, "m"),
+                   log=lambda *a: None, owner=owner)
+
+
+@pytest.mark.parametrize("change, says", [
+    (lambda ckpt: ckpt | {"owner": "job-b"}, "belongs to another job (job-b, this one is job-a)"),
+    (lambda ckpt: {k: v for k, v in ckpt.items() if k != "owner"}, "lacks owner (an older version's, or incomplete)"),
+    (lambda ckpt: {k: v for k, v in ckpt.items() if k != "running"}, "lacks running (an older version's, or incomplete)"),
+    (lambda ckpt: ckpt | {"model": ckpt["model"] | {"weight": torch.zeros(2, 1)}}, "does not fit the model (weight is [2, 1], the model's [1, 1])"),
+    (lambda ckpt: ckpt | {"model": {**ckpt["model"], "extra": torch.zeros(1)}}, "does not fit the model (1 tensor(s) the model lacks, such as extra)"),
+], ids=["another owner", "no stamp", "an entry missing", "another shape", "another tensor"])
+def test_a_checkpoint_that_is_not_this_fits_is_never_loaded_not_even_in_part(tmp_path, caplog, change, says):
+    trained = _stamped(tmp_path, torch.nn.Linear(1, 1))
+    trained.fit()
+    trained.save_checkpoint()
+    for name in ("last.pt", "previous.pt"):
+        torch.save(change(torch.load(tmp_path / "last.pt", weights_only=True)), tmp_path / name)
+    model = torch.nn.Linear(1, 1)
+    fresh = {k: v.clone() for k, v in model.state_dict().items()}
+    trainer = _stamped(tmp_path, model)
+    assert not trainer.try_resume()
+    assert all(torch.equal(v, fresh[k]) for k, v in model.state_dict().items())  # nothing of it was loaded
+    assert trainer.optimizer.state_dict()["state"] == {} and trainer.state.step == 0
+    assert f"train: checkpoint {tmp_path / 'last.pt'} {says}; trying an earlier one" in caplog.text
+    assert f"train: checkpoint {tmp_path / 'previous.pt'} {says}; starting afresh" in caplog.text
