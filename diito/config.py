@@ -205,10 +205,19 @@ def _check_max_length(task: TaskSpec, key: str, model: str, configs: dict[str, A
             raise ConfigError(f"task.max_length: {task.max_length} is more tokens than the model takes: at most {limit} ({why})")
 
 
+TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "spiece.model", "spm.model", "sentencepiece.bpe.model")
+"""Files one of which a saved tokenizer holds (fast tokenizers, WordPiece, BPE, SentencePiece)."""
+
+
 def _check_checkpoint(folder: Path, config, task: TaskSpec) -> None:
-    """A given teacher folder holds weights, and a head of the task's size."""
+    """A given teacher folder holds weights, its tokenizer, and a head of the task's size (a `files`
+    task's classes are known once its data is read: the job checks them then)."""
     if not any(folder.glob("*.safetensors")) and not (folder / "pytorch_model.bin").is_file():
         raise ConfigError(f"teacher.checkpoint: {folder} holds no weights (model.safetensors or pytorch_model.bin)")
+    if not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        # transformers would otherwise build a tokenizer of a handful of tokens: every word [UNK]
+        raise ConfigError(f"teacher.checkpoint: {folder} holds no tokenizer ({', '.join(TOKENIZER_FILES)}); "
+                          "save it beside the model: tokenizer.save_pretrained(folder)")
     expected = 1 if task.regression else len(task.label_names) if task.label_names else None
     if expected is not None and config.num_labels != expected:
         raise ConfigError(f"teacher.checkpoint: {folder} has a {config.num_labels}-output head; task {task.name} needs {expected}")

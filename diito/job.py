@@ -25,9 +25,9 @@ from diito.batching import Prepared
 from diito.config import Job, validate
 from diito.evaluation import Evaluator, intervention_probe, one_class, warn_one_class, write_predictions
 from diito.intervention import mapping_table
-from diito.models import build_student, load_pretrained, load_tokenizer, name_labels, save_model
+from diito.models import build_student, load_model_config, load_pretrained, load_tokenizer, name_labels, save_model
 from diito.objective import DistillationObjective, DistillationStep
-from diito.sources import load_task
+from diito.sources import DataError, load_task
 from diito.teacher import obtain_teacher
 from diito.trainer import Trainer, Validation, resolve_device, seed_everything
 
@@ -112,7 +112,11 @@ def _spawned(cfg: DictConfig, output_dir, hydra_dir, job_name, sweep) -> float:
 def _data_and_teacher(job: Job, device: torch.device):
     c = job.config
     tokenizer = load_tokenizer(c.teacher.checkpoint or c.teacher.model)
-    all_data = Prepared.from_task(load_task(c.task), tokenizer)
+    task_data = load_task(c.task)
+    if c.teacher.checkpoint and (heads := load_model_config(c.teacher.checkpoint).num_labels) != task_data.num_labels:
+        raise DataError(f"teacher.checkpoint: {c.teacher.checkpoint} has a {heads}-output head; the data of task {c.task.name} has "
+                        f"{task_data.num_labels} {'classes ' + str(task_data.label_names) if task_data.label_names else 'output'}")
+    all_data = Prepared.from_task(task_data, tokenizer)
     teacher = obtain_teacher(c.teacher, all_data, tokenizer, c.trainer, c.tracking, Path(c.paths.cache), device)
     return tokenizer, all_data, teacher
 

@@ -14,6 +14,7 @@ from transformers import AutoModelForSequenceClassification, BertConfig
 
 from diito import job
 from diito.config import ConfigError
+from diito.models import TINY_TOKENIZER, load_tokenizer
 from diito.sources import DataError
 from tests.conftest import GLUE, compose_config, run_cli
 
@@ -27,12 +28,14 @@ def files_task(tmp_path, train: str | bytes, dev: str = "text,label\ngood film,p
     return [*TINY, "task=files", f"task.files.train={tmp_path / f'train{suffix}'}", f"task.files.validation={tmp_path / 'dev.csv'}"]
 
 
-def checkpoint(tmp_path, *, num_labels: int = 2, weights: bool = True, config_text: str | None = None) -> str:
+def checkpoint(tmp_path, *, num_labels: int = 2, weights: bool = True, tokenizer: bool = True, config_text: str | None = None) -> str:
     """A fine-tuned teacher folder, tiny and 32 wide, optionally broken."""
     folder = tmp_path / "teacher"
     model = AutoModelForSequenceClassification.from_config(BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2,
                                                                       num_attention_heads=2, intermediate_size=64, num_labels=num_labels))
     model.save_pretrained(folder)
+    if tokenizer:
+        load_tokenizer(TINY_TOKENIZER).save_pretrained(folder)
     if not weights:
         (folder / "model.safetensors").unlink()
     if config_text is not None:
@@ -132,6 +135,10 @@ CASES = {  # name: (overrides, or a function of tmp_path giving them; what the m
     "damaged checkpoint config": (lambda tmp: [f"teacher.checkpoint={checkpoint(tmp, config_text='{not json')}"],
                                   "teacher.checkpoint: cannot load model"),
     "checkpoint without weights": (lambda tmp: [f"teacher.checkpoint={checkpoint(tmp, weights=False)}"], "holds no weights"),
+    "checkpoint without a tokenizer": (lambda tmp: [f"teacher.checkpoint={checkpoint(tmp, tokenizer=False)}"],
+                                       "holds no tokenizer (tokenizer.json, vocab.txt"),
+    "checkpoint head for a files task": (lambda tmp: [*files_task(tmp, GOOD_ROWS), f"teacher.checkpoint={checkpoint(tmp, num_labels=3)}", "student.layers=2"],
+                                         "has a 3-output head; the data of task files has 2 classes ['neg', 'pos']"),
     "checkpoint head": (lambda tmp: [f"teacher.checkpoint={checkpoint(tmp, num_labels=3)}"],
                         "has a 3-output head; task rotten_tomatoes needs 2"),
     "cosine with a narrower teacher": (lambda tmp: [f"teacher.checkpoint={checkpoint(tmp)}", "student.init_from=pretrained",
