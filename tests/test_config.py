@@ -75,7 +75,7 @@ def test_sweep_presets(home):
         (["loss.interchange_mode=spans"], "loss.interchange_mode: Input should be 'random' or 'consecutive'"),
         (["loss.pairing=shuffle"], "loss.pairing"),
         (["loss.gamma=-1"], "loss.gamma: Input should be greater than or equal to 0"),
-        (["teacher=tiny", "mapping=explicit"], "mapping.entries[0].student.heads: [0, 6] outside the model's 2 heads"),
+        (["teacher=tiny", "mapping=explicit"], "mapping.entries[0].student.attention_heads: [0, 6] outside the model's 2 heads"),
         (["mapping=explicit", "mapping.entries=[{student:{layers:[5]},teacher:{layers:[1]}}]"],
          "mapping.entries[0].student.layers: 5 outside blocks 0..2"),
     ],
