@@ -18,9 +18,9 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from diito import store, tracking
+from diito import families, store, tracking
 from diito.intervention import InterchangeConfig, MappingConfig, MappingEntry, Shape, build_mapping
-from diito.models import StudentConfig, load_model_config, num_layers, select_blocks
+from diito.models import StudentConfig, load_model_config, num_layers, select_blocks, tokenizer_mismatch
 from diito.objective import LossConfig, default_patience_layers
 from diito.sources import DataError, check_task, glue_folder
 from diito.tasks import TaskSpec
@@ -130,11 +130,17 @@ def validate(cfg: DictConfig) -> Job:
     # model (which differs from a given teacher.checkpoint's, possibly in depth and width).
     pretrained_source = job.student.init_from == "pretrained" and job.teacher.checkpoint
     source_config = _model_config(job.teacher.model, "teacher.model") if pretrained_source else teacher_config
+    if job.stage == "distill":
+        _check_families(job, teacher_config, source_config if pretrained_source else None)
     source_layers, k = num_layers(source_config), job.student.layers
     if k > source_layers:
         raise ConfigError(f"student.layers: {k} is deeper than the {source_layers}-layer {'teacher.model' if pretrained_source else 'teacher'}")
     try:
         blocks = select_blocks(job.student.init, source_layers, k, job.student.blocks)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    try:
+        families.check_blocks(source_config, blocks, "student.blocks")
     except ValueError as e:
         raise ConfigError(str(e)) from None
     patience = job.loss.patience_layers
@@ -162,6 +168,21 @@ def validate(cfg: DictConfig) -> Job:
         except ValueError as e:
             raise ConfigError(str(e)) from None
     return Job(job, teacher_layers, blocks, patience, mapping)
+
+
+def _check_families(job: JobConfig, teacher_config, other_source) -> None:
+    """Both models are of families a student can be built from and intervened on, and a student
+    built from another model than the teacher (``other_source``) reads the teacher's token ids."""
+    teacher_key = "teacher.checkpoint" if job.teacher.checkpoint else "teacher.model"
+    for config, key in ((teacher_config, teacher_key), (other_source, "teacher.model")):
+        if config is not None:
+            try:
+                families.family_of(config)
+            except ValueError as e:
+                raise ConfigError(f"{key}: {e}") from None
+    if other_source is not None and (why := tokenizer_mismatch(job.teacher.checkpoint, job.teacher.model)):
+        raise ConfigError(f"student.init_from: pretrained builds the student from teacher.model {job.teacher.model!r}, which cannot read "
+                          f"the teacher checkpoint's token ids: {why}")
 
 
 def _model_config(model: str, key: str):

@@ -26,7 +26,7 @@ class Family:
     tiny: dict[str, Any] = field(default_factory=dict)  # the tiny random model's config, besides the common sizes
 
 
-_BERT_LIKE = dict(blocks="encoder.layer", heads_output="attention.output.dense")
+_BERT_LIKE = {"blocks": "encoder.layer", "heads_output": "attention.output.dense"}
 # RoBERTa-architecture models: one segment (no token types) and position ids counted from the padding id.
 _ROBERTA_TINY = {"type_vocab_size": 1, "max_position_embeddings": 514}
 
@@ -122,7 +122,8 @@ def student_config(config, blocks: list[int]):
 
 def check_blocks(config, blocks: list[int], key: str) -> None:
     """A student can be built from ``blocks`` of this model; ValueError naming ``key`` otherwise."""
-    why = family_of(config).first_block_only_first
+    family = FAMILIES.get(config.model_type)  # another family is refused as such where it matters
+    why = family and family.first_block_only_first
     if why and (blocks[0] != 0 or 0 in blocks[1:]):
         raise ValueError(f"{key}: {blocks} cannot build a {config.model_type} student: {why}")
 
@@ -133,8 +134,8 @@ def tiny_config(model_type: str, vocab_size: int, special: dict[str, int], hidde
     from transformers import AutoConfig
 
     family = FAMILIES[model_type]
-    sizes = dict(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads, intermediate_size=2 * hidden,
-                 max_position_embeddings=512)
-    ids = dict(pad_token_id=special["pad"], cls_token_id=special["cls"], sep_token_id=special["sep"], bos_token_id=special["cls"],
-               eos_token_id=special["sep"])
+    sizes = {"hidden_size": hidden, "num_hidden_layers": layers, "num_attention_heads": heads, "intermediate_size": 2 * hidden,
+             "max_position_embeddings": 512}
+    ids = {"pad_token_id": special["pad"], "cls_token_id": special["cls"], "sep_token_id": special["sep"], "bos_token_id": special["cls"],
+           "eos_token_id": special["sep"]}
     return AutoConfig.for_model(model_type, vocab_size=vocab_size, **{**sizes, **ids, **family.tiny})

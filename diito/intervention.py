@@ -29,9 +29,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 
-from diito.families import after_first_block, block_list, check_prepared, family_of, heads_output
-
-__all__ = ["block_list"]  # re-exported: where a model's blocks are
+from diito.families import after_first_block, block_list, check_prepared, family_of, heads_output  # block_list: also for callers
 
 
 # -- sites and mappings ------------------------------------------------------------------------------

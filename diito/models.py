@@ -61,12 +61,25 @@ def tiny_family(model: str) -> str | None:
 
 
 def load_tokenizer(model: str) -> PreTrainedTokenizerBase:
-    family = tiny_family(model)
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(TINY_TOKENIZER if family else model))
-    if family and getattr(load_model_config(model), "type_vocab_size", 0) < 2:
-        # a family with one segment (RoBERTa, ModernBERT, ...) takes no token types, as its own tokenizer gives none
-        tokenizer.model_input_names = [name for name in tokenizer.model_input_names if name != "token_type_ids"]
-    return tokenizer
+    if not tiny_family(model):
+        return AutoTokenizer.from_pretrained(resolve_model_path(model))
+    inputs = {}
+    if getattr(load_model_config(model), "type_vocab_size", 0) < 2:
+        # a family with one segment (RoBERTa, ModernBERT, ...) reads no token types, as its own tokenizer gives none (kept when saved)
+        inputs["model_input_names"] = ["input_ids", "attention_mask"]
+    return AutoTokenizer.from_pretrained(resolve_model_path(TINY_TOKENIZER), **inputs)
+
+
+def tokenizer_mismatch(teacher: str, source: str) -> str | None:
+    """Why the model ``source`` cannot read the token ids the tokenizer of ``teacher`` gives (another
+    vocabulary, or other inputs), or None when it can: a student built from another model than its
+    teacher reads the teacher's batches."""
+    ours, theirs = load_tokenizer(teacher), load_tokenizer(source)
+    if ours.get_vocab() != theirs.get_vocab():
+        return f"its tokenizer has another vocabulary ({len(theirs)} tokens; the teacher's {len(ours)})"
+    if set(ours.model_input_names) != set(theirs.model_input_names):
+        return f"it reads {sorted(theirs.model_input_names)}; the teacher's tokenizer gives {sorted(ours.model_input_names)}"
+    return None
 
 
 def load_model_config(model: str) -> PretrainedConfig:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import re
 
 import pytest
@@ -59,8 +60,8 @@ def test_explicit_mapping_with_slices_is_checked():
         (SiteSpec(layers=[0], dims=(0, 32), attention_heads=(0, 1)), SiteSpec(layers=[0], dims=(0, 32)), "give dims (a slice of the block output) or attention_heads, not both"),
         # the old spelling sliced the block output in head-sized chunks: refused, naming what to write instead
         (SiteSpec(layers=[0], heads=(0, 6)), SiteSpec(layers=[0], dims=(0, 192)),
-         "student.heads: [0, 6] would slice the block output in head-sized chunks, which is not the heads' output; "
-         "write dims: [0, 192] for that slice, or attention_heads: [0, 6] for the attention heads' own outputs"),
+         ("student.heads: [0, 6] would slice the block output in head-sized chunks, which is not the heads' output; "
+          "write dims: [0, 192] for that slice, or attention_heads: [0, 6] for the attention heads' own outputs")),
     ]
     for s, t, message in bad:
         with pytest.raises(ValueError, match=re.escape(message)):
@@ -355,3 +356,39 @@ def test_interventions_against_independent_answers(variant):
             torch.testing.assert_close(got, base.logits[everything.source], atol=1e-5, rtol=0)
             torch.testing.assert_close(counterfactual(model, inputs, base.hidden_states, nothing, (Site(layer),)).logits, base.logits,
                                        atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_counterfactuals_read_real_tokens_only(variant):
+    """Swapped positions lie inside each example's attention mask, and more padding changes no
+    counterfactual: padding never reaches a real token (ModernBERT's padded paths included)."""
+    model = _model(variant)
+    batch = {k: v for k, v in _batch().items() if k != "labels"}
+    wider = {k: torch.nn.functional.pad(v, (0, 5)) for k, v in batch.items()}  # 5 more padding positions
+    x = sample_interchange(batch["attention_mask"].sum(1), 0.5, generator=torch.Generator().manual_seed(0))
+    assert bool(batch["attention_mask"][x.pair, x.base_pos].all()) and bool(batch["attention_mask"][x.source[x.pair], x.source_pos].all())
+    with torch.no_grad():
+        for site in (Site(1), Site(2, (0, 16), heads=(0, 2))):
+            got = [counterfactual(model, b, model(**b, output_hidden_states=True).hidden_states, x, (site,)).logits for b in (batch, wider)]
+            torch.testing.assert_close(got[1], got[0], atol=1e-5, rtol=0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or importlib.util.find_spec("flash_attn") is None,
+                    reason="ModernBERT's unpadded attention path needs CUDA and the flash-attn kernels")
+def test_modernbert_unpadded_attention_path():
+    """flash_attention_2 drops the padding inside attention: the counterfactual on it matches the
+    three-pass one, and the padded path's (bf16, so to bf16's precision)."""
+    batch = {k: v.cuda() for k, v in _batch().items() if k != "labels"}
+    x = sample_interchange(batch["attention_mask"].sum(1).cpu(), 0.5, generator=torch.Generator().manual_seed(0)).to(torch.device("cuda"))
+    assert bool(batch["attention_mask"][x.pair, x.base_pos].all()) and bool(batch["attention_mask"][x.source[x.pair], x.source_pos].all())
+    logits = {}
+    for attention in ("flash_attention_2", "sdpa"):
+        model = _model("modernbert", attn_implementation=attention).to("cuda", torch.bfloat16)
+        with torch.no_grad():
+            base = model(**batch, output_hidden_states=True)
+            for site in (Site(1), Site(2, (0, 16), heads=(0, 2))):
+                fast = counterfactual(model, batch, base.hidden_states, x, (site,)).logits.float()
+                torch.testing.assert_close(fast, reference_counterfactual(model, batch, x, (site,)).logits.float(), atol=2e-2, rtol=0)
+                logits[attention, site] = fast
+    for site in (Site(1), Site(2, (0, 16), heads=(0, 2))):
+        torch.testing.assert_close(logits["flash_attention_2", site], logits["sdpa", site], atol=5e-2, rtol=0)
