@@ -174,7 +174,7 @@ SETTINGS = {  # besides the defaults: the original's reduction, no minimum swap,
       for settings in ("original", "consecutive")],
 ])
 def test_fast_path_matches_the_three_pass_reference(variant, mapping, settings):
-    teacher = _model(variant)
+    teacher = _model(variant, initializer_range=0.2)  # weights large enough that every swap moves what is above it
     student = build_student(teacher, [0, 2], copy_classifier=False).eval()  # dropout off
     entries = build_mapping(MAPPINGS[mapping], Shape.of(teacher.config), Shape.of(student.config))
     config = LossConfig(alpha=0.5, T=2.0, gamma=1.0, cosine=0.5, beta=0.3, interchange_prop=0.4, **SETTINGS[settings])
@@ -300,8 +300,8 @@ def test_diagnostics_and_causal_cosine_by_hand():
     ("roberta", "xlm-roberta"), ("modernbert", "deberta-v2"), ("bert", "mpnet"),  # pairs across families (one tokenizer)
 ])
 def test_fast_path_exact_when_teacher_and_student_differ_in_width_and_depth(teacher_variant, student_variant):
-    teacher = _model(teacher_variant, hidden=32, layers=4)
-    student = _model(student_variant, hidden=16, layers=2, seed=1)
+    teacher = _model(teacher_variant, hidden=32, layers=4, initializer_range=0.2)
+    student = _model(student_variant, hidden=16, layers=2, seed=1, initializer_range=0.2)
     mapping = MappingConfig(name="explicit", entries=[
         EntrySpec(student=SiteSpec(layers=[0]), teacher=SiteSpec(layers=[1], dims=(0, 16))),
         EntrySpec(student=SiteSpec(layers=[1], dims=(8, 16)), teacher=SiteSpec(layers=[2, 3], attention_heads=(2, 3))),
