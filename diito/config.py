@@ -161,6 +161,9 @@ def validate(cfg: DictConfig) -> Job:
     if job.loss.beta > 0 and student_shape.hidden != teacher_shape.hidden:
         raise ConfigError(f"loss.beta: the patience loss compares [CLS] vectors of equal width; the student's are "
                           f"{student_shape.hidden} wide, the teacher's {teacher_shape.hidden} (set loss.beta=0)")
+    if pretrained_source and job.stage == "distill" and (why := tokenizer_mismatch(job.teacher.checkpoint, job.teacher.model)):
+        raise ConfigError(f"student.init_from: pretrained builds the student from teacher.model {job.teacher.model!r}, which cannot read "
+                          f"the teacher checkpoint's token ids: {why}")
     mapping = None
     if job.loss.intervenes:
         try:
@@ -171,8 +174,8 @@ def validate(cfg: DictConfig) -> Job:
 
 
 def _check_families(job: JobConfig, teacher_config, other_source) -> None:
-    """Both models are of families a student can be built from and intervened on, and a student
-    built from another model than the teacher (``other_source``) reads the teacher's token ids."""
+    """Both models (the teacher, and ``other_source`` when the student is built from another model)
+    are of families a student can be built from and intervened on."""
     teacher_key = "teacher.checkpoint" if job.teacher.checkpoint else "teacher.model"
     for config, key in ((teacher_config, teacher_key), (other_source, "teacher.model")):
         if config is not None:
@@ -180,9 +183,6 @@ def _check_families(job: JobConfig, teacher_config, other_source) -> None:
                 families.family_of(config)
             except ValueError as e:
                 raise ConfigError(f"{key}: {e}") from None
-    if other_source is not None and (why := tokenizer_mismatch(job.teacher.checkpoint, job.teacher.model)):
-        raise ConfigError(f"student.init_from: pretrained builds the student from teacher.model {job.teacher.model!r}, which cannot read "
-                          f"the teacher checkpoint's token ids: {why}")
 
 
 def _model_config(model: str, key: str):

@@ -122,7 +122,8 @@ def test_cli_error_is_one_line_with_nonzero_exit_and_no_run(home):
 def test_cli_help_and_cfg_job(home):
     help_text = run_cli(["--help"], home, timeout=120).stdout
     assert "causal distillation" in help_text and "== Configuration groups ==" in help_text
-    assert "teacher: bert-base-uncased, distilbert-base-uncased, hub, minilm" in help_text
+    assert ("teacher: bert-base-uncased, deberta-v3-base, distilbert-base-uncased, hub, minilm, modernbert-base, roberta-base, tiny, "
+            "xlm-roberta-base") in help_text
     printed = run_cli(["--cfg", "job", "loss.T=7"], home, timeout=120)
     assert printed.returncode == 0 and "T: 7" in printed.stdout
 

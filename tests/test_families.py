@@ -222,3 +222,17 @@ def test_a_job_per_family_logs_a_usable_model_and_maps_its_alignment(home, tmp_p
     saved = json.loads((tmp_path / "map" / "iia_map.json").read_text())
     assert len(saved["iia"]) == 2 and len(saved["iia"][0]) == 4 and saved["pairs"] == 16
     assert list(saved["mapped_iia"]) == ["0 <-> 1", "1.heads[0:1] <-> 3.heads[1:2]"]
+
+
+@pytest.mark.slow
+def test_a_job_across_families(home, tmp_path):
+    """A RoBERTa teacher distilled into a student built from another RoBERTa-architecture model (XLM-R),
+    on attention heads and block outputs."""
+    teacher = _checkpoint(tmp_path, "roberta")
+    mapping = "mapping.entries=[{student:{layers:[1],attention_heads:[0,2]},teacher:{layers:[2,3],attention_heads:[0,2]}}]"
+    result = job.run(compose_config(["teacher=tiny", f"teacher.checkpoint={teacher}", "teacher.model=tiny:xlm-roberta",
+                                     "student.init_from=pretrained", "student.layers=2", "trainer=debug", "tracking=none", "tracking.log_model=true",
+                                     "loss=diito", "loss.cosine=0.5", "mapping=explicit", mapping]), output_dir=tmp_path / "out")
+    assert 0.0 <= result <= 1.0
+    student = load_finetuned(tmp_path / "out" / "student")
+    assert student.config.model_type == "xlm-roberta" and student.config.num_hidden_layers == 2
