@@ -18,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from diito import store, tracking
+from diito import files, store, tracking
 from diito.intervention import InterchangeConfig, MappingConfig, MappingEntry, Shape, build_mapping
 from diito.models import StudentConfig, load_model_config, num_layers, select_blocks
 from diito.objective import LossConfig, default_patience_layers
@@ -116,11 +116,7 @@ def validate(cfg: DictConfig) -> Job:
     except DataError as e:
         raise ConfigError(str(e)) from None
     check_device(job.trainer.device)
-    try:
-        if job.tracking.enabled:
-            store.check(job.tracking.uri, job.tracking.timeout)
-    except ValueError as e:
-        raise ConfigError(f"tracking.uri: {e}") from None
+    check_places(job.paths, job.tracking)
 
     teacher_config = _model_config(job.teacher.checkpoint or job.teacher.model, "teacher.checkpoint" if job.teacher.checkpoint else "teacher.model")
     if job.teacher.checkpoint:
@@ -162,6 +158,35 @@ def validate(cfg: DictConfig) -> Job:
         except ValueError as e:
             raise ConfigError(str(e)) from None
     return Job(job, teacher_layers, blocks, patience, mapping)
+
+
+def check_places(paths: Paths, tracking_config: TrackingConfig) -> None:
+    """The folders a job writes to can be written, and the tracking store can take its runs."""
+    check_folders(paths)
+    try:
+        if tracking_config.enabled:
+            store.check(tracking_config.uri, tracking_config.timeout)
+    except ValueError as e:
+        raise ConfigError(f"tracking.uri: {e}") from None
+
+
+def check_folders(paths: Paths) -> None:
+    for key in ("root", "cache"):
+        if problem := files.unusable_folder(Path(getattr(paths, key))):
+            raise ConfigError(f"paths.{key}: {problem}; set paths.{key}=<a writable folder>")
+
+
+def check_hydra_folder(cfg: DictConfig, key: str) -> None:
+    """Before Hydra creates the job's folder (``hydra.run.dir``) or the sweep's (``hydra.sweep.dir``),
+    where a failed ``mkdir`` would end in Hydra's traceback: the project's folders and that one can
+    be written (so a bad ``paths.root`` is named as such)."""
+    try:
+        paths = Paths.model_validate(resolve(cfg.paths))
+    except ValidationError as e:
+        raise ConfigError("; ".join(_format(err | {"loc": ("paths", *err["loc"])}) for err in e.errors())) from None
+    check_folders(paths)
+    if problem := files.unusable_folder(Path(OmegaConf.select(cfg, key))):
+        raise ConfigError(f"{key}: {problem}; set {key}=<a writable folder>")
 
 
 def _model_config(model: str, key: str):
