@@ -22,6 +22,7 @@ def main(cfg: DictConfig) -> float:
     from diito import config, tracking
     from diito.job import run
     from diito.sources import DataError
+    from diito.store import StoreError
     from diito.sweep import record_job_failure, sweep_info
     from diito.trainer import NonFiniteLoss
 
@@ -43,8 +44,9 @@ def main(cfg: DictConfig) -> float:
         if isinstance(e, (config.ConfigError, DataError)):  # bad input: nothing was started
             print(f"error: {e}", file=sys.stderr)
             sys.exit(2)
-        if isinstance(e.__cause__, NonFiniteLoss):  # recorded in its FAILED run; the traceback adds nothing
-            print(f"error: {e.__cause__}", file=sys.stderr)
+        cause = e.__cause__ if isinstance(e, tracking.RunFailed) else e
+        if isinstance(cause, (NonFiniteLoss, StoreError)):  # said in one line (and in its FAILED run): a traceback adds nothing
+            print(f"error: {cause}", file=sys.stderr)
             sys.exit(1)
         raise
 

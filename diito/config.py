@@ -163,17 +163,26 @@ def validate(cfg: DictConfig) -> Job:
 def check_places(paths: Paths, tracking_config: TrackingConfig) -> None:
     """The folders a job writes to can be written, and the tracking store can take its runs."""
     check_folders(paths)
-    try:
-        if tracking_config.enabled:
-            store.check(tracking_config.uri, tracking_config.timeout)
-    except ValueError as e:
-        raise ConfigError(f"tracking.uri: {e}") from None
+    if tracking_config.enabled:
+        check_store(tracking_config)
 
 
 def check_folders(paths: Paths) -> None:
     for key in ("root", "cache"):
         if problem := files.unusable_folder(Path(getattr(paths, key))):
             raise ConfigError(f"paths.{key}: {problem}; set paths.{key}=<a writable folder>")
+
+
+def check_store(tracking_config: TrackingConfig) -> None:
+    """The store answers, opens, is writable and not locked, and the job's experiment is not deleted."""
+    try:
+        store.check(tracking_config.uri, tracking_config.timeout)
+    except store.StoreError as e:
+        raise ConfigError(f"tracking.uri: {e}") from None
+    try:
+        tracking.check_experiment(tracking_config)
+    except store.StoreError as e:  # names its key: tracking.uri or tracking.experiment
+        raise ConfigError(str(e)) from None
 
 
 def check_hydra_folder(cfg: DictConfig, key: str) -> None:

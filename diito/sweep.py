@@ -2,10 +2,10 @@
 
 :class:`SweepCallback` is a Hydra callback (registered in ``conf/config.yaml``). Before Hydra
 creates a job's or a sweep's folder it checks that the folders can be written. Before any job
-starts it prepares the store and the experiment once (so parallel jobs never race to create them)
-and opens the parent run; jobs find it in ``<sweep dir>/sweep.json``. When all jobs have returned,
-it writes the summary (best child, failures) to the parent and makes the sweep's exit status say
-whether any job failed.
+starts it checks the tracking store, prepares it and the experiment once (so parallel jobs never
+race to create them) and opens the parent run; jobs find it in ``<sweep dir>/sweep.json``. When
+all jobs have returned, it writes the summary (best child, failures) to the parent and makes the
+sweep's exit status say whether any job failed.
 """
 
 from __future__ import annotations
@@ -60,11 +60,13 @@ class SweepCallback(Callback):
             refuse(e)
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        settings = job_config.tracking_settings(config)
         try:
             job_config.check_hydra_folder(config, "hydra.sweep.dir")
+            if settings.enabled:  # the parent run is opened here, before any job validates its config
+                job_config.check_store(settings)
         except job_config.ConfigError as e:
             refuse(e)
-        settings = job_config.tracking_settings(config)
         if not settings.enabled:
             return
         sweep_dir = Path(config.hydra.sweep.dir)
