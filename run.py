@@ -29,6 +29,7 @@ def main(cfg: DictConfig) -> float:
     from diito import config, tracking
     from diito.job import JobRunning, run
     from diito.sources import DataError
+    from diito.store import StoreError
     from diito.sweep import record_job_failure, sweep_info
     from diito.trainer import NonFiniteLoss
 
@@ -58,8 +59,9 @@ def main(cfg: DictConfig) -> float:
         if isinstance(e, JobRunning):  # nothing was started either
             print(f"error: {e}", file=sys.stderr)
             sys.exit(EXIT_RUNNING)
-        if isinstance(e.__cause__, NonFiniteLoss):  # recorded in its FAILED run; the traceback adds nothing
-            print(f"error: {e.__cause__}", file=sys.stderr)
+        cause = e.__cause__ if isinstance(e, tracking.RunFailed) else e
+        if isinstance(cause, (NonFiniteLoss, StoreError)):  # said in one line (and in its FAILED run): a traceback adds nothing
+            print(f"error: {store.mask(str(cause))}", file=sys.stderr)
             sys.exit(1)
         if store.mask(str(e)) != str(e):  # the traceback Hydra prints would show a credential: print it masked
             print(store.mask("".join(traceback.format_exception(e))), file=sys.stderr)

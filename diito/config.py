@@ -19,7 +19,7 @@ from omegaconf.errors import OmegaConfBaseException
 from pydantic import BaseModel, ConfigDict, ValidationError
 from transformers.tokenization_utils_base import VERY_LARGE_INTEGER
 
-from diito import families, store, tracking
+from diito import families, files, store, tracking
 from diito.intervention import InterchangeConfig, MappingConfig, MappingEntry, Shape, build_mapping
 from diito.models import StudentConfig, load_model_config, load_tokenizer, max_positions, num_layers, select_blocks, tokenizer_mismatch
 from diito.objective import LossConfig, default_patience_layers
@@ -121,11 +121,7 @@ def validate(cfg: DictConfig) -> Job:
     except DataError as e:
         raise ConfigError(str(e)) from None
     check_device(job.trainer.device)
-    try:
-        if job.tracking.enabled:
-            store.check(job.tracking.uri, job.tracking.timeout)
-    except ValueError as e:
-        raise ConfigError(f"tracking.uri: {e}") from None
+    check_places(job.paths, job.tracking)
 
     teacher_key = "teacher.checkpoint" if job.teacher.checkpoint else "teacher.model"
     teacher_config = _model_config(job.teacher.checkpoint or job.teacher.model, teacher_key)
@@ -191,6 +187,44 @@ def _check_families(job: JobConfig, teacher_config, other_source) -> None:
                 families.family_of(config)
             except ValueError as e:
                 raise ConfigError(f"{key}: {e}") from None
+
+
+def check_places(paths: Paths, tracking_config: TrackingConfig) -> None:
+    """The folders a job writes to can be written, and the tracking store can take its runs."""
+    check_folders(paths)
+    if tracking_config.enabled:
+        check_store(tracking_config)
+
+
+def check_folders(paths: Paths) -> None:
+    for key in ("root", "cache"):
+        if problem := files.unusable_folder(Path(getattr(paths, key))):
+            raise ConfigError(f"paths.{key}: {problem}; set paths.{key}=<a writable folder>")
+
+
+def check_store(tracking_config: TrackingConfig) -> None:
+    """The store answers, opens, is writable and not locked, and the job's experiment is not deleted."""
+    try:
+        store.check(tracking_config.uri, tracking_config.timeout)
+    except store.StoreError as e:
+        raise ConfigError(f"tracking.uri: {e}") from None
+    try:
+        tracking.check_experiment(tracking_config)
+    except store.StoreError as e:  # names its key: tracking.uri or tracking.experiment
+        raise ConfigError(str(e)) from None
+
+
+def check_hydra_folder(cfg: DictConfig, key: str) -> None:
+    """Before Hydra creates the job's folder (``hydra.run.dir``) or the sweep's (``hydra.sweep.dir``),
+    where a failed ``mkdir`` would end in Hydra's traceback: the project's folders and that one can
+    be written (so a bad ``paths.root`` is named as such)."""
+    try:
+        paths = Paths.model_validate(resolve(cfg.paths))
+    except ValidationError as e:
+        raise ConfigError("; ".join(_format(err | {"loc": ("paths", *err["loc"])}) for err in e.errors())) from None
+    check_folders(paths)
+    if problem := files.unusable_folder(Path(OmegaConf.select(cfg, key))):
+        raise ConfigError(f"{key}: {problem}; set {key}=<a writable folder>")
 
 
 def _model_config(model: str, key: str):

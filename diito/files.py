@@ -1,10 +1,14 @@
 """Files written for later use, written so that a kill at any moment leaves the old file or the new
-one, never half of one: to a temporary name beside the target, flushed to disk, then renamed."""
+one, never half of one: to a temporary name beside the target, flushed to disk, then renamed.
+
+Also what can be known about a place before writing there: whether it can be written at all.
+"""
 
 from __future__ import annotations
 
 import os
 import shutil
+import stat
 from collections.abc import Callable
 from pathlib import Path
 
@@ -43,3 +47,36 @@ def atomic_folder(folder: Path, fill: Callable[[Path], object]) -> Path:
     os.replace(tmp, folder)
     shutil.rmtree(old, ignore_errors=True)
     return folder
+
+
+# -- places, before writing ----------------------------------------------------------------------
+def nearest_existing(path: Path) -> Path:
+    """``path`` if it exists, else its closest ancestor that does."""
+    path = Path(path).absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def read_only(path: Path) -> str | None:
+    """Why the existing file or folder ``path`` cannot be written, or None: a read-only file system,
+    no permission for this user, or permissions that let no one write it (``chmod a-w``; honoured
+    for root too, whom the system would let write anyway, since it says what the owner wants)."""
+    if os.statvfs(path).f_flag & os.ST_RDONLY:
+        return f"{path} is read-only (a read-only file system)"
+    mode = path.stat().st_mode
+    if not mode & (stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH):
+        return f"{path} is read-only (permissions {stat.filemode(mode)})"
+    if not os.access(path, os.W_OK | (os.X_OK if path.is_dir() else 0)):
+        return f"{path} is not writable by this user (permissions {stat.filemode(mode)})"
+    return None
+
+
+def unusable_folder(folder: Path) -> str | None:
+    """Why files cannot be written in ``folder`` (created first where missing), or None."""
+    folder = Path(folder).absolute()
+    found = nearest_existing(folder)
+    if not found.is_dir():
+        return f"{found} is a file, not a folder" if found == folder else f"{found} is a file, so {folder} cannot be a folder under it"
+    problem = read_only(found)
+    return problem if problem is None or found == folder else f"cannot create {folder}: {problem}"

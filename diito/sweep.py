@@ -1,11 +1,12 @@
 """Sweeps in MLflow: one parent run per multirun, each job a child run, a summary at the end.
 
-:class:`SweepCallback` is a Hydra callback (registered in ``conf/config.yaml``). Before any job
-starts it prepares the store and the experiment once (so parallel jobs never race to create them)
-and opens the parent run; jobs find it in ``<sweep dir>/sweep.json``. When all jobs have returned,
-it writes the summary (best child, failures) to the parent and makes the sweep's exit status say
-whether any job failed. A sweep that stops before that (:func:`end_stopped_sweep`) ends its
-parent KILLED or FAILED.
+:class:`SweepCallback` is a Hydra callback (registered in ``conf/config.yaml``). Before Hydra
+creates a job's or a sweep's folder it checks that the folders can be written. Before any job
+starts it checks the tracking store, prepares it and the experiment once (so parallel jobs never
+race to create them) and opens the parent run; jobs find it in ``<sweep dir>/sweep.json``. When
+all jobs have returned, it writes the summary (best child, failures) to the parent and makes the
+sweep's exit status say whether any job failed. A sweep that stops before that
+(:func:`end_stopped_sweep`) ends its parent KILLED or FAILED.
 """
 
 from __future__ import annotations
@@ -47,10 +48,28 @@ def job_failures(sweep_dir: str | Path) -> list[dict[str, str]]:
     return [json.loads(f.read_text()) for f in sorted((Path(sweep_dir) / FAILURES).glob("*.json"))]
 
 
+def refuse(error: job_config.ConfigError) -> None:
+    """Bad input found before any job started: one line and exit code 2, as for a single job."""
+    print(f"error: {error}", file=sys.stderr)
+    sys.exit(2)
+
+
 class SweepCallback(Callback):
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        try:
+            job_config.check_hydra_folder(config, "hydra.run.dir")
+        except job_config.ConfigError as e:
+            refuse(e)
+
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         global _open
         settings = job_config.tracking_settings(config)
+        try:
+            job_config.check_hydra_folder(config, "hydra.sweep.dir")
+            if settings.enabled:  # the parent run is opened here, before any job validates its config
+                job_config.check_store(settings)
+        except job_config.ConfigError as e:
+            refuse(e)
         if not settings.enabled:
             return
         sweep_dir = Path(config.hydra.sweep.dir)

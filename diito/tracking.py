@@ -313,6 +313,28 @@ def _client(config: TrackingConfig) -> MlflowClient:
     return MlflowClient(tracking_uri=config.uri)
 
 
+def check_experiment(config: TrackingConfig) -> None:
+    """Before compute: the store opens (MLflow's schema is current) and the job's experiment is
+    active, or absent (it is then created). Raises :class:`store.StoreError` naming the key and what
+    to do. A store not created yet is left alone: MLflow creates it, with the experiment."""
+    if store.is_new(config.uri):
+        return
+    try:
+        with store.lock(config.uri):
+            found = _client(config).get_experiment_by_name(config.experiment)
+    except (MlflowException, OSError) as e:
+        reason = mask(str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__)
+        raise store.StoreError(f"tracking.uri: cannot open the store {mask(config.uri or '')} ({reason})") from None
+    if found is not None and found.lifecycle_stage == "deleted":
+        raise _deleted(config, found.experiment_id)
+
+
+def _deleted(config: TrackingConfig, experiment: str) -> store.StoreError:
+    uri = f"MLFLOW_TRACKING_URI={mask(config.uri)} " if config.uri else ""
+    return store.StoreError(f"tracking.experiment: {config.experiment!r} is deleted; restore it ({uri}mlflow experiments restore "
+                            f"--experiment-id {experiment}, or in the UI's trash) or set tracking.experiment=<another name>")
+
+
 def experiment_id(config: TrackingConfig) -> str:
     """The experiment's id, creating it (with artifacts under ``artifact_location`` for database
     stores, so they never land in a job's working directory) if it does not exist yet."""
@@ -320,6 +342,8 @@ def experiment_id(config: TrackingConfig) -> str:
         client = _client(config)
         found = client.get_experiment_by_name(config.experiment)
         if found is not None:
+            if found.lifecycle_stage == "deleted":  # since the job was validated
+                raise _deleted(config, found.experiment_id)
             return found.experiment_id
         is_database = not str(config.uri).startswith(("http://", "https://", "databricks"))
         location = Path(config.artifact_location).resolve().as_uri() if config.artifact_location and is_database else None

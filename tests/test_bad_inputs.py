@@ -19,6 +19,7 @@ from diito.sources import DataError
 from tests.conftest import GLUE, compose_config, run_cli
 
 TINY = ["teacher=tiny"]
+QUICK = [*TINY, "trainer=debug"]  # a case not refused (as on code that misses the check) ends in seconds
 
 
 def files_task(tmp_path, train: str | bytes, dev: str = "text,label\ngood film,pos\nbad film,neg\n", suffix: str = ".csv") -> list[str]:
@@ -43,8 +44,20 @@ def checkpoint(tmp_path, *, num_labels: int = 2, weights: bool = True, tokenizer
     return str(folder)
 
 
+def a_file(tmp_path) -> str:
+    (tmp_path / "somefile").write_text("not a folder")
+    return str(tmp_path / "somefile")
+
+
+def read_only_folder(tmp_path, name: str) -> str:
+    """A folder no one may write to (``chmod a-w``; root could write it anyway, but is refused too)."""
+    (tmp_path / name).mkdir()
+    (tmp_path / name).chmod(0o555)
+    return str(tmp_path / name)
+
+
 GOOD_ROWS = "text,label\ngreat,pos\nawful,neg\n"
-CASES = {  # name: (overrides, or a function of tmp_path giving them; what the message must say)
+CASES = {  # name: (overrides, or a function of tmp_path giving them; what the message must say, or a function of tmp_path giving it)
     "type": (["trainer.epochs=abc"], "trainer.epochs: Input should be a valid integer"),
     "epochs 0": (["trainer.epochs=0"], "trainer.epochs: Input should be greater than 0"),
     "negative batch": (["trainer.batch_size=-1"], "trainer.batch_size: Input should be greater than 0"),
@@ -148,6 +161,15 @@ CASES = {  # name: (overrides, or a function of tmp_path giving them; what the m
     "no server": (["tracking=server", "tracking.uri=http://127.0.0.1:9", "tracking.timeout=2"],
                   "tracking.uri: no MLflow server answers at http://127.0.0.1:9"),
     "unwritable store": (["tracking.uri=sqlite:////proc/diito/mlflow.db"], "tracking.uri: cannot create the database's folder /proc/diito"),
+    "root under a file": (lambda tmp: [*QUICK, f"paths.root={a_file(tmp)}/x"],
+                          lambda tmp: f"paths.root: {tmp}/somefile is a file, so {tmp}/somefile/x cannot be a folder under it"),
+    "cache is a file": (lambda tmp: [*QUICK, f"paths.cache={a_file(tmp)}"], lambda tmp: f"paths.cache: {tmp}/somefile is a file, not a folder"),
+    "read-only cache": (lambda tmp: [*QUICK, f"paths.cache={read_only_folder(tmp, 'cache')}"],
+                        lambda tmp: f"paths.cache: {tmp}/cache is read-only (permissions dr-xr-xr-x)"),
+    "read-only root": (lambda tmp: [*QUICK, f"paths.root={read_only_folder(tmp, 'root')}"],
+                       lambda tmp: f"paths.root: {tmp}/root is read-only (permissions dr-xr-xr-x)"),
+    "cache under a read-only folder": (lambda tmp: [*QUICK, f"paths.cache={read_only_folder(tmp, 'shared')}/cache"],
+                                       lambda tmp: f"paths.cache: cannot create {tmp}/shared/cache: {tmp}/shared is read-only"),
 }
 
 
@@ -155,6 +177,7 @@ CASES = {  # name: (overrides, or a function of tmp_path giving them; what the m
 def test_bad_input_is_refused_in_one_line_with_nothing_started(home, tmp_path, case):
     overrides, message = CASES[case]
     overrides = overrides(tmp_path) if callable(overrides) else overrides
+    message = message(tmp_path) if callable(message) else message
     with pytest.raises((ConfigError, DataError)) as error:
         job.run(compose_config(overrides), output_dir=tmp_path / "out")
     text = str(error.value)
