@@ -389,7 +389,8 @@ def main(argv: list[str] | None = None) -> None:
     # the paired comparisons against KD, the split that chose nothing first
     metrics, selection = compared_metrics(runs, args.metric)
     by_metric = {m: curves(runs, m, args.size) for m in metrics or [args.metric]}
-    comparisons = with_verdicts([row for m, lines in by_metric.items() for row in paired(lines, m)])
+    methods = {r.data.tags.get("loss", "?") for r in runs}  # a grid of one method compares no methods
+    comparisons = with_verdicts([row for m, lines in by_metric.items() for row in paired(lines, m)]) if len(methods) > 1 else []
     if comparisons:
         text = format_comparisons(comparisons, selection)
         print(text + "\n")
