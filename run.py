@@ -20,6 +20,7 @@ def main(cfg: DictConfig) -> float:
     from hydra.types import RunMode
 
     from diito import config, tracking
+    from diito.files import NoSpace
     from diito.job import run
     from diito.sources import DataError
     from diito.store import StoreError
@@ -45,7 +46,7 @@ def main(cfg: DictConfig) -> float:
             print(f"error: {e}", file=sys.stderr)
             sys.exit(2)
         cause = e.__cause__ if isinstance(e, tracking.RunFailed) else e
-        if isinstance(cause, (NonFiniteLoss, StoreError)):  # said in one line (and in its FAILED run): a traceback adds nothing
+        if isinstance(cause, (NonFiniteLoss, NoSpace, StoreError)):  # said in one line (and in its FAILED run): a traceback adds nothing
             print(f"error: {cause}", file=sys.stderr)
             sys.exit(1)
         raise

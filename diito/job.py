@@ -24,7 +24,7 @@ from diito.intervention import mapping_table
 from diito.models import build_student, load_pretrained, load_tokenizer, name_labels, save_model
 from diito.objective import DistillationObjective, DistillationStep
 from diito.sources import load_task
-from diito.teacher import obtain_teacher
+from diito.teacher import entry_to_build, obtain_teacher
 from diito.trainer import Trainer, Validation, resolve_device, seed_everything
 
 log = logging.getLogger(__name__)
@@ -53,7 +53,7 @@ def run(cfg: DictConfig, output_dir: Path | None = None, hydra_dir: Path | None 
             return _run(job, cfg, device, output_dir, hydra_dir, job_name, sweep, rank)
     device = resolve_device(c.trainer.device)
     if c.trainer.devices > 1 and c.stage == "distill":
-        _data_and_teacher(job, device)  # once, here, before the ranks start (they find it in the cache)
+        _data_and_teacher(job, device, output_dir)  # once, here, before the ranks start (they find it in the cache)
         try:
             return distributed.spawn(c.trainer.devices, _spawned, (cfg, output_dir, hydra_dir, job_name, sweep))
         except distributed.RankFailed as e:
@@ -70,10 +70,13 @@ def _spawned(cfg: DictConfig, output_dir, hydra_dir, job_name, sweep) -> float:
         return _run(job, cfg, device, output_dir, hydra_dir, job_name, sweep, rank)
 
 
-def _data_and_teacher(job: Job, device: torch.device):
+def _data_and_teacher(job: Job, device: torch.device, output_dir: Path | None):
+    """The data, and the teacher (fine-tuned now unless cached), once the job's files are known to
+    fit on their disks (which needs the data: it tells whether the teacher is cached)."""
     c = job.config
     tokenizer = load_tokenizer(c.teacher.checkpoint or c.teacher.model)
     all_data = Prepared.from_task(load_task(c.task), tokenizer)
+    config.check_space(job, Path(output_dir or tempfile.gettempdir()), _state_dir(job), entry_to_build(c.teacher, all_data, Path(c.paths.cache)))
     teacher = obtain_teacher(c.teacher, all_data, tokenizer, c.trainer, c.tracking, Path(c.paths.cache), device)
     return tokenizer, all_data, teacher
 
@@ -88,14 +91,14 @@ def _run(job: Job, cfg: DictConfig, device: torch.device, output_dir: Path | Non
     # data and teacher (fine-tuned by rank 0; the other ranks find it in the cache)
     if rank != 0:
         distributed.barrier()
-    tokenizer, all_data, teacher = _data_and_teacher(job, device)
+    tokenizer, all_data, teacher = _data_and_teacher(job, device, output_dir)
     if rank == 0:
         distributed.barrier()
     if c.stage == "teacher":
         return teacher.metrics.get(c.task.main_metric_key, float("nan"))
     data = all_data.limited(c.trainer.max_train_examples, c.trainer.max_eval_examples)
 
-    state_dir = Path(c.paths.cache) / "runs" / job.hash
+    state_dir = _state_dir(job)
     tags = tracking.sweep_tags(sweep) | teacher.tags | tracking.git_tags() | {
         tracking.ROLE: "student", "task": c.task.name, "teacher": c.teacher.name, "student_layers": c.student.layers,
         "loss": c.loss.kind, tracking.CONFIG_HASH: job.hash,
@@ -151,6 +154,11 @@ def _run(job: Job, cfg: DictConfig, device: torch.device, output_dir: Path | Non
         shutil.rmtree(state_dir / "checkpoint", ignore_errors=True)
         (state_dir / "run.json").unlink(missing_ok=True)  # a later identical job is a new run
     return final[c.task.main_metric_key]
+
+
+def _state_dir(job: Job) -> Path:
+    """Where the job keeps what it needs to resume: its lock, its run id and its checkpoints."""
+    return Path(job.config.paths.cache) / "runs" / job.hash
 
 
 def input_example(data: Prepared, tokenizer, n: int = 2) -> list:
