@@ -27,6 +27,7 @@ def main(cfg: DictConfig) -> float:
     from hydra.types import RunMode
 
     from diito import config, tracking
+    from diito.files import NoSpace
     from diito.job import JobRunning, run
     from diito.sources import DataError
     from diito.store import StoreError
@@ -60,7 +61,7 @@ def main(cfg: DictConfig) -> float:
             print(f"error: {e}", file=sys.stderr)
             sys.exit(EXIT_RUNNING)
         cause = e.__cause__ if isinstance(e, tracking.RunFailed) else e
-        if isinstance(cause, (NonFiniteLoss, StoreError)):  # said in one line (and in its FAILED run): a traceback adds nothing
+        if isinstance(cause, (NonFiniteLoss, NoSpace, StoreError)):  # said in one line (and in its FAILED run): a traceback adds nothing
             print(f"error: {store.mask(str(cause))}", file=sys.stderr)
             sys.exit(1)
         if store.mask(str(e)) != str(e):  # the traceback Hydra prints would show a credential: print it masked

@@ -6,12 +6,13 @@ config tree.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -21,7 +22,7 @@ from transformers.tokenization_utils_base import VERY_LARGE_INTEGER
 
 from diito import families, files, store, tracking
 from diito.intervention import InterchangeConfig, MappingConfig, MappingEntry, Shape, build_mapping
-from diito.models import StudentConfig, load_model_config, load_tokenizer, max_positions, num_layers, select_blocks, tokenizer_mismatch
+from diito.models import StudentConfig, count_parameters, load_model_config, load_tokenizer, max_positions, num_layers, select_blocks, tokenizer_mismatch
 from diito.objective import LossConfig, default_patience_layers
 from diito.sources import DataError, check_task, data_digest, glue_folder
 from diito.tasks import TaskSpec
@@ -66,6 +67,8 @@ class Job:
     patience_layers: list[int]
     mapping: list[MappingEntry] | None  # the checked intervention sites; None when nothing intervenes
     data_digest: str  # of the data the task reads (sources.data_digest)
+    teacher_params: int = 0  # parameters of the teacher and the student, for the disk space their files take
+    student_params: int = 0
 
     @property
     def hash(self) -> str:
@@ -174,7 +177,13 @@ def validate(cfg: DictConfig) -> Job:
             mapping = build_mapping(job.mapping, teacher_shape, student_shape)
         except ValueError as e:
             raise ConfigError(str(e)) from None
-    return Job(job, teacher_layers, blocks, patience, mapping, digest)
+    student_config = copy.deepcopy(source_config)
+    student_config.num_hidden_layers = k
+    try:  # for the disk space the job's files take
+        sizes = count_parameters(teacher_config), count_parameters(student_config)
+    except ValueError as e:  # an architecture without a sequence-classification head
+        raise ConfigError(f"teacher.model: cannot build a text classifier from {job.teacher.model!r}: {str(e).splitlines()[0]}") from None
+    return Job(job, teacher_layers, blocks, patience, mapping, digest, *sizes)
 
 
 def _check_families(job: JobConfig, teacher_config, other_source) -> None:
@@ -225,6 +234,51 @@ def check_hydra_folder(cfg: DictConfig, key: str) -> None:
     check_folders(paths)
     if problem := files.unusable_folder(Path(OmegaConf.select(cfg, key))):
         raise ConfigError(f"{key}: {problem}; set {key}=<a writable folder>")
+
+
+FLOAT_BYTES = 4  # weights and optimizer moments are saved in fp32
+
+
+def fit_copies(keep_best: bool) -> int:
+    """Copies of a model's weights a fit's checkpoint folder holds at its peak: ``previous.pt`` and
+    the ``last.pt`` being written after it, each the weights and AdamW's two moments, plus
+    ``best.pt`` and the one replacing it."""
+    return 2 * 3 + (2 if keep_best else 0)
+
+
+class Write(NamedTuple):
+    key: str  # the setting that moves it elsewhere
+    what: str
+    where: Path
+    bytes: int
+
+
+def check_space(job: Job, job_folder: Path, state_dir: Path, teacher_entry: Path | None) -> None:
+    """Refuse a job whose files will not fit, before it writes any: per file system, what the job
+    writes at its peak (the student's checkpoints in ``state_dir``, the saved student in
+    ``job_folder``, and the teacher's fine-tune and cache entry in ``teacher_entry`` when the teacher
+    is not cached yet), less what an interrupted run of it left there, against the space free."""
+    c = job.config
+    writes = []
+    if teacher_entry is not None:
+        copies = fit_copies(c.teacher.recipe.keep_best) + 1  # + the saved teacher
+        writes.append(Write("paths.cache", "the teacher's fine-tune and cache entry", teacher_entry,
+                            copies * FLOAT_BYTES * job.teacher_params - files.bytes_in(teacher_entry)))
+    if c.stage == "distill":
+        writes.append(Write("paths.cache", "the student's checkpoints", state_dir,
+                            fit_copies(c.trainer.keep_best) * FLOAT_BYTES * job.student_params - files.bytes_in(state_dir)))
+        if c.tracking.log_model:
+            writes.append(Write("hydra.run.dir", "the saved student", job_folder, FLOAT_BYTES * job.student_params))
+    disks: dict[int, list[Write]] = {}
+    for write in writes:
+        disks.setdefault(files.nearest_existing(write.where).stat().st_dev, []).append(write._replace(bytes=max(0, write.bytes)))
+    for group in disks.values():
+        need, free = sum(w.bytes for w in group), files.free_space(group[0].where)
+        if need > free:
+            what = ", ".join(f"{w.what} {files.size(w.bytes)} in {w.where}" for w in group)
+            keys = ", ".join(dict.fromkeys(f"{w.key}=<a folder on a larger disk>" for w in group))
+            raise ConfigError(f"{group[0].key}: not enough free space: the job writes about {files.size(need)} ({what}) and that disk "
+                              f"has {files.size(free)} free; free {files.size(need - free)} there or move it ({keys})")
 
 
 def _model_config(model: str, key: str):

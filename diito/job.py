@@ -28,7 +28,7 @@ from diito.intervention import mapping_table
 from diito.models import build_student, load_model_config, load_pretrained, load_tokenizer, name_labels, save_model
 from diito.objective import DistillationObjective, DistillationStep
 from diito.sources import DataError, load_task
-from diito.teacher import obtain_teacher
+from diito.teacher import entry_to_build, obtain_teacher
 from diito.trainer import Trainer, Validation, resolve_device, seed_everything
 
 log = logging.getLogger(__name__)
@@ -69,7 +69,7 @@ def run(cfg: DictConfig, output_dir: Path | None = None, hydra_dir: Path | None 
                 return _run(job, cfg, device, output_dir, hydra_dir, job_name, sweep, rank)
         device = resolve_device(c.trainer.device)
         if c.trainer.devices > 1 and c.stage == "distill":
-            _data_and_teacher(job, device)  # once, here, before the ranks start (they find it in the cache)
+            _data_and_teacher(job, device, output_dir)  # once, here, before the ranks start (they find it in the cache)
             try:
                 return distributed.spawn(c.trainer.devices, _spawned, (cfg, output_dir, hydra_dir, job_name, sweep))
             except distributed.RankFailed as e:
@@ -109,7 +109,9 @@ def _spawned(cfg: DictConfig, output_dir, hydra_dir, job_name, sweep) -> float:
         return _run(job, cfg, device, output_dir, hydra_dir, job_name, sweep, rank)
 
 
-def _data_and_teacher(job: Job, device: torch.device):
+def _data_and_teacher(job: Job, device: torch.device, output_dir: Path | None):
+    """The data, and the teacher (fine-tuned now unless cached), once the job's files are known to
+    fit on their disks (which needs the data: it tells whether the teacher is cached)."""
     c = job.config
     tokenizer = load_tokenizer(c.teacher.checkpoint or c.teacher.model)
     task_data = load_task(c.task)
@@ -117,6 +119,7 @@ def _data_and_teacher(job: Job, device: torch.device):
         raise DataError(f"teacher.checkpoint: {c.teacher.checkpoint} has a {heads}-output head; the data of task {c.task.name} has "
                         f"{task_data.num_labels} {'classes ' + str(task_data.label_names) if task_data.label_names else 'output'}")
     all_data = Prepared.from_task(task_data, tokenizer)
+    config.check_space(job, Path(output_dir or tempfile.gettempdir()), state_folder(job), entry_to_build(c.teacher, all_data, Path(c.paths.cache)))
     teacher = obtain_teacher(c.teacher, all_data, tokenizer, c.trainer, c.tracking, Path(c.paths.cache), device)
     return tokenizer, all_data, teacher
 
@@ -131,7 +134,7 @@ def _run(job: Job, cfg: DictConfig, device: torch.device, output_dir: Path | Non
     # data and teacher (fine-tuned by rank 0; the other ranks find it in the cache)
     if rank != 0:
         distributed.barrier()
-    tokenizer, all_data, teacher = _data_and_teacher(job, device)
+    tokenizer, all_data, teacher = _data_and_teacher(job, device, output_dir)
     if rank == 0:
         distributed.barrier()
     if c.stage == "teacher":

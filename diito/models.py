@@ -92,6 +92,12 @@ def load_model_config(model: str) -> PretrainedConfig:
     return AutoConfig.from_pretrained(resolve_model_path(model))
 
 
+def count_parameters(config: PretrainedConfig) -> int:
+    """Parameters of a classifier of this architecture, counted without allocating its weights."""
+    with torch.device("meta"):
+        return sum(p.numel() for p in AutoModelForSequenceClassification.from_config(config).parameters())
+
+
 def load_pretrained(model: str, num_labels: int, seed: int) -> PreTrainedModel:
     """The base model with a fresh classification head (regression when num_labels == 1)."""
     if tiny_family(model):

@@ -71,7 +71,7 @@ def obtain_teacher(config: TeacherConfig, data: Prepared, tokenizer, run_setting
     if config.checkpoint:
         log.info("teacher: the checkpoint %s", config.checkpoint)
         return Teacher(load_finetuned(config.checkpoint).to(device).eval(), "checkpoint", config.checkpoint)
-    key = tracking.identity({"data": data.fingerprint, "model": config.model, "recipe": config.recipe.model_dump(mode="json")})
+    key = cache_key(config, data)
     folder = cache_dir / "teachers" / f"{data.spec.name}-{key}"
     info, built = cache.build_once(folder, lambda folder: _fine_tune(config, data, tokenizer, run_settings, tracking_config, folder, key, device),
                                    check=_damage)
@@ -81,6 +81,23 @@ def obtain_teacher(config: TeacherConfig, data: Prepared, tokenizer, run_setting
              f"{data.spec.main_metric_key} {main:.4f}" if main is not None else "no metric", f", run {info['run_id']}" if info.get("run_id") else "")
     model = load_finetuned(folder / "model").to(device).eval()
     return Teacher(model, "fine-tuned" if built else "cache", str(folder), info.get("run_id"), info.get("metrics", {}))
+
+
+def cache_key(config: TeacherConfig, data: Prepared) -> str:
+    """What makes two fine-tuned teachers the same: the data, the base model and the recipe."""
+    return tracking.identity({"data": data.fingerprint, "model": config.model, "recipe": config.recipe.model_dump(mode="json")})
+
+
+def cache_entry(config: TeacherConfig, data: Prepared, cache_dir: Path) -> Path:
+    """The cache folder of the teacher ``config`` fine-tunes on ``data``."""
+    return cache_dir / "teachers" / f"{data.spec.name}-{cache_key(config, data)}"
+
+
+def entry_to_build(config: TeacherConfig, data: Prepared, cache_dir: Path) -> Path | None:
+    """The cache folder this teacher will be fine-tuned into; None when no fine-tune is due (a
+    checkpoint is given, or the cache holds the teacher)."""
+    folder = cache_entry(config, data, cache_dir)
+    return None if config.checkpoint or (folder / cache.INFO_FILE).exists() else folder
 
 
 def _fine_tune(config: TeacherConfig, data: Prepared, tokenizer, run_settings: TrainerConfig, tracking_config: tracking.TrackingConfig,

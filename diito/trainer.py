@@ -208,6 +208,13 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def save(obj: Any, path: Path) -> None:
+    """``torch.save`` through a Python file, so a full disk raises OSError (ENOSPC) rather than
+    torch's own writer's "enforce fail ... unexpected pos"."""
+    with open(path, "wb") as f:
+        torch.save(obj, f)
+
+
 @dataclass(frozen=True)
 class Validation:
     """How the loop judges the model: ``score()`` returns metrics, among them ``main_metric``
@@ -300,7 +307,7 @@ class Trainer:
         }
         if self._last.exists():
             os.replace(self._last, self._previous)
-        atomic_write(self._last, lambda tmp: torch.save(checkpoint, tmp))
+        atomic_write(self._last, lambda tmp: save(checkpoint, tmp))
         self._checkpoint_step = self.state.step
 
     def try_resume(self) -> bool:
@@ -503,7 +510,7 @@ class Trainer:
             if self.config.keep_best:
                 self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
                 state = self.model.state_dict()
-                atomic_write(self._best, lambda tmp: torch.save(state, tmp))
+                atomic_write(self._best, lambda tmp: save(state, tmp))
         else:
             s.evals_since_best += 1
             if self.config.early_stopping and s.evals_since_best >= self.config.early_stopping:

@@ -1,24 +1,30 @@
 """Faults of the machine a job runs on, not of its config: a tracking store that is not a database, is
 locked, read-only or has its experiment deleted; a folder that cannot be written (a real read-only
-file system). Each is refused before compute in one line naming the key (exit code 2, nothing
-cached, no run).
+file system); a disk too small for the job. Each is refused before compute in one line naming the
+key (exit code 2, nothing cached, no run). A disk that fills up during the job anyway ends it in one
+line (exit code 1), its run FAILED with that line and what it had written kept.
 
-A real read-only file system needs mounts: those tests run the job in a mount namespace of its own
-(``unshare``), with a read-only bind mount, and are skipped where the machine does not allow that."""
+Real read-only and real small file systems need mounts: those tests run the job in a mount namespace
+of its own (``unshare``), with a read-only bind mount or a small tmpfs, and are skipped where the
+machine does not allow that."""
 
 from __future__ import annotations
 
 import os
+import re
 import shlex
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 from mlflow import MlflowClient
 
 from diito import job
 from diito.config import ConfigError
+from diito.files import NoSpace, atomic_write
+from diito.trainer import save
 from tests.conftest import ROOT, compose_config, run_cli
 
 TINY = ["teacher=tiny", "trainer=debug"]
@@ -151,7 +157,22 @@ def test_on_the_command_line_a_deleted_experiment_stops_a_sweep_before_any_job(h
     assert not (home / ".cache").exists()
 
 
-# -- a real read-only file system (in a mount namespace of the test's own) ---------------------------------
+# -- a full disk ---------------------------------------------------------------------------------------
+def test_a_full_disk_while_saving_a_checkpoint_is_one_line_and_keeps_the_old_one(tmp_path):
+    """The kernel's own "no space left": the temporary file the checkpoint is written to leads to
+    /dev/full, where every write fails with ENOSPC."""
+    last = tmp_path / "last.pt"
+    save({"step": 1}, last)
+    (tmp_path / ".last.pt.tmp").symlink_to("/dev/full")
+    with pytest.raises(NoSpace) as error:
+        atomic_write(last, lambda tmp: save({"step": 2, "weights": torch.zeros(1000)}, tmp))
+    assert re.fullmatch(rf"no space left on device writing {last} \([\d.]+ [kMGTP]?B free\); free space there and run the job again",
+                        str(error.value))
+    assert torch.load(last) == {"step": 1}  # the old checkpoint is untouched
+    assert not (tmp_path / ".last.pt.tmp").exists()
+
+
+# -- real read-only and small file systems (in a mount namespace of the test's own) ----------------------
 def _namespaces() -> bool:
     try:
         tried = subprocess.run(["unshare", "-rm", "sh", "-c", "mount -t tmpfs -o size=1m tmpfs /mnt"], capture_output=True, check=False)
@@ -197,3 +218,54 @@ def test_a_store_on_a_read_only_file_system_is_refused(home):
     assert result.stderr.strip().splitlines()[-1].startswith(
         f"error: tracking.uri: sqlite:///{home}/store/mlflow.db is read-only ({home}/store/mlflow.db is read-only (a read-only file system))")
     assert "Traceback" not in result.stderr and not (home / ".cache").exists()
+
+@namespaces
+def test_a_disk_too_small_for_the_job_is_refused_before_compute(home):
+    (home / "small").mkdir()
+    command = job_line([*TINY, f"paths.cache={home}/small/cache"])
+    result = in_namespace(f"mount -t tmpfs -o size=16m tmpfs {home}/small || exit 99\n"
+                          f"{command}\nstatus=$?\nfind {home}/small -type f > {home}/written.txt\nexit $status", home)
+    assert result.returncode == 2, result.stderr[-3000:]
+    line = result.stderr.strip().splitlines()[-1]
+    assert re.fullmatch(rf"error: paths.cache: not enough free space: the job writes about ([\d.]+) MB \(the teacher's fine-tune and cache "
+                        rf"entry [\d.]+ MB in {home}/small/cache/teachers/\S+, the student's checkpoints [\d.]+ MB in {home}/small/cache/runs/\w+\) "
+                        r"and that disk has 16.8 MB free; free [\d.]+ MB there or move it \(paths.cache=<a folder on a larger disk>\)", line)
+    assert "Traceback" not in result.stderr and (home / "written.txt").read_text() == ""  # nothing written
+    assert not (home / "mlflow.db").exists()  # no run
+
+
+FILL = """
+{job} &
+job=$!
+# once the student's first checkpoint is written, another program fills the disk
+while kill -0 $job 2>/dev/null && ! ls {small}/cache/runs/*/checkpoint/last.pt >/dev/null 2>&1; do sleep 0.05; done
+dd if=/dev/zero of={small}/filler bs=1M 2>/dev/null
+wait $job
+status=$?
+rm -f {small}/filler
+cp -r {small}/cache {home}/kept
+exit $status
+"""
+
+
+@pytest.mark.slow
+@namespaces
+def test_a_disk_that_fills_up_during_the_job_ends_it_in_one_line(home):
+    (home / "small").mkdir()
+    command = job_line([*TINY, "trainer.max_steps=400", f"paths.cache={home}/small/cache"])
+    result = in_namespace(f"mount -t tmpfs -o size=96m tmpfs {home}/small || exit 99\n" + FILL.format(job=command, small=f"{home}/small", home=home),
+                          home)
+    assert result.returncode == 1, result.stderr[-3000:]
+    line = result.stderr.strip().splitlines()[-1]
+    assert re.fullmatch(rf"error: no space left on device writing {home}/small/cache/runs/\w+/checkpoint/(last|best)\.pt "
+                        r"\([\d.]+ [kMGTP]?B free\); free space there and run the job again", line)
+    assert "Traceback" not in result.stderr and "enforce fail" not in result.stderr
+    client = MlflowClient(store(home))
+    (run,) = [r for r in client.search_runs([e.experiment_id for e in client.search_experiments()]) if r.data.tags["diito.role"] == "student"]
+    assert run.info.status == "FAILED" and line.removeprefix("error: ") in run.data.tags["error"]
+    # what was written before is kept: the teacher's cache entry, and a checkpoint the job resumes from
+    assert len(list((home / "kept" / "teachers").glob("*/info.json"))) == 1
+    (checkpoints,) = (home / "kept" / "runs").glob("*/checkpoint")
+    kept = [torch.load(checkpoints / name, weights_only=True) for name in ("last.pt", "previous.pt") if (checkpoints / name).exists()]
+    assert kept and max(k["state"]["step"] for k in kept) >= 2
+    assert not list(checkpoints.glob(".*.tmp"))  # no half-written file left taking space
