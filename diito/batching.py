@@ -259,10 +259,12 @@ class Prepared:
         """What one stage sees: ``max_train_examples`` training examples (drawn with ``subset_seed``,
         or the first ones when it is None) and the first ``max_eval_examples`` of every other split
         (each stage has its own limits)."""
-        train = self.encoded["train"]
-        encoded = {split: enc.head(max_eval_examples) for split, enc in self.encoded.items() if split != "train"}
-        encoded["train"] = train.head(max_train_examples) if subset_seed is None else train.sample(max_train_examples, subset_seed)
-        return dataclasses.replace(self, encoded=dict(sorted(encoded.items(), key=lambda item: list(self.encoded).index(item[0]))))
+        def limit(split: str, enc: Encoded) -> Encoded:
+            if split != "train":
+                return enc.head(max_eval_examples)
+            return enc.head(max_train_examples) if subset_seed is None else enc.sample(max_train_examples, subset_seed)
+
+        return dataclasses.replace(self, encoded={split: limit(split, enc) for split, enc in self.encoded.items()})
 
     def loader(self, split: str, batch_size: int, *, train: bool = False, seed: int = 0, shuffle: bool = True,
                length_grouped: bool = True, rank: int = 0, world: int = 1) -> DataLoader:

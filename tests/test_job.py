@@ -360,17 +360,23 @@ def state_folder(home, cfg) -> Path:
     return home / ".cache" / "runs" / job.validate(cfg).hash
 
 
+def _uninterrupted_and_killed(mine, other, tmp_path, monkeypatch) -> None:
+    """Job ``mine`` run to its end (in ``uninterrupted/``), and job ``other`` killed right after its
+    checkpoint at step 4 (in ``a/``), leaving its resume state behind."""
+    job.run(mine, output_dir=tmp_path / "uninterrupted")
+    undo = kill_after_checkpoint(monkeypatch, 4)
+    with pytest.raises(RunFailed):
+        job.run(other, output_dir=tmp_path / "a")
+    undo()
+
+
 def test_a_checkpoint_of_another_job_is_never_loaded(home, tmp_path, monkeypatch, caplog):
     """Another job's resume state (its checkpoints and its run) found where this job looks: passed
     over in one line, and the job ends like an uninterrupted one, in a run of its own."""
     caplog.set_level("INFO", logger="diito")
     steps = [*SMOKE, "trainer.max_steps=6", "trainer.save_every=2", "trainer.keep_best=false"]
     cfg_a, cfg_b = compose_config([*steps, "optim.lr=5e-4"]), compose_config(steps)
-    job.run(cfg_b, output_dir=tmp_path / "uninterrupted")
-    undo = kill_after_checkpoint(monkeypatch, 4)
-    with pytest.raises(RunFailed):
-        job.run(cfg_a, output_dir=tmp_path / "a")
-    undo()
+    _uninterrupted_and_killed(cfg_b, cfg_a, tmp_path, monkeypatch)
     shutil.copytree(state_folder(home, cfg_a), state_folder(home, cfg_b), dirs_exist_ok=True)
 
     job.run(cfg_b, output_dir=tmp_path / "b")
@@ -388,11 +394,7 @@ def test_a_checkpoint_that_does_not_fit_the_model_starts_afresh(home, tmp_path, 
     caplog.set_level("INFO", logger="diito")
     steps = [*SMOKE, "trainer.max_steps=6", "trainer.save_every=2"]
     cfg_a, cfg_b = compose_config([*steps, "student.layers=2"]), compose_config(steps)
-    job.run(cfg_b, output_dir=tmp_path / "uninterrupted")
-    undo = kill_after_checkpoint(monkeypatch, 4)
-    with pytest.raises(RunFailed):
-        job.run(cfg_a, output_dir=tmp_path / "a")
-    undo()
+    _uninterrupted_and_killed(cfg_b, cfg_a, tmp_path, monkeypatch)
     mine = state_folder(home, cfg_b) / "checkpoint"
     mine.mkdir(parents=True)
     for name in ("last.pt", "previous.pt"):  # a 2-layer student's checkpoints, stamped with the 3-layer job's identity
