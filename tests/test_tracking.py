@@ -19,15 +19,19 @@ def test_training_goes_on_while_the_server_is_away_and_nothing_is_lost(home, mlf
                "trainer.eval_every=10", "tracking=server", f"tracking.uri={mlflow_server.uri}", "tracking.retries=1", "tracking.timeout=2"]
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"} | {"DIITO_HOME": str(home), "HF_HUB_OFFLINE": "1"}
     proc = subprocess.Popen(command, cwd=home, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    lines = []
+    lines, away = [], False
     try:
         for line in proc.stdout:
             lines.append(line)
-            if "student step 5/" in line:
+            if "student step 5/" in line and not away:
                 mlflow_server.stop()  # the server goes away in the middle of the job ...
-                # ... and comes back on the same port and store; while it is away every step waits
-                # for a failed try, so the job cannot reach its end before the server is back
+                away = True
+            if "cannot log" in line and away:
+                # ... and comes back on the same port and store once the job has seen it gone (not
+                # before: a restart quicker than the client's own retry would go unnoticed); while it
+                # is away every step waits for a failed try, so the job cannot end before it is back
                 mlflow_server.start()
+                away = False
     finally:
         proc.wait(timeout=300)
     log = "".join(lines)
