@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 from sklearn.model_selection import train_test_split
 
-from diito.tasks import Column, TaskSpec, TsvColumns
+from diito.tasks import SELECTION, Column, TaskSpec, TsvColumns
 
 log = logging.getLogger(__name__)
 
@@ -514,4 +514,26 @@ def load_task(spec: TaskSpec) -> TaskData:
         splits, names = _load_files(spec)
     else:
         splits = _load_hub(spec)
+    if spec.selection_split:
+        splits = _carve_selection(spec, splits)
     return TaskData(spec, splits, names)
+
+
+def _carve_selection(spec: TaskSpec, splits: dict[str, Examples]) -> dict[str, Examples]:
+    """Move a stratified draw of the training examples into the `selection` split (both keep
+    their file order)."""
+    train, dev = splits["train"], splits[spec.split_names[1]]
+    size = spec.selection_size or len(dev)
+    if size >= len(train):
+        raise DataError(f"task.selection_size: {size} examples to hold out, but the training set has only {len(train)}")
+    try:
+        kept, held = train_test_split(np.arange(len(train)), test_size=size, random_state=spec.selection_seed,
+                                      stratify=None if spec.regression else train.labels)
+    except ValueError as e:  # a class too rare to be in both parts
+        raise DataError(f"task.selection_split: cannot hold out {size} of {len(train)} training examples by label ({e})") from e
+
+    def part(rows: np.ndarray) -> Examples:
+        rows = np.sort(rows)
+        return Examples([train.texts[i] for i in rows], None if train.labels is None else train.labels[rows], [train.ids[i] for i in rows])
+
+    return splits | {"train": part(kept), SELECTION: part(held)}

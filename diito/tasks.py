@@ -6,7 +6,7 @@ YAML file, not new Python branches; :mod:`diito.sources` reads what a spec descr
 
 from __future__ import annotations
 
-from typing import Literal, get_args
+from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -56,6 +56,10 @@ class FileSplits(_Strict):
     """Optional; its label column is optional too."""
 
 
+SELECTION = "selection"
+"""The name of the split carved from train by `selection_split` (see TaskSpec)."""
+
+
 class TaskSpec(_Strict):
     """One task, as written in `conf/task/<name>.yaml`."""
 
@@ -92,6 +96,23 @@ class TaskSpec(_Strict):
     """Test split -> GLUE submission file name, e.g. {test: SST-2.tsv}."""
     submission_labels: Literal["id", "name"] = "id"
     """Whether GLUE expects class ids (SST-2, CoLA, ...) or label names (RTE, MNLI, QNLI)."""
+    selection_split: bool = False
+    """Carve a held-out `selection` split from the training set, for tasks whose test labels are not
+    public (GLUE): it leads eval_splits, so keep-best, early stopping and a sweep's tuning read it and
+    the official dev split is an evaluation that chose nothing. Neither teacher nor student trains on it."""
+    selection_size: int | None = Field(None, gt=0)
+    """Examples held out; None: as many as the task's own first eval split (the dev set)."""
+    selection_seed: int = Field(0, ge=0, le=2**32 - 1)
+    """Seed of the draw (stratified by label), independent of the run seed: every job holds out the same examples."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _selection_first(cls, values: Any) -> Any:
+        """With a selection split, `selection` leads eval_splits: the first eval split is the one that chooses."""
+        if isinstance(values, dict) and values.get("selection_split"):
+            splits = [s for s in values.get("eval_splits", ["validation"]) if s != SELECTION]
+            values = {**values, "eval_splits": [SELECTION, *splits]}
+        return values
 
     def origin(self, split: str) -> str:
         """Where a split's examples come from: a file, a folder, a package or a hub dataset."""
@@ -125,8 +146,14 @@ class TaskSpec(_Strict):
             problems.append("hub_name: required for source 'hub'")
         if self.data_dir is not None:
             problems += self._tsv_problems()
+        if SELECTION in self.eval_splits and not self.selection_split:
+            problems.append(f"eval_splits: {SELECTION!r} is the split carved by selection_split=true; set that instead")
+        if self.selection_split and len(self.eval_splits) < 2:
+            problems.append("selection_split: needs an eval split of the task's own besides it (the untouched evaluation)")
+        if self.selection_size is not None and not self.selection_split:
+            problems.append("selection_size: holds out nothing without selection_split=true")
         if self.source in ("rotten_tomatoes", "files") and (
-            self.eval_splits != ["validation"] or self.test_splits != ["test"]
+            self.split_names != ["train", "validation", "test"]
         ):
             problems.append(f"eval_splits/test_splits: must be [validation]/[test] for {self.source!r}")
         if problems:
@@ -153,8 +180,8 @@ class TaskSpec(_Strict):
 
     @property
     def split_names(self) -> list[str]:
-        """All splits the task defines: train, eval splits, test splits."""
-        return ["train", *self.eval_splits, *self.test_splits]
+        """The splits read from the task's source: train, eval splits, test splits (not the carved selection split)."""
+        return ["train", *[s for s in self.eval_splits if s != SELECTION], *self.test_splits]
 
     @property
     def submission_label_names(self) -> list[str] | None:

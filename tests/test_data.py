@@ -121,6 +121,36 @@ def test_a_limited_stage_draws_its_training_sample_only_when_given_a_seed(rotten
     assert list(drawn.encoded) == list(prepared.encoded)
 
 
+def test_a_selection_split_is_carved_from_train_and_leads_the_eval_splits(rotten):
+    """The held-out selection split: drawn from train by label with its own seed (the same for every
+    job), as large as the dev set by default, never trained on, and first among the eval splits, so
+    keep-best, early stopping and sweeps choose on it and the dev set chooses nothing."""
+    task = spec("rotten_tomatoes", selection_split=True)
+    assert task.eval_splits == ["selection", "validation"] and task.main_metric_key == "selection/accuracy"
+    assert task.split_names == ["train", "validation", "test"]  # read from the source as before
+    carved = load_task(task)
+    held, train = carved.splits["selection"], carved.splits["train"]
+    assert len(held) == len(rotten.splits["validation"]) and len(train) + len(held) == len(rotten.splits["train"])
+    assert set(held.ids) | set(train.ids) == set(rotten.splits["train"].ids) and not set(held.ids) & set(train.ids)
+    assert abs(held.labels.mean() - rotten.splits["train"].labels.mean()) <= 1 / len(held)  # stratified
+    assert carved.splits["validation"].ids == rotten.splits["validation"].ids  # the dev set untouched
+    position = {example: i for i, example in enumerate(rotten.splits["train"].ids)}
+    assert [position[i] for i in train.ids] == sorted(position[i] for i in train.ids)  # the file's order kept
+    again = load_task(spec("rotten_tomatoes", selection_split=True, selection_size=853, selection_seed=0))
+    assert again.splits["selection"].ids == held.ids
+    other = load_task(spec("rotten_tomatoes", selection_split=True, selection_size=300, selection_seed=1))
+    assert len(other.splits["selection"]) == 300 and set(other.splits["selection"].ids) != set(held.ids[:300])
+
+
+def test_a_selection_split_is_refused_where_it_cannot_be_carved():
+    with pytest.raises(pydantic.ValidationError, match="carved by selection_split=true"):
+        spec("sst2", eval_splits=["selection", "validation"])
+    with pytest.raises(DataError, match=r"task.selection_size: 7000 examples to hold out, but the training set has only 6824"):
+        load_task(spec("rotten_tomatoes", selection_split=True, selection_size=7000))
+    with pytest.raises(pydantic.ValidationError, match="selection_size: holds out nothing without selection_split=true"):
+        spec("rte", selection_size=100)
+
+
 def test_rotten_tomatoes_is_reproducible(rotten):
     again = load_task(spec("rotten_tomatoes"))
     assert again.splits["test"].ids == rotten.splits["test"].ids

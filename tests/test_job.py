@@ -452,3 +452,20 @@ def test_the_identity_holds_a_digest_of_the_data_read_before_compute(home, tmp_p
     assert identity(["task=sst2", f"task.data_dir={tmp_path}"])[1] != sst2[1]
     assert identity(["task=sst2"])[1] == identity(["task=sst2"])[1] != identity(["task=cola"])[1]  # the hub's id
     assert len({identity([])[1], first[1], sst2[1]}) == 3  # the packaged rotten_tomatoes CSV
+
+
+def test_a_job_with_a_selection_split_chooses_on_it_and_reports_the_dev_set_untouched(home):
+    result = run_cli([*SMOKE, "task.selection_split=true", "task.selection_size=200", "trainer.eval_every=1", "trainer.max_steps=6"], home)
+    assert result.returncode == 0, result.stderr
+    client, (student,) = runs_by_role(home, "student")
+    assert student.data.params["task.eval_splits"] == "['selection', 'validation']"
+    assert {"selection/accuracy", "validation/accuracy", "test/accuracy"} <= set(student.data.metrics)
+    contexts = {d.dataset.name: [t.value for t in d.tags] for d in student.inputs.dataset_inputs}
+    assert contexts["rotten_tomatoes/selection"] == contexts["rotten_tomatoes/validation"] == ["validation"]
+    # keep-best read the selection split: the kept step is the first of its best evaluations
+    history = client.get_metric_history(student.info.run_id, "selection/accuracy")[:-1]  # the last is the final score
+    best = max(m.value for m in history)
+    assert student.data.metrics["best_step"] == min(m.step for m in history if m.value == best)
+    from diito.report import compared_metrics
+
+    assert compared_metrics([student], "validation/accuracy") == (["test/accuracy", "validation/accuracy", "selection/accuracy"], "selection")
