@@ -18,10 +18,9 @@ from safetensors.torch import load_file
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, pipeline
 
 from diito import evaluation, job
-from diito.evaluation import TIMINGS
 from diito.tracking import RunFailed
 from diito.trainer import Trainer
-from tests.conftest import ROOT, compose_config, run_cli
+from tests.conftest import ROOT, TIMINGS, compose_config, run_cli
 
 SMOKE = ["teacher=tiny", "trainer=debug"]
 
