@@ -40,16 +40,21 @@ class Rank:
     device: torch.device
 
 
+def _named(name: str) -> torch.device:
+    """``trainer.device`` as written: ``auto`` is CUDA where there is a GPU, else the CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else torch.device(name)
+
+
 def resolve_device(name: str) -> torch.device:
-    """``trainer.device`` on this machine: ``auto`` is CUDA where there is a GPU, else the CPU."""
-    found = torch.device("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else torch.device(name)
+    """The device of a job's only process: ``trainer.device``, on CUDA with the GPU's index."""
+    found = _named(name)
     return torch.device("cuda", torch.cuda.current_device()) if found.type == "cuda" and found.index is None else found
 
 
 def rank_device(device: str, local_rank: int) -> torch.device:
     """The device of the rank with index ``local_rank`` on its machine: the kind ``device`` names,
     and on CUDA the GPU of that index (never the index ``device`` may name: one GPU per rank)."""
-    kind = resolve_device(device).type
+    kind = _named(device).type
     return torch.device(kind, local_rank) if kind == "cuda" else torch.device(kind)
 
 
