@@ -18,7 +18,6 @@ from diito import config, distributed, resume, student, tracking
 from diito.batching import Prepared
 from diito.config import Job, validate
 from diito.models import load_model_config, load_tokenizer
-from diito.resume import JobRunning  # noqa: F401 - where callers have always found it
 from diito.sources import DataError, load_task
 from diito.teacher import Teacher, entry_to_build, obtain_teacher
 

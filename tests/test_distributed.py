@@ -14,10 +14,10 @@ from mlflow import MlflowClient
 from safetensors.torch import load_file
 
 from diito import distributed, job
+from diito.batching import EpochBatchSampler
 from diito.config import ConfigError
 from diito.tracking import RunFailed
 from diito.trainer import NonFiniteLoss
-from diito.batching import EpochBatchSampler
 from tests.conftest import ROOT, compose_config
 
 TINY = ["teacher=tiny", "trainer=debug", "trainer.precision=fp32", "trainer.num_threads=1", "trainer.max_steps=4"]
@@ -50,11 +50,26 @@ def _student_weights(home, overrides: list[str], name: str) -> dict[str, torch.T
     return load_file(home / name / "student" / "model.safetensors")
 
 
-def test_two_ranks_of_batch_b_equal_one_process_accumulating_two_batches(home):
+def _files_task(folder: Path) -> list[str]:
+    """A `files` task whose training file has a rare label, which reading it warns of."""
+    rows = ["text,label"] + [f"good film {i},pos" for i in range(40)] + [f"bad film {i},neg" for i in range(40)] + ["odd film,odd"]
+    (folder / "train.csv").write_text("\n".join(rows) + "\n")
+    (folder / "dev.csv").write_text("text,label\ngood,pos\nbad,neg\nodd,odd\n")
+    return ["task=files", f"task.files.train={folder / 'train.csv'}", f"task.files.validation={folder / 'dev.csv'}"]
+
+
+def test_two_ranks_of_batch_b_equal_one_process_accumulating_two_batches(home, tmp_path, capfd, caplog):
     """DIITO on: the draws and dropout of each global batch come from (seed, epoch, batch), so the
-    number of ranks does not change what is computed."""
-    one = _student_weights(home, ["trainer.grad_accum=2"], "one")
-    two = _student_weights(home, ["trainer.devices=2"], "two")
+    number of ranks does not change what is computed. The spawned ranks take the validated job and
+    its data from the job's process: the training file is read (and its rare label warned of) once."""
+    task = _files_task(tmp_path)
+    one = _student_weights(home, [*task, "trainer.grad_accum=2"], "one")
+    capfd.readouterr()
+    caplog.clear()
+    two = _student_weights(home, [*task, "trainer.devices=2"], "two")
+    ranks = capfd.readouterr().err  # what the spawned ranks logged (this process's own records are in caplog)
+    assert "][rank 0] - student: final evaluation" in ranks
+    assert (caplog.text + ranks).count("label 'odd' occurs only 1 time(s)") == 1
     assert one.keys() == two.keys()
     for key in one:
         torch.testing.assert_close(two[key], one[key], atol=1e-6, rtol=0, msg=key)
@@ -149,24 +164,9 @@ def _fail(rank: distributed.Rank, error: Exception) -> float:
     return 0.0
 
 
-@pytest.mark.parametrize("error", [ConfigError("loss.alpha: too large"), RunFailed("0123abcd", NonFiniteLoss("student step 3: non-finite kd=nan"))],
-                         ids=["before its run", "inside its run"])
-def test_a_spawned_job_fails_with_rank_0_s_own_error(error):
-    with pytest.raises(type(error)) as raised:
+def test_a_spawned_job_fails_with_rank_0_s_own_error():
+    error = RunFailed("0123abcd", NonFiniteLoss("student step 3: non-finite kd=nan"))
+    with pytest.raises(RunFailed) as raised:
         distributed.spawn(2, "cpu", _fail, (error,))
-    assert str(raised.value) == str(error)
-    if isinstance(error, RunFailed):  # what the failure policy reads: the run, and the error itself
-        assert raised.value.run_id == "0123abcd" and isinstance(raised.value.error, NonFiniteLoss)
-
-
-def test_spawned_ranks_take_the_job_and_its_data_from_the_job_s_process(home, tmp_path, capfd, caplog):
-    """The ranks neither validate nor read the data again: a training file with a rare label is
-    read (and warned of) once, by the job's process, not once more by each rank."""
-    rows = ["text,label"] + [f"good film {i},pos" for i in range(20)] + [f"bad film {i},neg" for i in range(20)] + ["odd film,odd"]
-    (tmp_path / "train.csv").write_text("\n".join(rows) + "\n")
-    (tmp_path / "dev.csv").write_text("text,label\ngood,pos\nbad,neg\n")
-    files = ["task=files", f"task.files.train={tmp_path / 'train.csv'}", f"task.files.validation={tmp_path / 'dev.csv'}"]
-    job.run(compose_config([*TINY, *files, "trainer.devices=2", "trainer.max_steps=2", "tracking=none"]), output_dir=home / "out")
-    ranks = capfd.readouterr().err  # what the spawned ranks logged (this process's own records are in caplog)
-    assert "][rank 0] - student: final evaluation" in ranks
-    assert (caplog.text + ranks).count("label 'odd' occurs only 1 time(s)") == 1
+    assert str(raised.value) == str(error)  # what the failure policy reads: the run, and the error itself
+    assert raised.value.run_id == "0123abcd" and isinstance(raised.value.error, NonFiniteLoss)
