@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +28,7 @@ import numpy as np
 import torch
 from omegaconf import OmegaConf
 
-from diito import tracking
+from diito import tags, tracking
 from diito.batching import Encoded, Prepared, make_loader
 from diito.intervention import (InterchangeConfig, Interchange, MappingConfig, MappingEntry, Shape, Site, block_list, build_mapping,
                                 counterfactual, sample_interchange)
@@ -173,18 +172,18 @@ class TrainedRun:
     mapping: MappingConfig | None  # the run's alignment (a KD run's too: it names the blocks a DIITO run would align)
 
 
-def trained_run(tracking_uri: str, run_id: str, folder: Path) -> TrainedRun:
+def trained_run(store: tracking.TrackingConfig, run_id: str, folder: Path) -> TrainedRun:
     """Only the task and the interchange settings are read back from the run's config, so runs
     logged by earlier versions of the schema can be analysed too."""
-    info = tracking.run_record(tracking_uri, run_id)
-    logged = OmegaConf.to_container(OmegaConf.load(tracking.download(tracking_uri, run_id, "config.yaml", folder)))
+    info = tracking.run_record(store, run_id)
+    logged = OmegaConf.to_container(OmegaConf.load(tracking.download(store, run_id, "config.yaml", folder)))
     task = TaskSpec.model_validate(logged["task"])
     interchange = InterchangeConfig(**{k: v for k, v in logged.get("loss", {}).items() if k in InterchangeConfig.model_fields})
-    teacher_dir = Path(info.data.tags.get(tracking.TEACHER_PATH, ""))
-    if tracking.TEACHER_PATH not in info.data.tags or not teacher_dir.is_dir():
+    teacher_dir = Path(info.data.tags.get(tags.TEACHER_PATH, ""))
+    if tags.TEACHER_PATH not in info.data.tags or not teacher_dir.is_dir():
         raise LookupError(f"run {run_id}: its teacher {str(teacher_dir) or '(no diito.teacher_path tag)'} is not on this machine")
     try:
-        student_dir = tracking.download(tracking_uri, run_id, "student", folder)
+        student_dir = tracking.download(store, run_id, "student", folder)
     except Exception as e:  # noqa: BLE001 - MLflow raises several kinds for a missing artifact
         raise LookupError(f"run {run_id} has no logged student (tracking.log_model was off?): {e}") from None
     if (teacher_dir / "model").is_dir():  # a teacher cache entry keeps the model beside its record
@@ -193,7 +192,7 @@ def trained_run(tracking_uri: str, run_id: str, folder: Path) -> TrainedRun:
     if (student_dir / "MLmodel").exists():  # an MLflow model: the Hugging Face folder and the tokenizer are inside
         student_dir, tokenizer_dir = student_dir / "model", student_dir / "components" / "tokenizer"
     mapping = MappingConfig(**logged["mapping"]) if isinstance(logged.get("mapping"), dict) else None
-    return TrainedRun(run_id, info.info.run_name or run_id, info.data.tags.get("loss", "?"), task, interchange, student_dir, tokenizer_dir,
+    return TrainedRun(run_id, info.info.run_name or run_id, info.data.tags.get(tags.LOSS, "?"), task, interchange, student_dir, tokenizer_dir,
                       teacher_dir, mapping)
 
 
@@ -206,18 +205,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", default="alignment", help="folder for the figure and the maps (default ./alignment)")
-    parser.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI", f"sqlite:///{Path.cwd() / 'mlflow.db'}"))
+    parser.add_argument("--tracking-uri", help="the store (default: the one jobs log to: MLFLOW_TRACKING_URI, else the project "
+                                                "folder's mlflow.db, DIITO_HOME)")
     args = parser.parse_args(argv)
     dims = tuple(int(v) for v in args.dims.split(":")) if args.dims else None
     device = torch.device(args.device)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
+    store = tracking.settings(args.tracking_uri)  # where jobs log, with their retries
     maps: dict[str, AlignmentMap] = {}
     by_method: dict[str, list[AlignmentMap]] = {}
     with tempfile.TemporaryDirectory() as folder:
         for run_id in args.runs:
-            run = trained_run(args.tracking_uri, run_id, Path(folder) / run_id)
+            run = trained_run(store, run_id, Path(folder) / run_id)
             tokenizer = load_tokenizer(str(run.tokenizer_dir))
             data = Prepared.from_task(load_task(run.task), tokenizer)
             split = data.encoded[run.task.eval_splits[0]].head(args.pairs)
@@ -240,7 +241,7 @@ def main(argv: list[str] | None = None) -> None:
     figure = draw(maps, out / "iia_map.png")
     for run_id in args.runs:  # each run keeps its own map and the figure it was drawn in
         (out / "iia_map.json").write_text((out / f"{run_id}.json").read_text())
-        tracking.log_files(args.tracking_uri, run_id, [figure, out / "iia_map.json"], "alignment")
+        tracking.log_files(store, run_id, [figure, out / "iia_map.json"], "alignment")
     print(f"wrote {figure} and logged it to {len(args.runs)} run(s) under alignment/")
 
 

@@ -208,7 +208,6 @@ def make_loader(
     seed: int,
     length_grouped: bool,
     pad_token_id: int,
-    num_workers: int = 0,
     rank: int = 0,
     world: int = 1,
 ) -> DataLoader:
@@ -219,7 +218,6 @@ def make_loader(
         _Indices(len(encoded)),
         batch_sampler=sampler,
         collate_fn=PadCollate(encoded, pad_token_id),
-        num_workers=num_workers,
         # Its own generator: iterating a DataLoader otherwise draws from the global torch RNG, so
         # a resumed run's dropout masks would drift from an uninterrupted run's.
         generator=torch.Generator().manual_seed(seed),

@@ -206,7 +206,7 @@ def measure_ranks(ranks: int, steps: int, rounds: int, batch_size: int, device: 
     accumulate = lambda group: _optimizer_step(step, optimizer, group)  # noqa: E731
     accumulate(groups[0])  # warm-up
     single = [time_steps(accumulate, groups, device) for _ in range(rounds)]
-    parallel = distributed.spawn(ranks, _timed_rank, (data, rounds, device.type))
+    parallel = distributed.spawn(ranks, device.type, _timed_rank, (data, rounds))
     reference, ddp = statistics.median(single) / len(groups), parallel / len(groups)
     return {
         "ranks_over_accum": ddp / reference,
@@ -224,20 +224,20 @@ def _optimizer_step(step: torch.nn.Module, optimizer, group: list) -> None:
     optimizer.zero_grad(set_to_none=True)
 
 
-def _timed_rank(data: list, rounds: int, device_type: str) -> float:
+def _timed_rank(rank: distributed.Rank, data: list, rounds: int) -> float:
     """One rank: its share of the batches, one optimizer step each; rank 0's median pass in seconds."""
-    with distributed.process_group(device_type) as (rank, world, device):
-        teacher, student, optimizer, mapping = models(device)
-        step = DistillationStep(student, teacher, DistillationObjective(LossConfig(gamma=1.0), [], mapping))
-        step = DistributedDataParallel(step, device_ids=[device.index] if device.type == "cuda" else None)
-        mine = [[{k: v.to(device) for k, v in b.items()}] for b in data[rank::world]]
-        one_step = lambda group: _optimizer_step(step, optimizer, group)  # noqa: E731
-        one_step(mine[0])  # warm-up
-        times = []
-        for _ in range(rounds):
-            distributed.barrier()  # every rank starts the pass together
-            times.append(time_steps(one_step, mine, device))
-        return statistics.median(times)
+    device = rank.device
+    teacher, student, optimizer, mapping = models(device)
+    step = DistillationStep(student, teacher, DistillationObjective(LossConfig(gamma=1.0), [], mapping))
+    step = DistributedDataParallel(step, device_ids=[device.index] if device.type == "cuda" else None)
+    mine = [[{k: v.to(device) for k, v in b.items()}] for b in data[rank.index::rank.world]]
+    one_step = lambda group: _optimizer_step(step, optimizer, group)  # noqa: E731
+    one_step(mine[0])  # warm-up
+    times = []
+    for _ in range(rounds):
+        distributed.barrier()  # every rank starts the pass together
+        times.append(time_steps(one_step, mine, device))
+    return statistics.median(times)
 
 
 def report(results: dict) -> str:

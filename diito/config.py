@@ -20,7 +20,7 @@ from omegaconf.errors import OmegaConfBaseException
 from pydantic import BaseModel, ConfigDict, ValidationError
 from transformers.tokenization_utils_base import VERY_LARGE_INTEGER
 
-from diito import families, files, store, tracking
+from diito import families, files, identity, store, tracking
 from diito.intervention import InterchangeConfig, MappingConfig, MappingEntry, Shape, build_mapping
 from diito.models import StudentConfig, count_parameters, load_model_config, load_tokenizer, max_positions, num_layers, select_blocks, tokenizer_mismatch
 from diito.objective import LossConfig, default_patience_layers
@@ -62,7 +62,6 @@ class Job:
     """The validated job, plus what validation learnt about the models."""
 
     config: JobConfig
-    teacher_layers: int
     student_blocks: list[int]
     patience_layers: list[int]
     mapping: list[MappingEntry] | None  # the checked intervention sites; None when nothing intervenes
@@ -72,10 +71,8 @@ class Job:
 
     @property
     def hash(self) -> str:
-        """The job's identity: a digest of the validated settings that can change its result and of
-        the data it reads, so the same settings on changed data are another job (never skipped as
-        finished, never resumed from the old data's checkpoints)."""
-        return tracking.identity(self.config.model_dump(mode="json") | {"data_digest": self.data_digest})
+        """The job's identity (:func:`diito.identity.job_hash`)."""
+        return identity.job_hash(self.config, self.data_digest)
 
     @property
     def unused_settings(self) -> frozenset[str]:
@@ -124,6 +121,9 @@ def validate(cfg: DictConfig) -> Job:
     except DataError as e:
         raise ConfigError(str(e)) from None
     check_device(job.trainer.device)
+    if job.stage == "teacher" and job.trainer.devices > 1:
+        raise ConfigError(f"trainer.devices: {job.trainer.devices} ranks train the student, but stage=teacher only fine-tunes the teacher, "
+                          "in one process (set trainer.devices=1)")
     check_places(job.paths, job.tracking)
 
     teacher_key = "teacher.checkpoint" if job.teacher.checkpoint else "teacher.model"
@@ -183,7 +183,7 @@ def validate(cfg: DictConfig) -> Job:
         sizes = count_parameters(teacher_config), count_parameters(student_config)
     except ValueError as e:  # an architecture without a sequence-classification head
         raise ConfigError(f"teacher.model: cannot build a text classifier from {job.teacher.model!r}: {str(e).splitlines()[0]}") from None
-    return Job(job, teacher_layers, blocks, patience, mapping, digest, *sizes)
+    return Job(job, blocks, patience, mapping, digest, *sizes)
 
 
 def _check_families(job: JobConfig, teacher_config, other_source) -> None:
@@ -261,7 +261,7 @@ def check_space(job: Job, job_folder: Path, state_dir: Path, teacher_entry: Path
     c = job.config
     writes = []
     if teacher_entry is not None:
-        copies = fit_copies(c.teacher.recipe.keep_best) + 1  # + the saved teacher
+        copies = fit_copies(c.teacher.recipe.loop.keep_best) + 1  # + the saved teacher
         writes.append(Write("paths.cache", "the teacher's fine-tune and cache entry", teacher_entry,
                             copies * FLOAT_BYTES * job.teacher_params - files.bytes_in(teacher_entry)))
     if c.stage == "distill":
@@ -358,7 +358,7 @@ def main_metric_key(cfg: DictConfig) -> str:
 
 def raw_params(cfg: DictConfig) -> dict[str, Any]:
     """The config as given, flattened and unresolved: what a job that failed validation was asked to do."""
-    return tracking.flatten(OmegaConf.to_container(cfg, resolve=False))
+    return identity.flatten(OmegaConf.to_container(cfg, resolve=False))
 
 
 def from_environment(cfg: DictConfig) -> dict[str, str]:

@@ -19,8 +19,6 @@ from diito.trainer import autocast
 
 log = logging.getLogger(__name__)
 
-TIMINGS = ("latency/", "speedup/", "time/")  # metrics that time this machine: identical runs differ in them
-
 
 @torch.no_grad()
 def predict(model: torch.nn.Module, loader: torch.utils.data.DataLoader, precision: str, device: torch.device) -> np.ndarray:
@@ -64,17 +62,17 @@ class Evaluator:
 
 
     @torch.no_grad()
-    def footprint(self, student: torch.nn.Module, teacher: torch.nn.Module, repeats: int = 5) -> dict[str, float]:
-        """What users ask first of a student: parameters and weight size of student and teacher, their
-        latency per example at batch 1 and at batch 32 (medians, on this device and precision, on the
-        first evaluation split's examples), and the student's speed-up."""
+    def footprint(self, models: dict[str, torch.nn.Module], repeats: int = 5) -> dict[str, float]:
+        """What users ask first of a model: the parameters and weight size of each of ``models``
+        (by name), their latency per example at batch 1 and at batch 32 (medians, on this device and
+        precision, on the first evaluation split's examples), and a student's speed-up over its teacher."""
         split = self.data.encoded[self.data.spec.eval_splits[0]]
         singles = [model_inputs(b) for b in make_loader(split.head(repeats * 4), 1, shuffle=False, seed=0, length_grouped=False,
                                                         pad_token_id=self.data.pad_token_id)]
         (full,) = [model_inputs(b) for b in make_loader(split.head(32), 32, shuffle=False, seed=0, length_grouped=False,
                                                          pad_token_id=self.data.pad_token_id)]
         out: dict[str, float] = {}
-        for name, model in (("student", student), ("teacher", teacher)):
+        for name, model in models.items():
             model.eval()
             out[f"model/{name}_params"] = sum(p.numel() for p in model.parameters())
             out[f"model/{name}_mb"] = sum(t.numel() * t.element_size() for t in model.state_dict().values()) / 2**20
@@ -82,7 +80,7 @@ class Evaluator:
             seconds(singles[0])  # warm-up: kernels and allocator
             out[f"latency/{name}_ms_batch1"] = 1000 * float(np.median([seconds(inputs) for inputs in singles]))
             out[f"latency/{name}_ms_per_example_batch32"] = 1000 * float(np.median([seconds(full) for _ in range(repeats)])) / len(full["input_ids"])
-        for batch in ("batch1", "per_example_batch32"):
+        for batch in ("batch1", "per_example_batch32") if {"student", "teacher"} <= models.keys() else ():
             out[f"speedup/{batch.removeprefix('per_example_')}"] = out[f"latency/teacher_ms_{batch}"] / out[f"latency/student_ms_{batch}"]
         return out
 

@@ -14,13 +14,12 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import statistics
 from pathlib import Path
 
 from typing import Any
 
-from diito import tracking
+from diito import identity, tags, tracking
 
 REPLICATES = "seed"  # runs that differ only in their seed are one configuration
 
@@ -29,7 +28,7 @@ def varying_keys(runs: list[Any]) -> list[str]:
     """Params with more than one value among the runs that have them (a KD baseline has no
     interchange_prop: that alone does not make it another configuration). Runs log only settings
     that can change a result, so only those, and never the seed, tell configurations apart."""
-    keys = sorted({k for r in runs for k in tracking.result_settings(r.data.params) if k != REPLICATES and not k.startswith("sweep.")})
+    keys = sorted({k for r in runs for k in identity.result_settings(r.data.params) if k != REPLICATES and not k.startswith("sweep.")})
     return [k for k in keys if len({r.data.params[k] for r in runs if k in r.data.params}) > 1]
 
 
@@ -103,13 +102,13 @@ def curves(runs: list[Any], metric: str, size: str = SIZE) -> Curves:
     ``student.init_from``), method (the ``loss`` tag, with any ``loss.*`` value that varies among
     that method's runs: its tuned setting), size and seed."""
     others = [k for k in varying_keys(runs) if k != size]
-    methods = {r.data.tags.get("loss", "?") for r in runs}
-    tuned = {m: [k for k in varying_keys([r for r in runs if r.data.tags.get("loss", "?") == m]) if k.startswith("loss.")] for m in methods}
+    methods = {r.data.tags.get(tags.LOSS, "?") for r in runs}
+    tuned = {m: [k for k in varying_keys([r for r in runs if r.data.tags.get(tags.LOSS, "?") == m]) if k.startswith("loss.")] for m in methods}
     out: Curves = {}
     for r in runs:
         if metric not in r.data.metrics:
             continue
-        p, method = r.data.params, r.data.tags.get("loss", "?")
+        p, method = r.data.params, r.data.tags.get(tags.LOSS, "?")
         setting = ", ".join(f"{k}={p[k]}" for k in others if k in p and not k.startswith("loss."))
         label = method + (" (" + ", ".join(f"{k.removeprefix('loss.')}={p[k]}" for k in tuned[method] if k in p) + ")" if tuned[method] else "")
         out.setdefault(setting, {}).setdefault(label, {}).setdefault(p.get(size, "None"), {})[p.get(REPLICATES, "")] = r.data.metrics[metric]
@@ -305,7 +304,7 @@ def seconds(run: Any) -> float | None:
 def wall_time(runs: list[Any]) -> str:
     """What the runs cost: their wall time in all, the median run of each method and, for the runs
     that record it, their training time (``time/train_seconds``: a resumed run's without its stop)."""
-    durations = [(r.data.tags.get("loss", ""), seconds(r)) for r in runs]
+    durations = [(r.data.tags.get(tags.LOSS, ""), seconds(r)) for r in runs]
     durations = [(method, d) for method, d in durations if d is not None]
     if not durations:
         return "wall time: unknown"
@@ -331,7 +330,7 @@ def export_csv(runs: list[Any], path: Path) -> Path:
         writer.writerow(["run_id", "method", *keys, REPLICATES, "seconds", *metrics])
         for r in sorted(runs, key=lambda r: r.info.start_time):
             duration = seconds(r)
-            writer.writerow([r.info.run_id, r.data.tags.get("loss", ""), *(r.data.params.get(k, "") for k in keys),
+            writer.writerow([r.info.run_id, r.data.tags.get(tags.LOSS, ""), *(r.data.params.get(k, "") for k in keys),
                              r.data.params.get(REPLICATES, ""), "" if duration is None else f"{duration:.1f}",
                              *(r.data.metrics.get(m, "") for m in metrics)])
     return path
@@ -356,7 +355,7 @@ def runs_from_csv(path: Path) -> list[Any]:
             runs.append(SimpleNamespace(info=SimpleNamespace(run_id=row["run_id"], start_time=i * 10**6, end_time=end),
                                         data=SimpleNamespace(params={k: row[k] for k in params if row[k] != ""},
                                                              metrics={k: float(row[k]) for k in metrics if row[k] != ""},
-                                                             tags={"loss": row["method"]})))
+                                                             tags={tags.LOSS: row["method"]})))
     return runs
 
 
@@ -369,7 +368,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--y", help="heatmap rows (default: the second varying key)")
     parser.add_argument("--size", default=SIZE, help=f"the key of the learning curve, drawn when it varies (default {SIZE})")
     parser.add_argument("--out", default=".", help="folder for the table, the heatmap, the learning curve and runs.csv")
-    parser.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI", f"sqlite:///{Path.cwd() / 'mlflow.db'}"))
+    parser.add_argument("--tracking-uri", help="the store (default: the one jobs log to: MLFLOW_TRACKING_URI, else the project "
+                                                "folder's mlflow.db, DIITO_HOME)")
     args = parser.parse_args(argv)
 
     parent_id = None
@@ -377,7 +377,8 @@ def main(argv: list[str] | None = None) -> None:
         if args.target.endswith(".csv"):
             runs = runs_from_csv(Path(args.target))
         else:
-            runs, parent_id = tracking.find_student_runs(args.tracking_uri, args.target)
+            store = tracking.settings(args.tracking_uri)  # where jobs log, with their retries
+            runs, parent_id = tracking.find_student_runs(store, args.target)
     except (LookupError, ValueError, OSError) as e:
         raise SystemExit(f"error: {e}") from None
     if not runs:
@@ -389,7 +390,7 @@ def main(argv: list[str] | None = None) -> None:
     # the paired comparisons against KD, the split that chose nothing first
     metrics, selection = compared_metrics(runs, args.metric)
     by_metric = {m: curves(runs, m, args.size) for m in metrics or [args.metric]}
-    methods = {r.data.tags.get("loss", "?") for r in runs}  # a grid of one method compares no methods
+    methods = {r.data.tags.get(tags.LOSS, "?") for r in runs}  # a grid of one method compares no methods
     comparisons = with_verdicts([row for m, lines in by_metric.items() for row in paired(lines, m)]) if len(methods) > 1 else []
     if comparisons:
         text = format_comparisons(comparisons, selection)
@@ -417,7 +418,7 @@ def main(argv: list[str] | None = None) -> None:
         files += [out / "by_size.txt", curve_plot(by_metric[lead], lead, out / "by_size.png", comparisons)]
         print(f"learning curve: {files[-1]}")
     if parent_id is not None:
-        tracking.log_files(args.tracking_uri, parent_id, files, "report")
+        tracking.log_files(store, parent_id, files, "report")
         print(f"logged to the sweep's parent run {parent_id}")
 
 

@@ -4,9 +4,9 @@
 creates a job's or a sweep's folder it checks that the folders can be written. Before any job
 starts it checks the tracking store, prepares it and the experiment once (so parallel jobs never
 race to create them) and opens the parent run; jobs find it in ``<sweep dir>/sweep.json``. When
-all jobs have returned, it writes the summary (best child, failures) to the parent and makes the
-sweep's exit status say whether any job failed. A sweep that stops before that
-(:func:`end_stopped_sweep`) ends its parent KILLED or FAILED.
+all jobs have returned, it writes the summary (best child, failures) to the parent and tells
+:mod:`diito.failures` (which decides the exit status) whether any job failed. A sweep that stops
+before that (:func:`end_stopped_sweep`) ends its parent KILLED or FAILED.
 """
 
 from __future__ import annotations
@@ -21,14 +21,12 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 from diito import config as job_config
-from diito import interrupts, store, tracking
-from diito.files import atomic_write_text
+from diito import failures, interrupts, tracking
 
 log = logging.getLogger(__name__)
 SWEEP_FILE = "sweep.json"
 
 
-FAILURES = "failed"  # a file per failed job, so a sweep knows its failures even without tracking
 _open: tuple[tracking.TrackingConfig, dict[str, str]] | None = None  # the parent run this process opened and has not ended
 
 
@@ -38,28 +36,12 @@ def sweep_info(sweep_dir: str | Path) -> dict[str, str] | None:
     return json.loads(path.read_text()) if path.exists() else None
 
 
-def record_job_failure(sweep_dir: str | Path, job_dir: str | Path, job_name: str, error: BaseException) -> None:
-    """Note in the sweep's folder that a job failed (read back when the sweep ends)."""
-    text = json.dumps({"run": store.mask(job_name), "error": store.mask(f"{type(error).__name__}: {error}")})
-    atomic_write_text(Path(sweep_dir) / FAILURES / f"{Path(job_dir).name}.json", text)
-
-
-def job_failures(sweep_dir: str | Path) -> list[dict[str, str]]:
-    return [json.loads(f.read_text()) for f in sorted((Path(sweep_dir) / FAILURES).glob("*.json"))]
-
-
-def refuse(error: job_config.ConfigError) -> None:
-    """Bad input found before any job started: one line and exit code 2, as for a single job."""
-    print(f"error: {error}", file=sys.stderr)
-    sys.exit(2)
-
-
 class SweepCallback(Callback):
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         try:
             job_config.check_hydra_folder(config, "hydra.run.dir")
         except job_config.ConfigError as e:
-            refuse(e)
+            raise failures.Refused(e) from None
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         global _open
@@ -69,7 +51,7 @@ class SweepCallback(Callback):
             if settings.enabled:  # the parent run is opened here, before any job validates its config
                 job_config.check_store(settings)
         except job_config.ConfigError as e:
-            refuse(e)
+            raise failures.Refused(e) from None
         if not settings.enabled:
             return
         sweep_dir = Path(config.hydra.sweep.dir)
@@ -87,17 +69,16 @@ class SweepCallback(Callback):
             summary = tracking.finish_sweep(settings, info, job_config.main_metric_key(config))
             _open = None
         else:  # no tracking: the sweep's folder knows which jobs failed
-            failures = job_failures(config.hydra.sweep.dir)
+            failed_jobs = failures.job_failures(config.hydra.sweep.dir)
             jobs = len(list(Path(config.hydra.sweep.dir).glob("*/.hydra")))
-            summary = {"jobs": jobs, "finished": jobs - len(failures), "failed": len(failures), "failures": failures}
+            summary = {"jobs": jobs, "finished": jobs - len(failed_jobs), "failed": len(failed_jobs), "failures": failed_jobs}
         failed = summary["failed"] > 0
         lines = [f"sweep: {summary['finished']}/{summary['jobs']} jobs finished"]
         if "best_run" in summary:
             lines.append(f"best {summary['metric']} = {summary['best_value']:.4f}: {summary['best_run']}")
         lines += [f"FAILED {f['run']}: {f['error']}" for f in summary["failures"]]
         print("\n".join(lines), file=sys.stderr if failed else sys.stdout)
-        if failed:
-            sys.exit(1)
+        failures.sweep_ended(failed)
 
 
 def end_stopped_sweep(stop: BaseException) -> None:

@@ -10,32 +10,59 @@ of them to fine-tune it.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
+from omegaconf import OmegaConf
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_serializer, model_validator
+from pydantic_core import InitErrorDetails
 from safetensors import safe_open
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt
 from transformers import PreTrainedModel
 
-from diito import cache, tracking
+from diito import cache, identity, stage, tags, tracking
 from diito.batching import Prepared, model_inputs
-from diito.evaluation import Evaluator, one_class, warn_one_class
+from diito.distributed import Rank
 from diito.models import load_finetuned, load_pretrained, name_labels, save_model
 from diito.objective import task_loss
-from diito.trainer import LoopConfig, OptimConfig, Seed, Trainer, TrainerConfig, Validation, seed_everything
+from diito.resume import ResumeState
+from diito.trainer import LoopConfig, OptimConfig, Seed, TrainerConfig, seed_everything
 
 log = logging.getLogger(__name__)
 
 
-class Recipe(LoopConfig, OptimConfig):
-    """How the teacher is fine-tuned: a complete loop and optimiser, and its own seed."""
+class Recipe(BaseModel):
+    """How the teacher is fine-tuned: a complete loop and optimiser of its own, and its own seed.
+    Written flat, as ``conf/teacher/recipe/finetune.yaml`` lists them (``teacher.recipe.lr``,
+    ``teacher.recipe.max_steps``): each key goes to the part that reads it, and is logged and named
+    in errors as it was written."""
 
-    epochs: PositiveInt = 1
+    model_config = ConfigDict(extra="forbid")
+    loop: LoopConfig
+    optim: OptimConfig
     seed: Seed = 42
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _from_flat(cls, given: Any, handler):
+        if isinstance(given, dict) and not {"loop", "optim"} & given.keys():
+            given = {"loop": {"epochs": 1} | {k: v for k, v in given.items() if k in LoopConfig.model_fields},
+                     "optim": {k: v for k, v in given.items() if k in OptimConfig.model_fields},
+                     **{k: v for k, v in given.items() if k not in LoopConfig.model_fields and k not in OptimConfig.model_fields}}
+        try:
+            return handler(given)
+        except ValidationError as e:  # teacher.recipe.lr, not teacher.recipe.optim.lr: the key as written
+            raise ValidationError.from_exception_data(e.title, [
+                InitErrorDetails(type=err["type"], loc=tuple(err["loc"][1:] if err["loc"][:1] in (("loop",), ("optim",)) else err["loc"]),
+                                 input=err["input"], ctx=err.get("ctx", {})) for err in e.errors()]) from None
+
+    @model_serializer(mode="wrap")
+    def _flat(self, handler) -> dict[str, Any]:
+        dumped = handler(self)
+        return {**dumped.pop("loop"), **dumped.pop("optim"), **dumped}
 
 
 class TeacherConfig(BaseModel):
@@ -50,7 +77,7 @@ class TeacherConfig(BaseModel):
 class Teacher:
     """A fine-tuned teacher, and where it came from."""
 
-    model: PreTrainedModel
+    model: PreTrainedModel | None  # None while it travels to another rank (:meth:`on` loads it there)
     source: Literal["checkpoint", "cache", "fine-tuned"]
     path: str  # the checkpoint folder, or the cache entry
     run_id: str | None = None  # the MLflow run that fine-tuned it, when known
@@ -59,33 +86,43 @@ class Teacher:
     @property
     def tags(self) -> dict[str, str]:
         """What a student run records about its teacher."""
-        tags = {tracking.TEACHER_SOURCE: self.source, tracking.TEACHER_PATH: self.path}
-        return tags | ({tracking.TEACHER_RUN: self.run_id} if self.run_id else {})
+        found = {tags.TEACHER_SOURCE: self.source, tags.TEACHER_PATH: self.path}
+        return found | ({tags.TEACHER_RUN: self.run_id} if self.run_id else {})
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickled (for a spawned rank) without its weights: that process loads them on its own device (:meth:`on`)."""
+        return self.__dict__ | {"model": None}
+
+    def on(self, device: torch.device) -> Teacher:
+        """This teacher with its weights on ``device``, loaded from its folder unless already there."""
+        if self.model is not None and self.model.device == device:
+            return self
+        folder = Path(self.path) if self.source == "checkpoint" else Path(self.path) / "model"
+        return dataclasses.replace(self, model=load_finetuned(folder).to(device).eval())
 
 
 def obtain_teacher(config: TeacherConfig, data: Prepared, tokenizer, run_settings: TrainerConfig, tracking_config: tracking.TrackingConfig,
                    cache_dir: Path, device: torch.device) -> Teacher:
     """The fine-tuned teacher: ``config.checkpoint``, the cache entry for this recipe, or fine-tuned
-    now (in its own MLflow run). ``run_settings`` lends only how the job runs (device, threads,
-    progress, checkpoint interval), never what is trained."""
+    now (in its own MLflow run). ``run_settings`` lends only how the job runs (threads, progress,
+    checkpoint interval), never what is trained."""
     if config.checkpoint:
         log.info("teacher: the checkpoint %s", config.checkpoint)
-        return Teacher(load_finetuned(config.checkpoint).to(device).eval(), "checkpoint", config.checkpoint)
-    key = cache_key(config, data)
-    folder = cache_dir / "teachers" / f"{data.spec.name}-{key}"
-    info, built = cache.build_once(folder, lambda folder: _fine_tune(config, data, tokenizer, run_settings, tracking_config, folder, key, device),
+        return Teacher(None, "checkpoint", config.checkpoint).on(device)
+    folder = cache_entry(config, data, cache_dir)
+    state = ResumeState(folder, cache_key(config, data))  # the fine-tune's checkpoints and run, in the entry itself
+    info, built = cache.build_once(folder, lambda folder: _fine_tune(config, data, tokenizer, run_settings, tracking_config, state, device),
                                    check=_damage)
-    shutil.rmtree(folder / "checkpoint", ignore_errors=True)  # only once the entry is complete
+    state.clear_checkpoints()  # only once the entry is complete; its run's id stays, should the entry ever be rebuilt
     main = info.get("metrics", {}).get(data.spec.main_metric_key)
     log.info("teacher: %s %s (%s%s)", "fine-tuned now," if built else "from the cache,", folder,
              f"{data.spec.main_metric_key} {main:.4f}" if main is not None else "no metric", f", run {info['run_id']}" if info.get("run_id") else "")
-    model = load_finetuned(folder / "model").to(device).eval()
-    return Teacher(model, "fine-tuned" if built else "cache", str(folder), info.get("run_id"), info.get("metrics", {}))
+    return Teacher(None, "fine-tuned" if built else "cache", str(folder), info.get("run_id"), info.get("metrics", {})).on(device)
 
 
 def cache_key(config: TeacherConfig, data: Prepared) -> str:
-    """What makes two fine-tuned teachers the same: the data, the base model and the recipe."""
-    return tracking.identity({"data": data.fingerprint, "model": config.model, "recipe": config.recipe.model_dump(mode="json")})
+    """What makes two fine-tuned teachers the same (:func:`diito.identity.teacher_key`)."""
+    return identity.teacher_key(data.fingerprint, config.model, config.recipe)
 
 
 def cache_entry(config: TeacherConfig, data: Prepared, cache_dir: Path) -> Path:
@@ -101,41 +138,31 @@ def entry_to_build(config: TeacherConfig, data: Prepared, cache_dir: Path) -> Pa
 
 
 def _fine_tune(config: TeacherConfig, data: Prepared, tokenizer, run_settings: TrainerConfig, tracking_config: tracking.TrackingConfig,
-               folder: Path, key: str, device: torch.device) -> dict:
-    """Fine-tune the base model with the recipe into ``folder``, the cache entry ``key`` names (it
-    stamps the fine-tune's checkpoints and run record, so nothing else's is resumed); returns the
-    entry's info."""
+               state: ResumeState, device: torch.device) -> dict:
+    """Fine-tune the base model with the recipe into the cache entry ``state`` names (its identity
+    stamps the fine-tune's checkpoints and run record, so nothing else's is resumed): a tracked
+    stage like the student's. Returns the entry's info."""
     recipe = config.recipe
     log.info("teacher: fine-tuning %s on %s (teacher.recipe)", config.name, data.spec.name)
-    settings = run_settings.with_loop(recipe)
-    optim = OptimConfig(**recipe.model_dump(include=set(OptimConfig.model_fields)))
-    data = data.limited(recipe.max_train_examples, recipe.max_eval_examples)
+    data = data.limited(recipe.loop.max_train_examples, recipe.loop.max_eval_examples)
     model = load_pretrained(config.model, data.num_labels, recipe.seed).to(device)
 
     def loss_fn(batch):
         loss = task_loss(model(**model_inputs(batch)).logits, batch["labels"])
         return loss, {"ce": loss}
 
-    tags = {tracking.ROLE: "teacher", "task": data.spec.name, "teacher": config.name} | tracking.git_tags()
-    with tracking.resumable_run(folder, key, tracking_config, f"teacher-{data.spec.name}-{config.name}", tags) as run:
-        run.log_params(tracking.params({"task": data.spec.model_dump(), "teacher": config.model_dump()}))
-        evaluator = Evaluator(data, settings.eval_batch_size, settings.precision, device)
+    asked = {"task": data.spec.model_dump(mode="json"), "teacher": config.model_dump(mode="json")}
+    record = stage.Record(identity.params({"task": data.spec.model_dump(), "teacher": config.model_dump()}),
+                          OmegaConf.to_yaml(OmegaConf.create(asked)))
+    run_tags = {tags.TASK: data.spec.name, tags.TEACHER: config.name} | tracking.git_tags()
+    here = Rank(0, 1, device)  # one process fine-tunes the teacher, whatever the student's ranks
+    with stage.tracked(tags.TEACHER_ROLE, state, tracking_config, f"teacher-{data.spec.name}-{config.name}", run_tags, record, data, here) as run:
         seed_everything(recipe.seed)
-        loader = data.loader("train", settings.batch_size, train=True, seed=recipe.seed, shuffle=settings.shuffle,
-                             length_grouped=settings.length_grouped)
-        trainer = Trainer(model, loss_fn, loader,
-                          settings, optim, folder / "checkpoint", Validation(lambda: evaluator.metrics(model), data.spec.main_metric_key),
-                          run.log_metrics, name="teacher", owner=key)
-        state = trainer.fit()
-        predictions = evaluator.predict(model, data.spec.eval_splits)
-        metrics = evaluator.score(predictions)
-        run.log_metrics(metrics | {"steps": state.step, "epochs": trainer.epochs_run, "time/train_seconds": state.train_seconds}, state.step)
-        if (label := one_class(predictions, data)) is not None:
-            warn_one_class(label, data, "the teacher")
-            run.set_tags({tracking.PLATEAU: f"one class ({label}) on {data.spec.eval_splits[0]}"})
+        fitted = stage.fit("teacher", model, loss_fn, data, run_settings.with_loop(recipe.loop), recipe.optim, recipe.seed, here, state, run,
+                           tracking_config)
         name_labels(model, data.label_names)
-        save_model(model, tokenizer, folder / "model")
-        return {"run_id": run.run_id, "metrics": metrics, "steps": state.step}
+        save_model(model, tokenizer, state.folder / "model")
+        return {"run_id": run.run_id, "metrics": fitted.scores, "steps": fitted.state.step}
 
 
 def _damage(folder: Path) -> str | None:

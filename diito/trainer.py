@@ -113,12 +113,6 @@ class TrainState:
     train_seconds: float = 0.0
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 def cpu_has_native_bf16() -> bool:
     """Whether the CPU computes bf16 in hardware (AVX512-BF16 or AMX); elsewhere bf16 is emulated
     and slower than fp32."""
@@ -239,16 +233,17 @@ def _difference(ours: dict[str, tuple], theirs: dict[str, tuple]) -> str:
 
 
 class Trainer:
-    """Trains ``model`` on the batches of ``loader`` with ``loss_fn``; checkpoints go to
-    ``checkpoint_dir``, stamped with ``owner`` (the identity of what is trained: a checkpoint
-    stamped otherwise is never resumed), metrics to ``log``; ``name`` labels the progress bar and
-    log lines."""
+    """Trains ``model`` on ``device`` (this rank's: never re-read from ``config.device``) on the
+    batches of ``loader`` with ``loss_fn``; checkpoints go to ``checkpoint_dir``, stamped with
+    ``owner`` (the identity of what is trained: a checkpoint stamped otherwise is never resumed),
+    metrics to ``log``; ``name`` labels the progress bar and log lines."""
 
     def __init__(self, model: torch.nn.Module, loss_fn: LossFn, loader: torch.utils.data.DataLoader, config: TrainerConfig,
-                 optim: OptimConfig, checkpoint_dir: Path, validation: Validation, log: LogFn, name: str = "train", owner: str = ""):
+                 optim: OptimConfig, checkpoint_dir: Path, validation: Validation, log: LogFn, *, name: str, device: torch.device,
+                 owner: str = ""):
         self.model, self.loss_fn, self.loader, self.config = model, loss_fn, loader, config
         self.checkpoint_dir, self.validation, self.log, self.name, self.owner = checkpoint_dir, validation, log, name, owner
-        self.device = resolve_device(config.device)
+        self.device = device
         # The loader says whether this is one rank of several (the student under DDP) or a whole fit
         # (the teacher, fine-tuned by rank 0 alone while the others wait).
         self.rank, self.world = loader.batch_sampler.rank, loader.batch_sampler.world

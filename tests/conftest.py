@@ -15,6 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 GLUE = ROOT.parent / "shared" / "data" / "glue"  # real GLUE files, when this checkout has them
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach the hub
+TIMINGS = ("latency/", "speedup/", "time/")  # metrics that time this machine: identical runs differ in them
 
 
 @pytest.fixture

@@ -10,7 +10,7 @@ def test_default_config_composes_and_validates(home):
     job = validate(compose_config())
     c = job.config
     assert c.task.name == "rotten_tomatoes" and c.teacher.name == "minilm"
-    assert c.student.layers == 3 and job.teacher_layers == 6 and job.student_blocks == [0, 1, 2]
+    assert c.student.layers == 3 and job.student_blocks == [0, 1, 2] and job.patience_layers == [1, 3]  # 6 teacher blocks
     assert c.tracking.uri == f"sqlite:///{home}/mlflow.db"
     assert c.tracking.experiment == "rotten_tomatoes"
     assert c.paths.root == str(home)
@@ -145,3 +145,21 @@ def test_local_glue_folder_validates_and_loads(home):
     assert {split: len(examples) for split, examples in data.splits.items()} == {"train": 2490, "validation": 277, "test": 3000}
     assert data.label_names == ["entailment", "not_entailment"] and set(data.splits["train"].labels.tolist()) == {0, 1}
     assert data.splits["test"].labels is None and len(data.splits["train"].texts[0]) == 2  # sentence pairs
+
+
+def test_the_teacher_recipe_is_written_flat_and_read_as_a_loop_and_an_optimiser(home):
+    """teacher.recipe holds a loop and an optimiser as plain fields (no inheritance); users write
+    their keys flat, and errors and params name them as written."""
+    recipe = validate(compose_config(["teacher=tiny", "teacher.recipe.lr=0.01", "teacher.recipe.max_steps=7"])).config.teacher.recipe
+    assert (recipe.optim.lr, recipe.loop.max_steps, recipe.loop.epochs, recipe.seed) == (0.01, 7, 1, 42)
+    dumped = recipe.model_dump()
+    assert dumped["lr"] == 0.01 and dumped["max_steps"] == 7 and "loop" not in dumped and "optim" not in dumped
+    with pytest.raises(ConfigError, match=r"^teacher\.recipe\.lr: Input should be greater than 0 \(got -1\.0\)$"):
+        validate(compose_config(["teacher=tiny", "teacher.recipe.lr=-1.0"]))
+    with pytest.raises(ConfigError, match=r"^teacher\.recipe\.weight_decay_typo: unknown key$"):
+        validate(compose_config(["teacher=tiny", "+teacher.recipe.weight_decay_typo=1"]))
+
+
+def test_several_devices_for_a_teacher_only_job_are_refused(home):
+    with pytest.raises(ConfigError, match=r"^trainer\.devices: 2 ranks train the student, but stage=teacher only fine-tunes the teacher"):
+        validate(compose_config(["teacher=tiny", "stage=teacher", "trainer.devices=2"]))

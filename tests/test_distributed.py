@@ -15,6 +15,9 @@ from safetensors.torch import load_file
 
 from diito import distributed, job
 from diito.batching import EpochBatchSampler
+from diito.config import ConfigError
+from diito.tracking import RunFailed
+from diito.trainer import NonFiniteLoss
 from tests.conftest import ROOT, compose_config
 
 TINY = ["teacher=tiny", "trainer=debug", "trainer.precision=fp32", "trainer.num_threads=1", "trainer.max_steps=4"]
@@ -47,11 +50,26 @@ def _student_weights(home, overrides: list[str], name: str) -> dict[str, torch.T
     return load_file(home / name / "student" / "model.safetensors")
 
 
-def test_two_ranks_of_batch_b_equal_one_process_accumulating_two_batches(home):
+def _files_task(folder: Path) -> list[str]:
+    """A `files` task whose training file has a rare label, which reading it warns of."""
+    rows = ["text,label"] + [f"good film {i},pos" for i in range(40)] + [f"bad film {i},neg" for i in range(40)] + ["odd film,odd"]
+    (folder / "train.csv").write_text("\n".join(rows) + "\n")
+    (folder / "dev.csv").write_text("text,label\ngood,pos\nbad,neg\nodd,odd\n")
+    return ["task=files", f"task.files.train={folder / 'train.csv'}", f"task.files.validation={folder / 'dev.csv'}"]
+
+
+def test_two_ranks_of_batch_b_equal_one_process_accumulating_two_batches(home, tmp_path, capfd, caplog):
     """DIITO on: the draws and dropout of each global batch come from (seed, epoch, batch), so the
-    number of ranks does not change what is computed."""
-    one = _student_weights(home, ["trainer.grad_accum=2"], "one")
-    two = _student_weights(home, ["trainer.devices=2"], "two")
+    number of ranks does not change what is computed. The spawned ranks take the validated job and
+    its data from the job's process: the training file is read (and its rare label warned of) once."""
+    task = _files_task(tmp_path)
+    one = _student_weights(home, [*task, "trainer.grad_accum=2"], "one")
+    capfd.readouterr()
+    caplog.clear()
+    two = _student_weights(home, [*task, "trainer.devices=2"], "two")
+    ranks = capfd.readouterr().err  # what the spawned ranks logged (this process's own records are in caplog)
+    assert "][rank 0] - student: final evaluation" in ranks
+    assert (caplog.text + ranks).count("label 'odd' occurs only 1 time(s)") == 1
     assert one.keys() == two.keys()
     for key in one:
         torch.testing.assert_close(two[key], one[key], atol=1e-6, rtol=0, msg=key)
@@ -60,12 +78,10 @@ def test_two_ranks_of_batch_b_equal_one_process_accumulating_two_batches(home):
     assert not torch.equal(one[key], teacher[key])  # so both really trained
 
 
-def _train_kd_without_dropout(world: int, batch_size: int, folder: str) -> float:
-    """A tiny KD-only student trained directly (no dropout, so batches of 2b and 2 ranks of b are one computation)."""
-    if world == 1:
-        return _train_kd(batch_size, folder)
-    with distributed.process_group("cpu"):
-        return _train_kd(batch_size, folder)
+def _train_kd_on(rank: distributed.Rank, batch_size: int, folder: str) -> float:
+    """One spawned rank of :func:`_train_kd` (no dropout, so batches of 2b and 2 ranks of b are one computation)."""
+    assert rank.device == torch.device("cpu") and (rank.index, rank.world) == distributed.rank_and_size()
+    return _train_kd(batch_size, folder)
 
 
 def _train_kd(batch_size: int, folder: str) -> float:
@@ -92,14 +108,14 @@ def _train_kd(batch_size: int, folder: str) -> float:
         step = DistributedDataParallel(step)
     settings = TrainerConfig(epochs=2, device="cpu", precision="fp32", progress=False, save_every=None)
     Trainer(student, step, loader, settings, OptimConfig(lr=1e-3), Path(folder) / f"c{size}",
-            Validation(lambda: {"m": 0.0}, "m"), log=lambda *a: None).fit()
+            Validation(lambda: {"m": 0.0}, "m"), log=lambda *a: None, name="train", device=torch.device("cpu")).fit()
     torch.save(student.state_dict(), f"{folder}/rank{rank}-of-{size}.pt")
     return 0.0
 
 
 def test_kd_two_ranks_of_batch_b_equal_one_process_of_batch_2b_and_replicas_agree(tmp_path):
-    _train_kd_without_dropout(1, 8, str(tmp_path))
-    distributed.spawn(2, _train_kd_without_dropout, (2, 4, str(tmp_path)))
+    _train_kd(8, str(tmp_path))
+    distributed.spawn(2, "cpu", _train_kd_on, (4, str(tmp_path)))
     one = torch.load(tmp_path / "rank0-of-1.pt")
     ranks = [torch.load(tmp_path / f"rank{r}-of-2.pt") for r in range(2)]
     for key in one:
@@ -121,3 +137,36 @@ def test_ranks_started_by_torchrun_train_one_job(home):
     one = _student_weights(home, ["trainer.grad_accum=2"], "one")
     for key in one:
         torch.testing.assert_close(ranks[key], one[key], atol=1e-6, rtol=0, msg=key)
+
+
+def test_the_topology_is_decided_in_one_place(monkeypatch):
+    assert distributed.topology(1) == "single" and distributed.topology(2) == "spawned"
+    monkeypatch.setenv("WORLD_SIZE", "2")  # a launcher's rank
+    monkeypatch.setenv("RANK", "1")
+    assert distributed.topology(1) == distributed.topology(2) == "launched"
+    with pytest.raises(ConfigError, match=r"^trainer\.devices: 3 ranks asked for, but a launcher started 2"):
+        with distributed.ranks(3, "cpu"):
+            pass
+
+
+def test_each_rank_s_device_comes_from_its_rank():
+    """trainer.device names the kind; the index is the rank's own (rank 1 of cuda:0 is on cuda:1)."""
+    assert distributed.rank_device("cuda:0", 1) == torch.device("cuda", 1)
+    assert distributed.rank_device("cuda", 0) == torch.device("cuda", 0)
+    assert distributed.rank_device("cpu", 1) == torch.device("cpu")
+    if not torch.cuda.is_available():
+        assert distributed.rank_device("auto", 1) == torch.device("cpu")
+
+
+def _fail(rank: distributed.Rank, error: Exception) -> float:
+    if rank.index == 0:
+        raise error
+    return 0.0
+
+
+def test_a_spawned_job_fails_with_rank_0_s_own_error():
+    error = RunFailed("0123abcd", NonFiniteLoss("student step 3: non-finite kd=nan"))
+    with pytest.raises(RunFailed) as raised:
+        distributed.spawn(2, "cpu", _fail, (error,))
+    assert str(raised.value) == str(error)  # what the failure policy reads: the run, and the error itself
+    assert raised.value.run_id == "0123abcd" and isinstance(raised.value.error, NonFiniteLoss)

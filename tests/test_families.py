@@ -175,7 +175,7 @@ def test_presets_name_their_hub_model_and_recipe(home, preset, model, lr):
     from diito.teacher import TeacherConfig
 
     teacher = TeacherConfig.model_validate(OmegaConf.to_container(compose_config([f"teacher={preset}"]).teacher, resolve=True))
-    assert (teacher.name, teacher.model, teacher.recipe.lr) == (model, model, lr)
+    assert (teacher.name, teacher.model, teacher.recipe.optim.lr) == (model, model, lr)
 
 
 def test_the_alignment_map_keeps_head_sites_and_leaves_out_an_old_mapping(capsys):

@@ -18,10 +18,9 @@ from safetensors.torch import load_file
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, pipeline
 
 from diito import evaluation, job
-from diito.evaluation import TIMINGS
 from diito.tracking import RunFailed
 from diito.trainer import Trainer
-from tests.conftest import ROOT, compose_config, run_cli
+from tests.conftest import ROOT, TIMINGS, compose_config, run_cli
 
 SMOKE = ["teacher=tiny", "trainer=debug"]
 
@@ -82,6 +81,16 @@ def test_end_to_end_run_logs_params_metrics_tags_and_artifacts(home):
 
     artifacts = {a.path for a in client.list_artifacts(student.info.run_id)}
     assert {"config.yaml", ".hydra", "predictions", "student"} <= artifacts
+    # the teacher's run is a tracked stage like the student's: its config, its data, its time and size
+    teacher = client.get_run(teacher.info.run_id)
+    assert "config.yaml" in {a.path for a in client.list_artifacts(teacher.info.run_id)}
+    teacher_config = open(download_artifacts(run_id=teacher.info.run_id, artifact_path="config.yaml", tracking_uri=client.tracking_uri)).read()
+    assert "recipe:" in teacher_config and "rotten_tomatoes" in teacher_config and "student" not in teacher_config
+    assert {d.dataset.name: [t.value for t in d.tags] for d in teacher.inputs.dataset_inputs} == {
+        "rotten_tomatoes/train": ["training"], "rotten_tomatoes/validation": ["validation"], "rotten_tomatoes/test": ["test"]}
+    assert {"time/train_seconds", "model/teacher_params", "model/teacher_mb", "best_step", "steps", "epochs", "test/accuracy"} <= set(
+        teacher.data.metrics)
+    assert teacher.data.tags["task"] == "rotten_tomatoes" and teacher.data.tags["teacher"] == "tiny"
     assert ".hydra/overrides.yaml" in {a.path for a in client.list_artifacts(student.info.run_id, ".hydra")}
     predictions = download_artifacts(run_id=student.info.run_id, artifact_path="predictions/test.tsv", tracking_uri=client.tracking_uri)
     lines = open(predictions).read().splitlines()

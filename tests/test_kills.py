@@ -12,8 +12,7 @@ import torch
 from mlflow import MlflowClient
 from safetensors.torch import load_file
 
-from diito.evaluation import TIMINGS
-from tests.conftest import ROOT
+from tests.conftest import ROOT, TIMINGS
 
 pytestmark = pytest.mark.slow
 

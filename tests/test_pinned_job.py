@@ -22,7 +22,7 @@ import torch
 from mlflow import MlflowClient
 from safetensors.torch import load_file
 
-from diito.evaluation import TIMINGS
+from tests.conftest import TIMINGS
 
 PIN = Path(__file__).parent / "data" / "pinned_job.json"
 OVERRIDES = ["teacher=tiny", "teacher.recipe.max_steps=80", "teacher.recipe.batch_size=32", "teacher.recipe.max_train_examples=null",

@@ -120,3 +120,32 @@ def test_axes_put_numbers_in_numeric_order_and_the_whole_training_set_last():
     assert report.axis_order({"2000", "None", "500", "1000"}) == ["500", "1000", "2000", "None"]
     assert report.axis_order({"10.0", "2.0"}) == ["2.0", "10.0"]
     assert report.axis_order({"teacher", "pretrained"}) == ["pretrained", "teacher"]
+
+
+def test_report_and_analyze_open_the_store_jobs_log_to(home, tmp_path, monkeypatch, capsys):
+    """Without --tracking-uri both commands read where jobs write (DIITO_HOME's mlflow.db, or
+    MLFLOW_TRACKING_URI), whatever the working directory, through the jobs' client and retries."""
+    import os
+
+    from mlflow import MlflowClient
+
+    from diito import analyze, tracking
+
+    client = MlflowClient(f"sqlite:///{home}/mlflow.db")
+    run = client.create_run(client.create_experiment("mine"), tags={"diito.role": "student", "loss": "kd"})
+    client.log_param(run.info.run_id, "seed", "1")
+    client.log_metric(run.info.run_id, "validation/accuracy", 0.75)
+    client.set_terminated(run.info.run_id)
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    monkeypatch.delenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", raising=False)
+
+    report.main(["mine", "--out", str(tmp_path / "out")])
+    assert "0.7500" in capsys.readouterr().out and not (tmp_path / "elsewhere" / "mlflow.db").exists()
+    assert os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == "3"  # tracking.retries, as jobs have it
+    with pytest.raises(LookupError, match=f"no run 0123 in sqlite:///{home}/mlflow.db"):
+        analyze.main(["0123", "--out", str(tmp_path / "maps")])
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/other.db")
+    assert tracking.settings().uri == f"sqlite:///{tmp_path}/other.db"
+    assert tracking.settings(f"sqlite:///{tmp_path}/given.db").uri == f"sqlite:///{tmp_path}/given.db"  # --tracking-uri

@@ -10,6 +10,7 @@ from diito.batching import Encoded, make_loader
 from diito.trainer import NonFiniteLoss, OptimConfig, Trainer, TrainerConfig, Validation, autocast_dtype, param_groups
 
 OPTIM = OptimConfig(lr=0.1, weight_decay=0.01, warmup_ratio=0.0)
+CPU = torch.device("cpu")
 # Tests that watch gradients wrap optimizer.step, which the scheduler notices (harmlessly).
 pytestmark = pytest.mark.filterwarnings("ignore:Seems like `optimizer.step\\(\\)` has been overridden")
 
@@ -37,7 +38,7 @@ def make_trainer(tmp_path, scores: list[float], **config):
 
     logged: list[tuple[dict, int]] = []
     trainer = Trainer(model, loss_fn, toy_loader(), TrainerConfig(progress=False, device="cpu", **config), OPTIM, tmp_path / "ckpt",
-                      Validation(evaluate, "validation/score"), log=lambda metrics, step: logged.append((metrics, step)))
+                      Validation(evaluate, "validation/score"), log=lambda metrics, step: logged.append((metrics, step)), name="train", device=CPU)
     return trainer, model, snapshots, logged
 
 
@@ -102,7 +103,7 @@ def test_bf16_training_really_runs_in_bf16_on_cpu(tmp_path):
         return out.float().pow(2).mean(), {}
 
     trainer = Trainer(model, loss_fn, toy_loader(), TrainerConfig(progress=False, device="cpu", epochs=1, precision="bf16"), OPTIM,
-                      tmp_path / "c", Validation(lambda: {"m": 0.0}, "m"), log=lambda *a: None)
+                      tmp_path / "c", Validation(lambda: {"m": 0.0}, "m"), log=lambda *a: None, name="train", device=CPU)
     assert trainer.fit().step == 4 and set(dtypes) == {torch.bfloat16}
     assert model.weight.dtype == torch.float32  # the weights stay fp32
 
@@ -121,7 +122,7 @@ def test_dropout_is_back_on_for_training_after_every_evaluation(tmp_path):
         return {"m": 0.0}
 
     trainer = Trainer(model, loss_fn, toy_loader(), TrainerConfig(progress=False, epochs=3, device="cpu", eval_every=1), OPTIM,
-                      tmp_path / "c", Validation(evaluate, "m"), log=lambda *a: None)
+                      tmp_path / "c", Validation(evaluate, "m"), log=lambda *a: None, name="train", device=CPU)
     trainer.fit()
     after_eval = [events[i + 1] for i, (phase, _) in enumerate(events[:-1]) if phase == "eval" and events[i + 1][0] == "train"]
     assert len(after_eval) >= 3 and all(training for _, training in after_eval)
@@ -142,7 +143,7 @@ def _linear_fit(tmp_path, batch_size: int, **config):
     loader.batch_sampler.shuffle = False  # the same examples in the same order for both
     logged = []
     trainer = Trainer(model, loss_fn, loader, TrainerConfig(progress=False, device="cpu", precision="fp32", log_every=1, **config), OPTIM, tmp_path,
-                      Validation(lambda: {"m": 0.0}, "m"), log=lambda m, s: logged.append((m, s)))
+                      Validation(lambda: {"m": 0.0}, "m"), log=lambda m, s: logged.append((m, s)), name="train", device=CPU)
     return trainer, model, logged
 
 
@@ -182,7 +183,7 @@ def test_logged_learning_rates_follow_warm_up_and_linear_decay(tmp_path):
     logged = []
     optim = OptimConfig(lr=0.1, warmup_ratio=0.25)  # 8 steps: 2 of warm-up, then down to 0
     trainer = Trainer(model, loss_fn, toy_loader(), TrainerConfig(progress=False, device="cpu", epochs=2, log_every=1), optim,
-                      tmp_path, Validation(lambda: {"m": 0.0}, "m"), log=lambda m, s: logged.append((m, s)))
+                      tmp_path, Validation(lambda: {"m": 0.0}, "m"), log=lambda m, s: logged.append((m, s)), name="train", device=CPU)
     trainer.fit()
     rates = [m["train/lr"] for m, _ in logged if "train/lr" in m]
     assert rates == pytest.approx([0.1 * f for f in (1 / 2, 1, 5 / 6, 4 / 6, 3 / 6, 2 / 6, 1 / 6, 0)])
@@ -206,7 +207,7 @@ def nan_at(step_of_nan: int, calls: list[int]):
 def test_a_non_finite_loss_stops_training_naming_the_step_and_the_term(tmp_path):
     model, loss_fn = nan_at(3, [])
     trainer = Trainer(model, loss_fn, toy_loader(), TrainerConfig(progress=False, device="cpu", epochs=3, save_every=1), OPTIM,
-                      tmp_path / "c", Validation(lambda: {"m": 0.0}, "m"), log=lambda *a: None, name="student")
+                      tmp_path / "c", Validation(lambda: {"m": 0.0}, "m"), log=lambda *a: None, name="student", device=CPU)
     with pytest.raises(NonFiniteLoss, match=r"student step 3: non-finite kd=nan; training stopped \(the last good checkpoint is .*last.pt"):
         trainer.fit()
     kept = torch.load(tmp_path / "c" / "last.pt", weights_only=True)
@@ -217,7 +218,8 @@ def test_skip_nonfinite_skips_that_many_batches(tmp_path, caplog):
     logged = []
     model, loss_fn = nan_at(3, [])
     trainer = Trainer(model, loss_fn, toy_loader(), TrainerConfig(progress=False, device="cpu", epochs=1, skip_nonfinite=1, log_every=1),
-                      OPTIM, tmp_path / "c", Validation(lambda: {"m": 0.0}, "m"), log=lambda m, s: logged.append((m, s)))
+                      OPTIM, tmp_path / "c", Validation(lambda: {"m": 0.0}, "m"), log=lambda m, s: logged.append((m, s)), name="train",
+                      device=CPU)
     state = trainer.fit()
     assert state.step == 4 and state.skipped_nonfinite == 1 and state.epoch == 1  # 5 batches for 4 steps: one skipped
     assert "step 3: non-finite kd=nan; batch skipped (1 of trainer.skip_nonfinite=1)" in caplog.text
@@ -252,7 +254,7 @@ def test_training_time_survives_a_resume_and_leaves_out_the_stop(tmp_path, monke
             loss = model(batch["input_ids"].float().mean(1, keepdim=True)).pow(2).mean()
             return loss, {"mse": loss}
         return Trainer(model, loss_fn, toy_loader(), TrainerConfig(progress=False, device="cpu", epochs=3), OPTIM, tmp_path / "c",
-                       Validation(evaluate(crash_at, []), "m"), log=lambda *a: None)
+                       Validation(evaluate(crash_at, []), "m"), log=lambda *a: None, name="train", device=CPU)
 
     with pytest.raises(KeyboardInterrupt):
         trainer(crash_at=2).fit()
@@ -266,7 +268,7 @@ def _stamped(folder, model: torch.nn.Module, owner: str = "job-a") -> Trainer:
     """A one-epoch fit of ``model`` whose checkpoints go to ``folder``, stamped ``owner``."""
     return Trainer(model, lambda batch: (model(batch["labels"].unsqueeze(1)).pow(2).mean(), {}), toy_loader(),
                    TrainerConfig(progress=False, device="cpu", epochs=1), OPTIM, folder, Validation(lambda: {"m": 0.0}, "m"),
-                   log=lambda *a: None, owner=owner)
+                   log=lambda *a: None, name="train", device=CPU, owner=owner)
 
 
 @pytest.mark.parametrize("change, says", [
@@ -290,3 +292,13 @@ def test_a_checkpoint_that_is_not_this_fits_is_never_loaded_not_even_in_part(tmp
     assert trainer.optimizer.state_dict()["state"] == {} and trainer.state.step == 0
     assert f"train: checkpoint {tmp_path / 'last.pt'} {says}; trying an earlier one" in caplog.text
     assert f"train: checkpoint {tmp_path / 'previous.pt'} {says}; starting afresh" in caplog.text
+
+
+def test_the_loop_computes_on_the_device_it_is_given_never_the_one_the_config_names(tmp_path):
+    """A rank's device comes from its rank (with trainer.device=cuda:0 and 2 ranks, rank 1 is on
+    cuda:1), so the loop never re-reads trainer.device: here it names a GPU this machine lacks."""
+    model = torch.nn.Linear(1, 1)
+    trainer = Trainer(model, lambda batch: (model(batch["labels"].unsqueeze(1)).pow(2).mean(), {}), toy_loader(),
+                      TrainerConfig(progress=False, device="cuda:7", epochs=1), OPTIM, tmp_path, Validation(lambda: {"m": 0.0}, "m"),
+                      log=lambda *a: None, name="train", device=CPU)
+    assert trainer.device == CPU and trainer.fit().step == 4

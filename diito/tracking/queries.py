@@ -1,0 +1,51 @@
+"""What the report and the alignment map read from the store, and the files they log back."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from mlflow.exceptions import MlflowException
+
+from diito import tags as tag
+from diito.store import mask
+from diito.tracking.client import TrackingConfig, client
+
+
+def find_student_runs(config: TrackingConfig, target: str) -> tuple[list[Any], str | None]:
+    """The finished student runs of a sweep (by sweep id or parent run id) or of an experiment (by
+    name), and the sweep's parent run id (None for an experiment)."""
+    mlflow_client = client(config)
+    experiments = [e.experiment_id for e in mlflow_client.search_experiments()]
+    parents = mlflow_client.search_runs(experiments, filter_string=f"tags.`{tag.ROLE}` = '{tag.SWEEP_ROLE}' and tags.`{tag.SWEEP_ID}` = '{target}'")
+    if not parents:
+        parents = [r for r in mlflow_client.search_runs(experiments, filter_string=f"tags.`{tag.ROLE}` = '{tag.SWEEP_ROLE}'") if r.info.run_id == target]
+    students = f"tags.`{tag.ROLE}` = '{tag.STUDENT_ROLE}' and attributes.status = 'FINISHED'"
+    if parents:
+        parent = parents[0]
+        query = f"tags.`{tag.SWEEP_ID}` = '{parent.data.tags[tag.SWEEP_ID]}' and " + students
+        return mlflow_client.search_runs([parent.info.experiment_id], filter_string=query), parent.info.run_id
+    experiment = mlflow_client.get_experiment_by_name(target)
+    if experiment is None:
+        raise LookupError(f"no experiment, sweep id or sweep run named {target!r}")
+    return mlflow_client.search_runs([experiment.experiment_id], filter_string=students), None
+
+
+def run_record(config: TrackingConfig, run_id: str) -> Any:
+    """A run's record (info, params, metrics, tags); LookupError naming the run and the store if absent."""
+    try:
+        return client(config).get_run(run_id)
+    except MlflowException:
+        raise LookupError(f"no run {run_id} in {mask(config.uri or '')}") from None
+
+
+def download(config: TrackingConfig, run_id: str, artifact_path: str, folder: Path) -> Path:
+    """One of a run's artifacts (a file or a folder), copied into ``folder``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    return Path(client(config).download_artifacts(run_id, artifact_path, str(folder)))
+
+
+def log_files(config: TrackingConfig, run_id: str, files: list[Path], artifact_path: str) -> None:
+    mlflow_client = client(config)
+    for f in files:
+        mlflow_client.log_artifact(run_id, str(f), artifact_path)
