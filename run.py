@@ -8,7 +8,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from diito import interrupts, store
+from diito import interrupts, renamed, store
 
 # The project folder holds the MLflow database and the caches, whatever the working directory
 # (conf/paths/default.yaml reads it).
@@ -71,6 +71,9 @@ def main(cfg: DictConfig) -> float:
 
 
 if __name__ == "__main__":
+    if moved := renamed.in_overrides(sys.argv[1:]):  # before Hydra, which would only say the old key is unknown
+        print(f"error: {moved}", file=sys.stderr)
+        sys.exit(2)
     store.mask_logs()
     interrupts.handle_sigterm()
     try:

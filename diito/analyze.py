@@ -179,7 +179,8 @@ def trained_run(tracking_uri: str, run_id: str, folder: Path) -> TrainedRun:
     info = tracking.run_record(tracking_uri, run_id)
     logged = OmegaConf.to_container(OmegaConf.load(tracking.download(tracking_uri, run_id, "config.yaml", folder)))
     task = TaskSpec.model_validate(logged["task"])
-    interchange = InterchangeConfig(**{k: v for k, v in logged.get("loss", {}).items() if k in InterchangeConfig.model_fields})
+    settings = logged.get("intervention") or logged.get("loss", {})  # runs logged before the intervention group: under loss
+    interchange = InterchangeConfig(**{k: v for k, v in settings.items() if k in InterchangeConfig.model_fields})
     teacher_dir = Path(info.data.tags.get(tracking.TEACHER_PATH, ""))
     if tracking.TEACHER_PATH not in info.data.tags or not teacher_dir.is_dir():
         raise LookupError(f"run {run_id}: its teacher {str(teacher_dir) or '(no diito.teacher_path tag)'} is not on this machine")

@@ -155,7 +155,7 @@ def _run(job: Job, cfg: DictConfig, device: torch.device, output_dir: Path | Non
         seed_everything(c.seed)  # the student's fresh weights (a new classifier) come from the job's seed
         source = teacher.model if c.student.init_from == "teacher" else load_pretrained(c.teacher.model, data.num_labels, c.seed)
         student = build_student(source, job.student_blocks, copy_classifier=c.student.init_from == "teacher").to(device)
-        objective = DistillationObjective(c.loss, job.patience_layers, job.mapping)
+        objective = DistillationObjective(c.loss, job.patience_layers, job.mapping, interchange=c.intervention)
         if job.mapping and rank == 0:
             log.info("intervention mapping (student <-> teacher blocks):\n%s", mapping_table(job.mapping))
 

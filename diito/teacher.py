@@ -38,6 +38,11 @@ class Recipe(LoopConfig, OptimConfig):
     seed: Seed = 42
 
 
+def recipe_optim(recipe: Recipe) -> OptimConfig:
+    """The recipe's optimizer and schedule, with the optimizer's own arguments (betas, eps ...)."""
+    return OptimConfig.model_validate(recipe.model_dump(exclude=set(LoopConfig.model_fields) | {"seed"}))
+
+
 class TeacherConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: str
@@ -108,7 +113,7 @@ def _fine_tune(config: TeacherConfig, data: Prepared, tokenizer, run_settings: T
     recipe = config.recipe
     log.info("teacher: fine-tuning %s on %s (teacher.recipe)", config.name, data.spec.name)
     settings = run_settings.with_loop(recipe)
-    optim = OptimConfig(**recipe.model_dump(include=set(OptimConfig.model_fields)))
+    optim = recipe_optim(recipe)
     data = data.limited(recipe.max_train_examples, recipe.max_eval_examples)
     model = load_pretrained(config.model, data.num_labels, recipe.seed).to(device)
 
