@@ -9,7 +9,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from diito import interrupts, project_home, store
+from diito import interrupts, project_home, renamed, store
 
 # The project folder holds the MLflow database and the caches, whatever the working directory
 # (conf/paths/default.yaml reads it).
@@ -37,6 +37,9 @@ def main(cfg: DictConfig) -> float:
 
 
 if __name__ == "__main__":
+    if moved := renamed.in_overrides(sys.argv[1:]):  # before Hydra, which would only say the old key is unknown
+        print(f"error: {moved}", file=sys.stderr)
+        sys.exit(2)
     store.mask_logs()
     interrupts.handle_sigterm()
     try:

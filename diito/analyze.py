@@ -178,7 +178,8 @@ def trained_run(store: tracking.TrackingConfig, run_id: str, folder: Path) -> Tr
     info = tracking.run_record(store, run_id)
     logged = OmegaConf.to_container(OmegaConf.load(tracking.download(store, run_id, "config.yaml", folder)))
     task = TaskSpec.model_validate(logged["task"])
-    interchange = InterchangeConfig(**{k: v for k, v in logged.get("loss", {}).items() if k in InterchangeConfig.model_fields})
+    settings = logged.get("intervention") or logged.get("loss", {})  # runs logged before the intervention group: under loss
+    interchange = InterchangeConfig(**{k: v for k, v in settings.items() if k in InterchangeConfig.model_fields})
     teacher_dir = Path(info.data.tags.get(tags.TEACHER_PATH, ""))
     if tags.TEACHER_PATH not in info.data.tags or not teacher_dir.is_dir():
         raise LookupError(f"run {run_id}: its teacher {str(teacher_dir) or '(no diito.teacher_path tag)'} is not on this machine")

@@ -20,10 +20,10 @@ from omegaconf.errors import OmegaConfBaseException
 from pydantic import BaseModel, ConfigDict, ValidationError
 from transformers.tokenization_utils_base import VERY_LARGE_INTEGER
 
-from diito import families, files, identity, store, tracking
+from diito import families, files, identity, renamed, store, targets, tracking
 from diito.intervention import InterchangeConfig, MappingConfig, MappingEntry, Shape, build_mapping
 from diito.models import StudentConfig, count_parameters, load_model_config, load_tokenizer, max_positions, num_layers, select_blocks, tokenizer_mismatch
-from diito.objective import LossConfig, default_patience_layers
+from diito.objective import LossConfig, default_patience_layers, term_class
 from diito.sources import DataError, check_task, data_digest, glue_folder
 from diito.tasks import TaskSpec
 from diito.teacher import TeacherConfig
@@ -52,6 +52,7 @@ class JobConfig(BaseModel):
     student: StudentConfig
     loss: LossConfig
     mapping: MappingConfig
+    intervention: InterchangeConfig
     optim: OptimConfig
     trainer: TrainerConfig
     tracking: TrackingConfig
@@ -80,8 +81,11 @@ class Job:
         baseline never shows an interchange_prop it did not use)."""
         if self.mapping is not None:
             return frozenset()
-        keys = [f"loss.{name}" for name in InterchangeConfig.model_fields]
-        return frozenset(keys + [f"mapping.{name}" for name in MappingConfig.model_fields])
+        return frozenset(f"{section}.{name}" for section, model in INTERVENTION_SECTIONS.items() for name in model.model_fields)
+
+
+INTERVENTION_SECTIONS = {"intervention": InterchangeConfig, "mapping": MappingConfig}
+"""The settings read only when a loss term needs the counterfactual pair."""
 
 
 def _format(error: dict[str, Any]) -> str:
@@ -107,13 +111,22 @@ def resolve(cfg: DictConfig) -> dict[str, Any]:
         raise ConfigError(f"{key}: {e.msg}" if key else str(e)) from None
 
 
-def validate(cfg: DictConfig) -> Job:
-    """Check every key of ``cfg``; raise :class:`ConfigError` naming the first bad key."""
+def validate(cfg: DictConfig, overrides: list[str] | None = None) -> Job:
+    """Check every key of ``cfg``; raise :class:`ConfigError` naming the first bad key. ``overrides``
+    (the command line's, by default Hydra's for this job) tell the settings a user gave."""
     resolved = resolve(cfg)
+    for old in renamed.MOVED:
+        section, _, name = old.partition(".")
+        if name in (resolved.get(section) or {}):
+            raise ConfigError(renamed.message(old))
     try:
         job = JobConfig.model_validate(resolved)
     except ValidationError as e:
         raise ConfigError("; ".join(_format(err) for err in e.errors())) from None
+    check_terms(job.loss)
+    check_optim(job.optim, "optim")
+    check_optim(job.teacher.recipe.optim, "teacher.recipe")
+    check_acting(job, command_line() if overrides is None else overrides)
     try:
         job.task = glue_folder(job.task)
         check_task(job.task)
@@ -184,6 +197,96 @@ def validate(cfg: DictConfig) -> Job:
     except ValueError as e:  # an architecture without a sequence-classification head
         raise ConfigError(f"teacher.model: cannot build a text classifier from {job.teacher.model!r}: {str(e).splitlines()[0]}") from None
     return Job(job, blocks, patience, mapping, digest, *sizes)
+
+
+def check_terms(loss: LossConfig) -> None:
+    """Every ``loss.terms`` entry names a class that follows the loss-term protocol, takes the
+    arguments given and can be built with them."""
+    for name, spec in loss.terms.items():
+        try:
+            found = term_class(spec, f"loss.terms.{name}")
+        except targets.TargetError as e:
+            raise ConfigError(str(e)) from None
+        try:
+            found.cls(**spec.arguments)
+        except Exception as e:  # noqa: BLE001 - the term's own check of its arguments
+            raise ConfigError(f"loss.terms.{name}: {spec.target}({_arguments(spec.arguments)}) fails: {type(e).__name__}: {e}") from None
+
+
+def check_optim(optim: OptimConfig, key: str) -> None:
+    """The optimizer and the schedule ``optim`` names import, take their arguments and work: both
+    are built once on a one-element parameter (which also runs the optimizer's own value checks)."""
+    arguments = {"lr": optim.lr} | optim.arguments
+    cls = _target(optim.target, key)
+    if not (isinstance(cls, type) and issubclass(cls, torch.optim.Optimizer)):
+        raise ConfigError(f"{key}._target_: {optim.target} is not an optimizer (a subclass of torch.optim.Optimizer)")
+    _accepts(cls, optim.target, key, 1, arguments)
+    try:
+        optimizer = cls([{"params": [torch.nn.Parameter(torch.zeros(1))], "weight_decay": optim.weight_decay}], **arguments)
+    except Exception as e:  # noqa: BLE001 - the optimizer's own checks of its values
+        raise ConfigError(f"{key}: {optim.target}({_arguments(arguments)}) fails: {type(e).__name__}: {e}") from None
+    arguments = {"num_warmup_steps": 0, "num_training_steps": 1} | (optim.schedule.model_extra or {})
+    schedule = _target(optim.schedule.target, f"{key}.schedule")
+    _accepts(schedule, optim.schedule.target, f"{key}.schedule", 1, arguments)
+    try:
+        scheduler = schedule(optimizer, **arguments)
+    except Exception as e:  # noqa: BLE001 - the schedule's own checks
+        raise ConfigError(f"{key}.schedule: {optim.schedule.target}(optimizer, {_arguments(arguments)}) fails: {type(e).__name__}: {e}") from None
+    if not all(hasattr(scheduler, name) for name in ("step", "get_last_lr", "state_dict", "load_state_dict")):
+        raise ConfigError(f"{key}.schedule._target_: {optim.schedule.target} did not return a learning-rate scheduler "
+                          "(step, get_last_lr, state_dict, load_state_dict: a torch.optim.lr_scheduler.LRScheduler)")
+
+
+def _target(path: str, key: str) -> Any:
+    """The object ``path`` (``<key>._target_``) names."""
+    try:
+        return targets.locate(path)
+    except targets.TargetError as e:
+        raise ConfigError(f"{key}._target_: {e}") from None
+
+
+def _accepts(found: Any, path: str, key: str, positional: int, arguments: dict[str, Any]) -> None:
+    """``found`` takes ``arguments`` (after ``positional`` ones); else the key of the one it does not take."""
+    try:
+        targets.check_arguments(found, path, positional, arguments)
+    except targets.TargetError as e:
+        raise ConfigError(f"{key}.{e.argument}: {e}" if e.argument else f"{key}: {e}") from None
+
+
+def _arguments(arguments: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={v!r}" for k, v in arguments.items())
+
+
+def command_line() -> list[str]:
+    """This job's command-line overrides under Hydra (a sweep's job: its own values), else none."""
+    from hydra.core.hydra_config import HydraConfig
+
+    return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+
+
+def check_acting(job: JobConfig, overrides: list[str]) -> None:
+    """When no loss term needs the counterfactual pair (``loss=kd``, or ``loss.gamma=0``), the
+    intervention's and the mapping's settings cannot act: refused when given on the command line
+    (a group choice, ``mapping=late``, or a key, ``intervention.interchange_prop=0.3``) or set to
+    anything but their defaults (by a preset), never ignored. The defaults themselves, which every
+    job composes, pass."""
+    if job.loss.intervenes:
+        return
+    why = ("cannot act: nothing intervenes (loss.gamma and loss.cosine are 0 and no loss term needs the counterfactual pair); "
+           "leave it out, or choose loss=diito")
+    for override in overrides:
+        key = override.split("=", 1)[0].lstrip("+~")
+        if key.split(".")[0] in INTERVENTION_SECTIONS:
+            raise ConfigError(f"{override.lstrip('+~')}: {why}")
+    for section, model in INTERVENTION_SECTIONS.items():
+        given, default = getattr(job, section), model()
+        for name in model.model_fields:
+            if getattr(given, name) != getattr(default, name):
+                raise ConfigError(f"{section}.{name}: {_plain(getattr(given, name))} {why}")
+
+
+def _plain(value: Any) -> str:
+    return repr(value.model_dump() if isinstance(value, BaseModel) else value)
 
 
 def _check_families(job: JobConfig, teacher_config, other_source) -> None:

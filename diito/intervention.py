@@ -181,8 +181,9 @@ def mapping_table(entries: list[MappingEntry]) -> str:
 
 # -- pairs and positions -------------------------------------------------------------------------------
 class InterchangeConfig(BaseModel):
-    """How each step's pairs and swapped positions are drawn. The settings keep the original's names
-    and are set on the command line as ``loss.interchange_prop`` and so on."""
+    """How each step's pairs and swapped positions are drawn, and how the interventions are run and
+    measured: the ``intervention`` settings (``intervention.interchange_prop`` ...), which act only
+    when a loss term needs the counterfactual pair. The settings keep the original's names."""
 
     model_config = ConfigDict(extra="forbid")
     interchange_prop: float = Field(0.3, ge=0.0, le=1.0)

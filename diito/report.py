@@ -94,23 +94,24 @@ def _size_label(value: str) -> str:
     return "all" if value in ("None", "null", "") else value  # no limit: the whole training set
 
 
+METHOD_SETTINGS = ("loss.", "intervention.")  # the params that make a method: its loss terms, and how its interventions are drawn
 Curves = dict[str, dict[str, dict[str, dict[str, float]]]]  # {setting: {method: {size: {seed: value}}}}
 
 
 def curves(runs: list[Any], metric: str, size: str = SIZE) -> Curves:
     """The runs' metric by setting (the varying params that are not the method's: say
-    ``student.init_from``), method (the ``loss`` tag, with any ``loss.*`` value that varies among
+    ``student.init_from``), method (the ``loss`` tag, with any ``loss.*`` or ``intervention.*`` value that varies among
     that method's runs: its tuned setting), size and seed."""
     others = [k for k in varying_keys(runs) if k != size]
     methods = {r.data.tags.get(tags.LOSS, "?") for r in runs}
-    tuned = {m: [k for k in varying_keys([r for r in runs if r.data.tags.get(tags.LOSS, "?") == m]) if k.startswith("loss.")] for m in methods}
+    tuned = {m: [k for k in varying_keys([r for r in runs if r.data.tags.get(tags.LOSS, "?") == m]) if k.startswith(METHOD_SETTINGS)] for m in methods}
     out: Curves = {}
     for r in runs:
         if metric not in r.data.metrics:
             continue
         p, method = r.data.params, r.data.tags.get(tags.LOSS, "?")
-        setting = ", ".join(f"{k}={p[k]}" for k in others if k in p and not k.startswith("loss."))
-        label = method + (" (" + ", ".join(f"{k.removeprefix('loss.')}={p[k]}" for k in tuned[method] if k in p) + ")" if tuned[method] else "")
+        setting = ", ".join(f"{k}={p[k]}" for k in others if k in p and not k.startswith(METHOD_SETTINGS))
+        label = method + (" (" + ", ".join(f"{k.split('.', 1)[1]}={p[k]}" for k in tuned[method] if k in p) + ")" if tuned[method] else "")
         out.setdefault(setting, {}).setdefault(label, {}).setdefault(p.get(size, "None"), {})[p.get(REPLICATES, "")] = r.data.metrics[metric]
     return out
 

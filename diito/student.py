@@ -46,7 +46,7 @@ def distill(rank: Rank, job: Job, cfg: DictConfig, all_data: Prepared, tokenizer
         seed_everything(c.seed)  # the student's fresh weights (a new classifier) come from the job's seed
         source = teacher.model if c.student.init_from == "teacher" else load_pretrained(c.teacher.model, data.num_labels, c.seed)
         student = build_student(source, job.student_blocks, copy_classifier=c.student.init_from == "teacher").to(rank.device)
-        objective = DistillationObjective(c.loss, job.patience_layers, job.mapping)
+        objective = DistillationObjective(c.loss, job.patience_layers, job.mapping, interchange=c.intervention)
         if job.mapping and rank.index == 0:
             log.info("intervention mapping (student <-> teacher blocks):\n%s", mapping_table(job.mapping))
         probe = intervention_probe(objective, student, teacher.model, data, c.trainer.eval_batch_size, c.seed, rank.device)

@@ -49,9 +49,10 @@ class Recipe(BaseModel):
     @classmethod
     def _from_flat(cls, given: Any, handler):
         if isinstance(given, dict) and not {"loop", "optim"} & given.keys():
+            # the optimizer takes every other key: its own arguments (betas, eps ...) are open-ended
             given = {"loop": {"epochs": 1} | {k: v for k, v in given.items() if k in LoopConfig.model_fields},
-                     "optim": {k: v for k, v in given.items() if k in OptimConfig.model_fields},
-                     **{k: v for k, v in given.items() if k not in LoopConfig.model_fields and k not in OptimConfig.model_fields}}
+                     "optim": {k: v for k, v in given.items() if k not in LoopConfig.model_fields and k != "seed"},
+                     **({"seed": given["seed"]} if "seed" in given else {})}
         try:
             return handler(given)
         except ValidationError as e:  # teacher.recipe.lr, not teacher.recipe.optim.lr: the key as written

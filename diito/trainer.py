@@ -87,15 +87,31 @@ class TrainerConfig(LoopConfig):
         return self.model_copy(update={k: getattr(loop, k) for k in LoopConfig.model_fields})
 
 
-class OptimConfig(BaseModel):
-    """AdamW with linear warm-up and decay; :func:`build_optimizer` builds both."""
+class ScheduleConfig(BaseModel):
+    """The learning-rate schedule: a function (or class) called as ``_target_(optimizer,
+    num_warmup_steps=…, num_training_steps=…, **its other keys)`` that returns a scheduler stepped
+    once per optimizer step (transformers' ``get_*_schedule_with_warmup`` follow it)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="allow", validate_by_name=True, serialize_by_alias=True)
+    target: str = Field("transformers.get_linear_schedule_with_warmup", alias="_target_", min_length=1)
+
+
+class OptimConfig(BaseModel):
+    """The optimizer and its schedule, each named by ``_target_``; :func:`build_optimizer` builds both.
+    The optimizer is called with the parameter groups (no weight decay on biases and LayerNorm
+    weights), ``lr`` and its other keys (AdamW's ``betas``, ``eps``; SGD's ``momentum`` ...)."""
+
+    model_config = ConfigDict(extra="allow", validate_by_name=True, serialize_by_alias=True)
+    target: str = Field("torch.optim.AdamW", alias="_target_", min_length=1)
     lr: float = Field(gt=0)
     weight_decay: float = Field(0.01, ge=0)
     warmup_ratio: float = Field(0.1, ge=0, le=1)
-    betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = Field(1e-6, gt=0)
+    schedule: ScheduleConfig = ScheduleConfig()
+
+    @property
+    def arguments(self) -> dict[str, Any]:
+        """The optimizer's own keyword arguments besides ``lr``."""
+        return dict(self.model_extra or {})
 
 
 @dataclass
@@ -167,14 +183,22 @@ def batch_seed(seed: int, epoch: int, batch: int) -> int:
     return int(np.random.SeedSequence([seed, epoch, batch]).generate_state(1)[0])
 
 
-def build_optimizer(model: torch.nn.Module, optim: OptimConfig, total_steps: int, device: torch.device):
-    """AdamW (fused where the device has the kernel: one kernel for all parameters, about 5x faster
-    steps than the per-tensor loop) and its linear warm-up/decay schedule."""
-    from transformers import get_linear_schedule_with_warmup
+FUSED = ("torch.optim.AdamW", "torch.optim.Adam")  # optimizers with a fused kernel on CPU and CUDA
 
-    optimizer = torch.optim.AdamW(param_groups(model, optim.weight_decay), lr=optim.lr, betas=optim.betas, eps=optim.eps,
-                                  fused=device.type in ("cpu", "cuda"))
-    scheduler = get_linear_schedule_with_warmup(optimizer, int(optim.warmup_ratio * total_steps), total_steps)
+
+def build_optimizer(model: torch.nn.Module, optim: OptimConfig, total_steps: int, device: torch.device):
+    """The optimizer ``optim`` names over the framework's parameter groups (fused where the device
+    has the kernel, unless ``fused`` is given: one kernel for all parameters, about 5x faster steps
+    than the per-tensor loop), and its schedule."""
+    from diito.targets import locate
+
+    arguments = optim.arguments
+    if optim.target in FUSED and "fused" not in arguments:
+        arguments["fused"] = device.type in ("cpu", "cuda")
+    optimizer = locate(optim.target)(param_groups(model, optim.weight_decay), lr=optim.lr, **arguments)
+    warmup = int(optim.warmup_ratio * total_steps)
+    scheduler = locate(optim.schedule.target)(optimizer, num_warmup_steps=warmup, num_training_steps=total_steps,
+                                              **(optim.schedule.model_extra or {}))
     return optimizer, scheduler
 
 

@@ -71,17 +71,17 @@ CASES = {  # name: (overrides, or a function of tmp_path giving them; what the m
     "lr 0": (["optim.lr=0"], "optim.lr: Input should be greater than 0"),
     "weight decay": (["optim.weight_decay=-1"], "optim.weight_decay: Input should be greater than or equal to 0"),
     "warmup": (["optim.warmup_ratio=1.5"], "optim.warmup_ratio: Input should be less than or equal to 1"),
-    "eps": (["optim.eps=0"], "optim.eps: Input should be greater than 0"),
-    "betas": (["optim.betas=[0.9]"], "optim.betas"),
+    "eps": (["optim.eps=-1"], "optim: torch.optim.AdamW(lr=0.0001, betas=[0.9, 0.999], eps=-1) fails: ValueError: Invalid epsilon value: -1"),
+    "betas": (["optim.betas=[0.9,1.5]"], "optim: torch.optim.AdamW(lr=0.0001, betas=[0.9, 1.5], eps=1e-06) fails: ValueError: Invalid beta"),
     "teacher lr": (["teacher.recipe.lr=-1"], "teacher.recipe.lr: Input should be greater than 0"),
     "teacher data": (["teacher.recipe.max_train_examples=0"], "teacher.recipe.max_train_examples: Input should be greater than 0"),
     "alpha": (["loss.alpha=1.5"], "loss.alpha: Input should be less than or equal to 1"),
     "T": (["loss.T=0"], "loss.T: Input should be greater than 0"),
     "gamma": (["loss.gamma=-1"], "loss.gamma: Input should be greater than or equal to 0"),
-    "interchange_prop": (["loss.interchange_prop=2"], "loss.interchange_prop: Input should be less than or equal to 1"),
-    "interchange_mode": (["loss.interchange_mode=spans"], "loss.interchange_mode: Input should be 'random' or 'consecutive'"),
+    "interchange_prop": (["intervention.interchange_prop=2"], "intervention.interchange_prop: Input should be less than or equal to 1"),
+    "interchange_mode": (["intervention.interchange_mode=spans"], "intervention.interchange_mode: Input should be 'random' or 'consecutive'"),
     "kl_reduction": (["loss.kl_reduction=sum"], "loss.kl_reduction: Input should be 'batchmean' or 'mean'"),
-    "max_token": (["loss.interchange_max_token=0"], "loss.interchange_max_token: Input should be greater than or equal to 1"),
+    "max_token": (["intervention.interchange_max_token=0"], "intervention.interchange_max_token: Input should be greater than or equal to 1"),
     "patience of one block": (["loss.beta=1", "student.layers=1"], "loss.beta: the patience loss matches student blocks"),
     "student depth 0": (["student.layers=0"], "student.layers: Input should be greater than 0"),
     "student too deep": (["student.layers=7"], "student.layers: 7 is deeper than the 6-layer teacher"),
@@ -311,5 +311,5 @@ def test_every_numeric_setting_refuses_the_wrong_type_and_out_of_range_values(ho
 
 def test_the_numeric_settings_are_all_covered():
     keys = {k for k, _, _ in NUMERIC}
-    assert {"trainer.epochs", "trainer.max_grad_norm", "optim.lr", "loss.alpha", "loss.interchange_prop", "student.layers",
+    assert {"trainer.epochs", "trainer.max_grad_norm", "optim.lr", "loss.alpha", "intervention.interchange_prop", "student.layers",
             "teacher.recipe.lr", "task.max_length", "seed", "tracking.timeout"} <= keys and len(keys) >= 40

@@ -11,7 +11,7 @@ from transformers import AutoModelForSequenceClassification
 
 from diito import families
 from diito.intervention import (
-    EntrySpec, Interchange, MappingConfig, Shape, Site, SiteSpec, block_list, build_mapping, counterfactual, mapping_table, pairing,
+    EntrySpec, Interchange, InterchangeConfig, MappingConfig, Shape, Site, SiteSpec, block_list, build_mapping, counterfactual, mapping_table, pairing,
     preset, reference_counterfactual, sample_interchange, swap_count,
 )
 from diito.models import build_student
@@ -163,7 +163,7 @@ MAPPINGS = {
 }
 SETTINGS = {  # besides the defaults: the original's reduction, no minimum swap, one span per input
     "default": {},
-    "original": {"kl_reduction": "mean", "interchange_min_token": 0, "pairing": "permutation"},
+    "original": {"interchange_min_token": 0, "pairing": "permutation"},
     "consecutive": {"interchange_mode": "consecutive", "interchange_max_token": 3},
 }
 
@@ -177,9 +177,10 @@ def test_fast_path_matches_the_three_pass_reference(variant, mapping, settings):
     teacher = _model(variant, initializer_range=0.2)  # weights large enough that every swap moves what is above it
     student = build_student(teacher, [0, 2], copy_classifier=False).eval()  # dropout off
     entries = build_mapping(MAPPINGS[mapping], Shape.of(teacher.config), Shape.of(student.config))
-    config = LossConfig(alpha=0.5, T=2.0, gamma=1.0, cosine=0.5, beta=0.3, interchange_prop=0.4, **SETTINGS[settings])
+    config = LossConfig(alpha=0.5, T=2.0, gamma=1.0, cosine=0.5, beta=0.3, kl_reduction="mean" if settings == "original" else "batchmean")
+    interchange = InterchangeConfig(interchange_prop=0.4, **SETTINGS[settings])
     for entry in entries:  # every entry of the mapping, not one seeded draw
-        results = [_loss_and_grads(DistillationObjective(config, [1], [entry], fast=fast), student, teacher, _batch(), seed=3)
+        results = [_loss_and_grads(DistillationObjective(config, [1], [entry], fast=fast, interchange=interchange), student, teacher, _batch(), seed=3)
                    for fast in (True, False)]
         (fast_total, fast_terms, fast_grads), (ref_total, ref_terms, ref_grads) = results
         assert {"kd", "ce", "patience", "diito", "cosine", "iia", "efficacy"} <= set(fast_terms)
@@ -307,9 +308,10 @@ def test_fast_path_exact_when_teacher_and_student_differ_in_width_and_depth(teac
         EntrySpec(student=SiteSpec(layers=[1], dims=(8, 16)), teacher=SiteSpec(layers=[2, 3], attention_heads=(2, 3))),
         EntrySpec(student=SiteSpec(layers=[0, 1], attention_heads=(1, 3)), teacher=SiteSpec(layers=[3], attention_heads=(0, 1)))])
     entries = build_mapping(mapping, Shape.of(teacher.config), Shape.of(student.config))
-    config = LossConfig(alpha=0.5, gamma=1.0, interchange_prop=0.5)
+    config, interchange = LossConfig(alpha=0.5, gamma=1.0), InterchangeConfig(interchange_prop=0.5)
     for entry in entries:
-        (ft, _, fg), (rt, _, rg) = [_loss_and_grads(DistillationObjective(config, [], [entry], fast=f), student, teacher, _batch(1), 1)
+        (ft, _, fg), (rt, _, rg) = [_loss_and_grads(DistillationObjective(config, [], [entry], fast=f, interchange=interchange), student, teacher,
+                                                    _batch(1), 1)
                                     for f in (True, False)]
         torch.testing.assert_close(ft, rt, atol=1e-5, rtol=0)
         assert fg.keys() == rg.keys() and len(fg) == len(list(student.parameters()))
@@ -327,7 +329,7 @@ def test_separate_passes_run_the_original_three_passes_in_training_only():
     student.bert.embeddings.register_forward_hook(lambda *args: passes.append(1))
     results = {}
     for separate in (False, True):
-        objective = DistillationObjective(LossConfig(gamma=1.0, separate_passes=separate), [], entries[:1])
+        objective = DistillationObjective(LossConfig(gamma=1.0), [], entries[:1], interchange=InterchangeConfig(separate_passes=separate))
         for mode in ("train", "eval"):
             getattr(student, mode)()
             passes.clear()

@@ -5,7 +5,7 @@ import torch
 from types import SimpleNamespace
 
 from diito.objective import (
-    BASE_TERMS, DistillationObjective, LossConfig, Outputs, default_patience_layers, kd_loss, patience_loss, task_loss,
+    DistillationObjective, LossConfig, Outputs, default_patience_layers, kd_loss, patience_loss, task_loss,
 )
 
 
@@ -62,7 +62,7 @@ def _outputs(logits, hidden):
 
 
 def _base_loss(objective, student, teacher, labels):
-    terms = objective.terms(Outputs(student, teacher, labels, torch.ones(len(labels), 1)), BASE_TERMS)
+    terms, _ = objective.terms(Outputs(student, teacher, labels, torch.ones(len(labels), 1)))
     return objective.total(terms), terms
 
 
