@@ -2,8 +2,9 @@
 
 One loop, readable top to bottom: AdamW with linear warm-up/decay, gradient accumulation, global
 norm clipping, mixed precision where the device has it, evaluation every N steps and at each epoch
-end, keep-best, early stopping, and checkpoints that hold everything needed to resume exactly
-(model, optimizer, scheduler, step, position in the epoch, every RNG state).
+end (a fit that ``min_steps`` stretches over many epochs: ``epochs`` times, evenly), keep-best, early
+stopping, and checkpoints that hold everything needed to resume exactly (model, optimizer,
+scheduler, step, position in the epoch, every RNG state).
 """
 
 from __future__ import annotations
