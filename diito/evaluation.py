@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from diito.batching import Prepared, make_loader, model_inputs
+from diito.intervention import Interchange, MappingEntry, counterfactual
 from diito.metrics import compute_metrics, write_glue_predictions
 from diito.objective import DistillationObjective, intervention_diagnostics
 from diito.trainer import autocast
@@ -100,25 +101,35 @@ def intervention_probe(objective: DistillationObjective, student, teacher, data:
                        device: torch.device) -> Callable[[], dict[str, float]] | None:
     """Interchange-intervention accuracy and efficacy on fixed pairs: the first ``eval_pairs``
     examples of the first evaluation split, with entries, pairs and positions drawn from ``seed``, so
-    every evaluation measures the same interventions. None when there is nothing to measure."""
+    every evaluation measures the same interventions. None when there is nothing to measure.
+
+    The frozen teacher's runs on those fixed interventions are the same at every evaluation: they are
+    computed at the first and kept, so later evaluations run only the student's."""
     if objective.intervention is None or data.num_labels == 1 or objective.intervention.config.eval_pairs == 0:
         return None
     split = data.spec.eval_splits[0]
     subset = data.encoded[split].head(objective.intervention.config.eval_pairs)
     subset = type(subset)(subset.input_ids, subset.token_type_ids, None, subset.ids, subset.lengths)
     loader = make_loader(subset, batch_size, shuffle=False, seed=0, length_grouped=False, pad_token_id=data.pad_token_id)
+    teacher_runs: list[tuple[dict[str, torch.Tensor], MappingEntry, Interchange, torch.Tensor, torch.Tensor]] = []
 
     @torch.no_grad()
     def probe() -> dict[str, float]:
+        if not teacher_runs:
+            generator = torch.Generator().manual_seed(seed)
+            for batch in loader:
+                inputs = {k: v.to(device) for k, v in model_inputs(batch).items()}
+                base = teacher(**inputs, output_hidden_states=True)
+                entry, x = objective.intervention.draw(inputs["attention_mask"], generator)
+                teacher_runs.append((inputs, entry, x, base.logits, counterfactual(teacher, inputs, base.hidden_states, x, entry.teacher).logits))
         student.eval()
-        generator = torch.Generator().manual_seed(seed)
         sums: dict[str, float] = {}
         count = 0
-        for batch in loader:
-            out = objective.forward(student, teacher, {k: v.to(device) for k, v in batch.items()})
-            objective.intervene(out, student, teacher, generator)
-            n = len(batch["input_ids"])
-            for name, value in intervention_diagnostics(out.student_cf.logits, out.teacher_cf.logits, out.teacher.logits).items():
+        for inputs, entry, x, teacher_logits, teacher_cf_logits in teacher_runs:
+            base = student(**inputs, output_hidden_states=True)
+            student_cf = counterfactual(student, inputs, base.hidden_states, x, entry.student)
+            n = len(inputs["input_ids"])
+            for name, value in intervention_diagnostics(student_cf.logits, teacher_cf_logits, teacher_logits).items():
                 sums[name] = sums.get(name, 0.0) + float(value) * n
             count += n
         return {f"{split}/{name}": value / count for name, value in sums.items()}

@@ -2,8 +2,9 @@
 
 One loop, readable top to bottom: AdamW with linear warm-up/decay, gradient accumulation, global
 norm clipping, mixed precision where the device has it, evaluation every N steps and at each epoch
-end, keep-best, early stopping, and checkpoints that hold everything needed to resume exactly
-(model, optimizer, scheduler, step, position in the epoch, every RNG state).
+end (a fit that ``min_steps`` stretches over many epochs: ``epochs`` times, evenly), keep-best, early
+stopping, and checkpoints that hold everything needed to resume exactly (model, optimizer,
+scheduler, step, position in the epoch, every RNG state).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import math
 import os
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -62,6 +63,16 @@ class LoopConfig(BaseModel):
         if self.max_steps:
             return self.max_steps
         return max(self.epochs * math.ceil(batches_per_epoch / self.grad_accum), self.min_steps)
+
+    def eval_spacing(self, batches_per_epoch: int) -> int | None:
+        """Optimizer steps between the scheduled evaluations of a fit that ``min_steps`` stretched
+        beyond ``epochs`` epochs: ``epochs`` evaluations, evenly spaced, as the learning-rate schedule
+        is. None when the fit evaluates at its epoch ends: otherwise a small training set stretched
+        into many short epochs would be evaluated (and checkpointed) after each of them."""
+        total = self.total_steps(batches_per_epoch)
+        if self.max_steps or total <= self.epochs * math.ceil(batches_per_epoch / self.grad_accum):
+            return None
+        return math.ceil(total / self.epochs)
 
 
 class TrainerConfig(LoopConfig):
@@ -273,6 +284,7 @@ class Trainer:
         self.rank, self.world = loader.batch_sampler.rank, loader.batch_sampler.world
         self.batches_per_epoch = loader.batch_sampler.num_batches  # global batches, a multiple of the world size
         self.total_steps = config.total_steps(self.batches_per_epoch // self.world)
+        self.eval_spacing = config.eval_spacing(self.batches_per_epoch // self.world)
         self.optimizer, self.scheduler = build_optimizer(model, optim, self.total_steps, self.device)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=autocast_dtype(config.precision, self.device) == torch.float16)
         self.state = TrainState()
@@ -280,6 +292,8 @@ class Trainer:
         self._sums: dict[str, Tensor] = {}  # training losses summed since they were last logged
         self._count = 0
         self._checkpoint_step: int | None = None  # the step of the newest checkpoint written or resumed from
+        # Where this process's training time goes (logged as time/<part>_seconds at the end of the fit).
+        self.seconds = dict.fromkeys(("steps", "evaluation", "checkpoints"), 0.0)
 
     @property
     def epochs_run(self) -> float:
@@ -311,6 +325,10 @@ class Trainer:
                 running[key] = running[key] / self.world
         if self.rank != 0:
             return
+        with self._timed("checkpoints"):
+            self._write_checkpoint(running)
+
+    def _write_checkpoint(self, running: dict[str, Tensor]) -> None:
         self._clock()
         self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
         log.info("%s: writing checkpoint at step %d", self.name, self.state.step)
@@ -402,14 +420,15 @@ class Trainer:
                 finished = s.step >= self.total_steps
                 if s.batch_in_epoch == self.batches_per_epoch and not finished and not s.stopped_early:
                     s.epoch, s.batch_in_epoch = s.epoch + 1, 0
-                if finished or s.batch_in_epoch == 0:
-                    self._evaluate()  # at each epoch end, and once at the very end
+                if finished or (s.batch_in_epoch == 0 and not self.eval_spacing):
+                    self._evaluate()  # at each epoch end (unless spaced), and once at the very end
                     if not finished and not s.stopped_early:
                         self.save_checkpoint()
         except KeyboardInterrupt as stop:  # Ctrl-C or SIGTERM: say where the next run continues
             raise Interrupted(self.name, s.step, self._checkpoint_step if c.resume else None) from stop
         bar.close()
         self._clock()
+        self.log({f"time/{part}_seconds": seconds for part, seconds in self.seconds.items()}, s.step)
         if c.keep_best and self._best.exists():
             self.model.load_state_dict(torch.load(self._best, map_location=self.device, weights_only=True))
         return s
@@ -424,21 +443,37 @@ class Trainer:
             # One optimizer step: grad_accum micro-batches, fewer at the end of an epoch. Checkpoints
             # are taken only between steps, so a resumed epoch starts on a step boundary.
             micro_steps = min(c.grad_accum, (self.batches_per_epoch - s.batch_in_epoch) // self.world)
-            step_terms = [self._micro_step(next(batches), last=i == micro_steps - 1) for i in range(micro_steps)]
-            if not self._optimizer_step(step_terms):
+            if not self.step([next(batches) for _ in range(micro_steps)]):
                 continue  # a non-finite batch, skipped (trainer.skip_nonfinite)
             bar.update(1)
             if s.step % c.log_every == 0:
                 self._log_training(bar)
             last_step = s.step >= self.total_steps
-            epoch_end = s.batch_in_epoch == self.batches_per_epoch  # evaluated by fit() right after
-            if c.eval_every and s.step % c.eval_every == 0 and not last_step and not epoch_end:
+            epoch_end = s.batch_in_epoch == self.batches_per_epoch and not self.eval_spacing  # evaluated by fit() right after
+            spaced = bool(self.eval_spacing) and s.step % self.eval_spacing == 0
+            if (spaced or (c.eval_every and s.step % c.eval_every == 0)) and not last_step and not epoch_end:
                 self._evaluate()
                 self.model.train()
             if last_step or s.stopped_early:
                 return
-            if c.save_every and s.step % c.save_every == 0:
+            if spaced or (c.save_every and s.step % c.save_every == 0):  # spaced evaluations checkpoint as epoch ends do
                 self.save_checkpoint()
+
+    def step(self, batches: list[Batch]) -> bool:
+        """One optimizer step on ``batches`` (its micro-batches): forward and backward of each under
+        autocast, then clipping, the optimizer and the schedule; False when it was skipped (a
+        non-finite loss or gradient, within ``skip_nonfinite``). What a job pays per step, and what
+        ``python -m diito.bench`` times."""
+        with self._timed("steps"):
+            return self._optimizer_step([self._micro_step(batch, last=i == len(batches) - 1) for i, batch in enumerate(batches)])
+
+    @contextlib.contextmanager
+    def _timed(self, part: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[part] += time.perf_counter() - start
 
     def _micro_step(self, batch: Batch, last: bool) -> dict[str, Tensor]:
         """Forward and backward of one micro-batch on each rank (its loss scaled so the step averages
@@ -513,7 +548,8 @@ class Trainer:
         """Rank 0 evaluates, keeps the best weights and decides early stopping for every rank."""
         s = self.state
         if self.rank == 0:
-            self._judge(self.validation.score())
+            with self._timed("evaluation"):
+                self._judge(self.validation.score())
         if self.world > 1:
             decided = [asdict(s)]
             dist.broadcast_object_list(decided, src=0)

@@ -61,11 +61,71 @@ def test_gradient_accumulation_and_max_steps(tmp_path):
 def test_min_steps_lengthens_short_runs_only(tmp_path):
     trainer, _, snapshots, _ = make_trainer(tmp_path, [0.0] * 10, epochs=2, min_steps=10)
     assert trainer.total_steps == 10 and trainer.fit().step == 10  # 2 epochs are 8 steps: at least 10
-    assert len(snapshots) == 3  # epoch ends at steps 4 and 8, and the very end
+    assert len(snapshots) == 2  # the evaluations are spread with the steps: 2 epochs' worth, not 3 epoch ends
     trainer, _, _, _ = make_trainer(tmp_path / "b", [0.0] * 10, epochs=3, min_steps=10)
     assert trainer.total_steps == 12  # 3 epochs are already more
     trainer, _, _, _ = make_trainer(tmp_path / "c", [0.0] * 10, epochs=3, min_steps=10, max_steps=5)
     assert trainer.total_steps == 5  # max_steps decides alone
+
+
+def _evaluated_steps(logged: list[tuple[dict, int]]) -> list[int]:
+    return [step for metrics, step in logged if "validation/score" in metrics]
+
+
+def test_a_fit_stretched_by_min_steps_evaluates_and_checkpoints_epochs_times_not_at_every_epoch_end(tmp_path):
+    # 4 steps an epoch; min_steps=40 makes 10 epochs of 2 epochs' worth: evaluated at steps 20 and 40
+    trainer, _, _, logged = make_trainer(tmp_path, [0.0] * 20, epochs=2, min_steps=40, save_every=None)
+    assert trainer.eval_spacing == 20 and trainer.fit().step == 40
+    assert _evaluated_steps(logged) == [20, 40]
+    assert torch.load(tmp_path / "ckpt" / "last.pt", weights_only=True)["state"]["step"] == 20  # not one per epoch end
+    # eval_every still adds its evaluations; a fit that is not stretched still evaluates at its epoch ends
+    trainer, _, _, logged = make_trainer(tmp_path / "b", [0.0] * 20, epochs=2, min_steps=40, eval_every=15)
+    trainer.fit()
+    assert _evaluated_steps(logged) == [15, 20, 30, 40]
+    for config in ({"epochs": 3}, {"epochs": 2, "min_steps": 40, "max_steps": 12}):
+        trainer, _, _, logged = make_trainer(tmp_path / str(config), [0.0] * 20, **config)
+        trainer.fit()
+        assert trainer.eval_spacing is None and _evaluated_steps(logged) == [4, 8, 12]
+
+
+def test_a_stretched_fit_resumed_after_an_evaluation_at_an_epoch_end_is_the_uninterrupted_fit(tmp_path):
+    def fit(folder, crash_at_step: int | None = None):
+        model = torch.nn.Linear(1, 1)
+        torch.nn.init.constant_(model.weight, 0.5)
+        torch.nn.init.constant_(model.bias, 0.0)
+        calls, evaluations = [0], []
+
+        def loss_fn(batch):
+            calls[0] += 1
+            if calls[0] == crash_at_step:
+                raise KeyboardInterrupt
+            x = (batch["input_ids"].float().sum(1) / batch["attention_mask"].sum(1)).unsqueeze(1)
+            return torch.nn.functional.mse_loss(model(x).squeeze(1), batch["labels"]), {}
+
+        def score():
+            evaluations.append(model.weight.item())
+            return {"m": -abs(model.weight.item())}
+
+        trainer = Trainer(model, loss_fn, toy_loader(), TrainerConfig(progress=False, device="cpu", epochs=2, min_steps=16, save_every=None),
+                          OPTIM, folder, Validation(score, "m"), log=lambda *a: None, name="train", device=CPU)
+        trainer.fit()
+        return model, evaluations
+
+    whole, evaluated = fit(tmp_path / "a")  # evaluations at steps 8 (an epoch end) and 16
+    assert len(evaluated) == 2
+    with pytest.raises(KeyboardInterrupt):
+        fit(tmp_path / "b", crash_at_step=10)  # after the checkpoint of step 8
+    resumed, evaluated_after = fit(tmp_path / "b")
+    assert evaluated_after == evaluated[1:]  # step 8's evaluation is not repeated
+    assert torch.equal(resumed.weight, whole.weight)
+
+
+def test_the_fit_logs_where_its_time_went(tmp_path):
+    trainer, _, _, logged = make_trainer(tmp_path, [0.0] * 10, epochs=2, save_every=2)
+    state = trainer.fit()
+    (parts,) = [metrics for metrics, _ in logged if "time/steps_seconds" in metrics]
+    assert set(parts) == {"time/steps_seconds", "time/evaluation_seconds", "time/checkpoints_seconds"}
+    assert all(value > 0 for value in parts.values()) and sum(parts.values()) <= state.train_seconds
 
 
 def test_early_stopping_and_keep_best(tmp_path):
