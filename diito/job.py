@@ -20,7 +20,7 @@ from filelock import FileLock, Timeout
 from omegaconf import DictConfig, OmegaConf
 from torch.nn.parallel import DistributedDataParallel
 
-from diito import config, distributed, store, tracking
+from diito import config, distributed, store, teacher_outputs, tracking
 from diito.batching import Prepared
 from diito.config import Job, validate
 from diito.evaluation import Evaluator, intervention_probe, one_class, warn_one_class, write_predictions
@@ -28,7 +28,7 @@ from diito.intervention import mapping_table
 from diito.models import build_student, load_model_config, load_pretrained, load_tokenizer, name_labels, save_model
 from diito.objective import DistillationObjective, DistillationStep
 from diito.sources import DataError, load_task
-from diito.teacher import entry_to_build, obtain_teacher
+from diito.teacher import cache_entry, entry_to_build, obtain_teacher
 from diito.trainer import Trainer, Validation, resolve_device, seed_everything
 
 log = logging.getLogger(__name__)
@@ -120,8 +120,11 @@ def _data_and_teacher(job: Job, device: torch.device, output_dir: Path | None):
                         f"{task_data.num_labels} {'classes ' + str(task_data.label_names) if task_data.label_names else 'output'}")
     all_data = Prepared.from_task(task_data, tokenizer)
     config.check_space(job, Path(output_dir or tempfile.gettempdir()), state_folder(job), entry_to_build(c.teacher, all_data, Path(c.paths.cache)))
+    saved = Path(c.teacher.checkpoint) if c.teacher.checkpoint else cache_entry(c.teacher, all_data, Path(c.paths.cache)) / "model"
+    model_config = load_model_config(c.teacher.checkpoint or c.teacher.model)
+    outputs = teacher_outputs.plan(job, all_data.encoded, all_data.pad_token_id, saved, model_config.hidden_size, all_data.num_labels, device)
     teacher = obtain_teacher(c.teacher, all_data, tokenizer, c.trainer, c.tracking, Path(c.paths.cache), device)
-    return tokenizer, all_data, teacher
+    return tokenizer, all_data, teacher, outputs and outputs.obtain(teacher.model, saved)
 
 
 def _run(job: Job, cfg: DictConfig, device: torch.device, output_dir: Path | None, hydra_dir: Path | None, job_name: str,
@@ -134,7 +137,7 @@ def _run(job: Job, cfg: DictConfig, device: torch.device, output_dir: Path | Non
     # data and teacher (fine-tuned by rank 0; the other ranks find it in the cache)
     if rank != 0:
         distributed.barrier()
-    tokenizer, all_data, teacher = _data_and_teacher(job, device, output_dir)
+    tokenizer, all_data, teacher, outputs = _data_and_teacher(job, device, output_dir)
     if rank == 0:
         distributed.barrier()
     if c.stage == "teacher":
@@ -142,7 +145,7 @@ def _run(job: Job, cfg: DictConfig, device: torch.device, output_dir: Path | Non
     data = all_data.limited(c.trainer.max_train_examples, c.trainer.max_eval_examples, subset_seed(c))
 
     state_dir = state_folder(job)
-    tags = tracking.sweep_tags(sweep) | teacher.tags | tracking.git_tags() | {
+    tags = tracking.sweep_tags(sweep) | teacher.tags | (outputs.tags if outputs else {teacher_outputs.TAG: "live"}) | tracking.git_tags() | {
         tracking.ROLE: "student", "task": c.task.name, "teacher": c.teacher.name, "student_layers": c.student.layers,
         "loss": c.loss.kind, tracking.CONFIG_HASH: job.hash,
     }
@@ -155,13 +158,13 @@ def _run(job: Job, cfg: DictConfig, device: torch.device, output_dir: Path | Non
         seed_everything(c.seed)  # the student's fresh weights (a new classifier) come from the job's seed
         source = teacher.model if c.student.init_from == "teacher" else load_pretrained(c.teacher.model, data.num_labels, c.seed)
         student = build_student(source, job.student_blocks, copy_classifier=c.student.init_from == "teacher").to(device)
-        objective = DistillationObjective(c.loss, job.patience_layers, job.mapping)
+        objective = DistillationObjective(c.loss, job.patience_layers, job.mapping, teacher_outputs=outputs and outputs.reader("train"))
         if job.mapping and rank == 0:
             log.info("intervention mapping (student <-> teacher blocks):\n%s", mapping_table(job.mapping))
 
         # fit: several ranks run the whole step (base and counterfactual runs) through DDP's forward
         evaluator = Evaluator(data, c.trainer.eval_batch_size, c.trainer.precision, device)
-        probe = intervention_probe(objective, student, teacher.model, data, c.trainer.eval_batch_size, c.seed, device)
+        probe = intervention_probe(objective.reading(outputs and outputs.reader(c.task.eval_splits[0])), student, teacher.model, data, c.trainer.eval_batch_size, c.seed, device)
         step = DistillationStep(student, teacher.model, objective)
         _, world = distributed.rank_and_size()
         if world > 1:

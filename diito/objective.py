@@ -10,8 +10,10 @@ the counterfactual pair (once per batch, for every term that needs it), and
 
 from __future__ import annotations
 
+import copy
 import functools
 import operator
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -157,10 +159,14 @@ class DistillationObjective:
     their own, as the original did (the frozen teacher is in eval mode: exact either way);
     ``fast=False`` runs both models the three-pass way, to prove the fast path exact."""
 
-    def __init__(self, config: LossConfig, patience_layers: list[int], mapping: list[MappingEntry] | None = None, fast: bool = True):
+    def __init__(self, config: LossConfig, patience_layers: list[int], mapping: list[MappingEntry] | None = None, fast: bool = True,
+                 teacher_outputs: Callable[[dict[str, Tensor]], Any] | None = None):
         if config.intervenes and not mapping:
             raise ValueError("loss.gamma / loss.cosine need a mapping")
         self.config, self.patience_layers, self.fast = config, patience_layers, fast
+        # The teacher's base run read from its cache (diito.teacher_outputs) instead of run: the
+        # frozen teacher gives every step the same outputs.
+        self.teacher_outputs = teacher_outputs
         self.intervention = Intervention(mapping, config.interchange) if config.intervenes else None
         self.weights = {name: w for name, w in config.weights.items() if w > 0}
 
@@ -169,9 +175,15 @@ class DistillationObjective:
         inputs = model_inputs(batch)
         hidden = self.config.beta > 0 or self.intervention is not None
         with torch.no_grad():
-            teacher_out = teacher(**inputs, output_hidden_states=hidden)
+            teacher_out = self.teacher_outputs(batch) if self.teacher_outputs else teacher(**inputs, output_hidden_states=hidden)
         student_out = student(**inputs, output_hidden_states=hidden)
         return Outputs(student_out, teacher_out, batch.get("labels"), inputs["attention_mask"], model_inputs=inputs)
+
+    def reading(self, teacher_outputs: Callable[[dict[str, Tensor]], Any] | None) -> DistillationObjective:
+        """This objective, reading the teacher's base runs from ``teacher_outputs`` (another split's cache)."""
+        other = copy.copy(self)
+        other.teacher_outputs = teacher_outputs
+        return other
 
     def intervene(self, out: Outputs, student, teacher, generator: torch.Generator | None = None) -> None:
         """Add the counterfactual pair to ``out``: one mapping entry and interchange drawn from
