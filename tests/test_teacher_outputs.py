@@ -194,3 +194,62 @@ def test_disk_cost_is_what_is_written(setup, tmp_path):
     header = 128 * len(entry.info["files"])  # each .npy file's header
     assert expected <= files.bytes_in(tmp_path / "e") - (tmp_path / "e" / "info.json").stat().st_size <= expected + header
     assert json.loads((tmp_path / "e" / "info.json").read_text())["files"]["train.hidden.npy"] > int(encoded.lengths.sum()) * 3 * 32 * 2
+
+
+# -- in a job ------------------------------------------------------------------------------------------
+def _files_task(folder: Path) -> list[str]:
+    for split, n in (("train", 40), ("dev", 12)):
+        rows = ["text,label"] + [f"{'a great' if i % 2 else 'an awful'} film{' and really' * (i % 5)} {i},{'pos' if i % 2 else 'neg'}"
+                                 for i in range(n)]
+        (folder / f"{split}.csv").write_text("\n".join(rows) + "\n")
+    return ["task=files", "task.name=reviews", f"task.files.train={folder / 'train.csv'}", f"task.files.validation={folder / 'dev.csv'}"]
+
+
+JOB = ["teacher=tiny", "trainer=debug", "trainer.precision=fp32", "trainer.max_train_examples=24", "loss.beta=0.5", "loss.cosine=0.5",
+       "trainer.batch_size=8", "loss.eval_pairs=12"]
+
+
+def test_a_job_builds_the_cache_once_reads_it_after_and_learns_what_it_learns_live(home, tmp_path, caplog):
+    from mlflow import MlflowClient
+    from safetensors.torch import load_file
+
+    from diito import job
+    from tests.conftest import compose_config
+
+    caplog.set_level("INFO", logger="diito")
+    task = _files_task(tmp_path)
+    weights = {}
+    for name, cached in (("live", "false"), ("built", "true"), ("cache", "true")):
+        job.run(compose_config([*JOB, *task, f"teacher.cache_outputs={cached}", f"seed={1 + (name == 'cache')}"]), output_dir=tmp_path / name)
+        weights[name] = load_file(tmp_path / name / "student" / "model.safetensors")
+    assert caplog.text.count("teacher outputs: computed now") == 1 and caplog.text.count("teacher outputs: from the cache") == 1
+    client = MlflowClient(f"sqlite:///{home}/mlflow.db")
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()], filter_string="tags.`diito.role` = 'student'",
+                              order_by=["attributes.start_time ASC"])
+    assert [r.data.tags[teacher_outputs.TAG] for r in runs] == ["live", "built", "cache"]
+    assert [r.data.params["teacher.cache_outputs"] for r in runs] == ["False", "True", "True"]
+    (entry,) = [p for p in (home / ".cache" / "teacher_outputs").iterdir() if p.is_dir()]
+    assert {r.data.tags.get(teacher_outputs.TAG_PATH) for r in runs[1:]} == {str(entry)}
+    assert sorted(p.name for p in entry.glob("*.hidden.npy")) == ["train.hidden.npy", "validation.hidden.npy"]  # the probe's too
+    # the same job with and without the cache: the same student, to fp32's rounding over its 4 steps
+    for key in weights["live"]:
+        torch.testing.assert_close(weights["built"][key], weights["live"][key], atol=1e-5, rtol=1e-5, msg=key)
+    live_metrics, built_metrics = runs[0].data.metrics, runs[1].data.metrics
+    for key in ("train/kd", "train/diito", "train/patience", "train/cosine", "validation/iia", "validation/efficacy"):
+        assert built_metrics[key] == pytest.approx(live_metrics[key], rel=1e-5, abs=1e-6), key
+
+
+def test_a_cache_that_would_not_fit_is_refused_before_compute(home, tmp_path, monkeypatch):
+    from diito import job
+    from diito.config import ConfigError
+    from tests.conftest import compose_config
+
+    task = _files_task(tmp_path)
+    real = files.free_space
+    monkeypatch.setattr(files, "free_space", lambda path: 2000 if "teacher_outputs" in str(path) else real(path))
+    with pytest.raises(ConfigError) as refused:
+        job.run(compose_config([*JOB, *task, "teacher.cache_outputs=true", "tracking=none"]), output_dir=tmp_path / "out")
+    message = str(refused.value)
+    assert message.startswith("teacher.cache_outputs: the teacher's outputs would take ") and "2.0 kB free" in message
+    assert "set teacher.cache_outputs=false" in message and "\n" not in message
+    assert not (home / ".cache" / "teachers").exists() and not (home / ".cache" / "teacher_outputs").exists()  # nothing computed
