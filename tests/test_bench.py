@@ -35,3 +35,12 @@ def test_the_ranks_figure_is_the_ratio_of_its_step_times(capsys):
     assert set(ms) == {"1 process, grad_accum=2", "2 ranks"} and all(v > 0 for v in ms.values())
     assert results["ranks_over_accum"] == pytest.approx(ms["2 ranks"] / ms["1 process, grad_accum=2"])
     assert results["details"]["ranks"] == 2 and results["details"]["steps"] == 1
+
+
+def test_the_cache_figures_are_the_ratios_of_their_step_times(capsys):
+    main(["--json", "--cached", "--steps", "1", "--rounds", "1"])
+    results = json.loads(capsys.readouterr().out)
+    ms = results["details"]["ms_per_step"]
+    assert set(ms) == {"kd", "kd_cached", "diito", "diito_cached"} and all(v > 0 for v in ms.values())
+    assert results["kd_cached_over_live"] == pytest.approx(ms["kd_cached"] / ms["kd"])
+    assert results["diito_cached_over_live"] == pytest.approx(ms["diito_cached"] / ms["diito"])

@@ -253,3 +253,26 @@ def test_a_cache_that_would_not_fit_is_refused_before_compute(home, tmp_path, mo
     assert message.startswith("teacher.cache_outputs: the teacher's outputs would take ") and "2.0 kB free" in message
     assert "set teacher.cache_outputs=false" in message and "\n" not in message
     assert not (home / ".cache" / "teachers").exists() and not (home / ".cache" / "teacher_outputs").exists()  # nothing computed
+
+
+@pytest.mark.parametrize("case", ["kd", "diito_full", "diito_late"])
+def test_with_the_cache_the_teacher_runs_only_the_blocks_above_the_intervened_one(case, setup, tmp_path):
+    """What the cache saves: the teacher's base run (every block once per step) and nothing else."""
+    tokenizer, encoded, teacher = setup
+    student = build_student(teacher, [0, 2], copy_classifier=True).train()
+    config, mapping, patience = _cases(case, teacher, student)
+    stored = teacher_outputs.Stored.of(mapping if config.intervenes else None, None, ("train",))
+    outputs = teacher_outputs.obtain(tmp_path / "entry", teacher, {"train": encoded}, tokenizer.pad_token_id, stored, "fp32", CPU)
+    calls = []
+    hooks = [block.attention.register_forward_hook(lambda *args: calls.append(1)) for block in teacher.bert.encoder.layer]
+    batch = _batches(encoded, tokenizer)[0]
+    counts = {}
+    for name, objective in (("live", DistillationObjective(config, patience or [], mapping)),
+                            ("cached", DistillationObjective(config, patience or [], mapping, teacher_outputs=outputs.reader("train")))):
+        calls.clear()
+        _step(objective, student, teacher, batch, "fp32")
+        counts[name] = len(calls)
+    for hook in hooks:
+        hook.remove()
+    assert counts["cached"] == counts["live"] - teacher.config.num_hidden_layers
+    assert counts["cached"] == 0 if case == "kd" else counts["cached"] > 0
