@@ -276,3 +276,23 @@ def test_with_the_cache_the_teacher_runs_only_the_blocks_above_the_intervened_on
         hook.remove()
     assert counts["cached"] == counts["live"] - teacher.config.num_hidden_layers
     assert counts["cached"] == 0 if case == "kd" else counts["cached"] > 0
+
+
+@pytest.mark.slow  # two jobs of two spawned ranks each
+def test_two_ranks_reading_the_cache_learn_what_two_live_ranks_learn(home, tmp_path, caplog):
+    """The job builds the entry once, before its ranks start; each rank reads its own batches' rows."""
+    from safetensors.torch import load_file
+
+    from diito import job
+    from tests.conftest import compose_config
+
+    caplog.set_level("INFO", logger="diito")
+    task = _files_task(tmp_path)
+    weights = {}
+    for name in ("live", "cached"):
+        overrides = ["trainer.devices=2", f"teacher.cache_outputs={name == 'cached'}"]
+        job.run(compose_config([*JOB, *task, "trainer.num_threads=1", "tracking=none", "tracking.log_model=true", *overrides]), output_dir=tmp_path / name)
+        weights[name] = load_file(tmp_path / name / "student" / "model.safetensors")
+    assert caplog.text.count("teacher outputs: computed now") == 1
+    for key in weights["live"]:
+        torch.testing.assert_close(weights["cached"][key], weights["live"][key], atol=1e-6, rtol=1e-5, msg=key)
