@@ -28,7 +28,7 @@ from diito.intervention import mapping_table
 from diito.models import build_student, load_model_config, load_pretrained, load_tokenizer, name_labels, save_model
 from diito.objective import DistillationObjective, DistillationStep
 from diito.sources import DataError, load_task
-from diito.teacher import cache_entry, entry_to_build, obtain_teacher
+from diito.teacher import entry_to_build, obtain_teacher
 from diito.trainer import Trainer, Validation, resolve_device, seed_everything
 
 log = logging.getLogger(__name__)
@@ -120,11 +120,9 @@ def _data_and_teacher(job: Job, device: torch.device, output_dir: Path | None):
                         f"{task_data.num_labels} {'classes ' + str(task_data.label_names) if task_data.label_names else 'output'}")
     all_data = Prepared.from_task(task_data, tokenizer)
     config.check_space(job, Path(output_dir or tempfile.gettempdir()), state_folder(job), entry_to_build(c.teacher, all_data, Path(c.paths.cache)))
-    saved = Path(c.teacher.checkpoint) if c.teacher.checkpoint else cache_entry(c.teacher, all_data, Path(c.paths.cache)) / "model"
-    model_config = load_model_config(c.teacher.checkpoint or c.teacher.model)
-    outputs = teacher_outputs.plan(job, all_data.encoded, all_data.pad_token_id, saved, model_config.hidden_size, all_data.num_labels, device)
+    outputs = teacher_outputs.plan(job, all_data, device)  # refused here, before compute, when it would not fit
     teacher = obtain_teacher(c.teacher, all_data, tokenizer, c.trainer, c.tracking, Path(c.paths.cache), device)
-    return tokenizer, all_data, teacher, outputs and outputs.obtain(teacher.model, saved)
+    return tokenizer, all_data, teacher, outputs and outputs.obtain(teacher.model)
 
 
 def _run(job: Job, cfg: DictConfig, device: torch.device, output_dir: Path | None, hydra_dir: Path | None, job_name: str,

@@ -33,8 +33,10 @@ import transformers
 from torch import Tensor
 
 from diito import cache, files
+from diito.batching import Encoded, PadCollate, Prepared, model_inputs
 from diito.config import ConfigError
-from diito.batching import Encoded, PadCollate, model_inputs
+from diito.models import load_model_config
+from diito.teacher import cache_entry
 from diito.trainer import autocast, autocast_dtype
 
 if TYPE_CHECKING:
@@ -276,34 +278,38 @@ class Plan:
     device: torch.device
     root: Path  # <paths.cache>/teacher_outputs
     batch_size: int
+    teacher_folder: Path  # where the fine-tuned teacher is (or will be) saved
 
-    def folder(self, teacher_folder: Path) -> Path | None:
-        digest = teacher_digest(teacher_folder)
+    def folder(self) -> Path | None:
+        """The entry's folder; None while the teacher is not fine-tuned yet (its weights are in the key)."""
+        digest = teacher_digest(self.teacher_folder)
         if digest is None:
             return None
         key = entry_key(digest, self.splits, self.stored, storage_dtype(self.precision, self.device), self.device)
         return self.root / f"{self.task}-{key}"
 
-    def obtain(self, model: torch.nn.Module, teacher_folder: Path) -> TeacherOutputs:
-        folder = self.folder(teacher_folder)
+    def obtain(self, model: torch.nn.Module) -> TeacherOutputs:
+        """The entry for ``model``, the teacher saved in ``teacher_folder``."""
+        folder = self.folder()
         outputs = obtain(folder, model, self.splits, self.pad_token_id, self.stored, self.precision, self.device, self.batch_size)
         log.info("teacher outputs: %s %s (%s)", "computed now," if outputs.built else "from the cache,", folder,
                  files.size(sum(outputs.info["files"].values())))
         return outputs
 
 
-def plan(job: Job, splits: dict[str, Encoded], pad_token_id: int, teacher_folder: Path, hidden: int, labels: int,
-         device: torch.device) -> Plan | None:
+def plan(job: Job, data: Prepared, device: torch.device) -> Plan | None:
     """The cache a distillation job reads (None with ``teacher.cache_outputs=false``), refused in one
     line when it is not built yet and would not fit its disk's free space."""
     c = job.config
     if not c.teacher.cache_outputs or c.stage != "distill":
         return None
+    splits, labels, hidden = data.encoded, data.num_labels, load_model_config(c.teacher.checkpoint or c.teacher.model).hidden_size
+    saved = Path(c.teacher.checkpoint) if c.teacher.checkpoint else cache_entry(c.teacher, data, Path(c.paths.cache)) / "model"
     splits_read = ("train",) + ((c.task.eval_splits[0],) if job.mapping and labels > 1 and c.loss.eval_pairs else ())
     stored = Stored.of(job.mapping, job.patience_layers if c.loss.beta > 0 else None, splits_read)
-    result = Plan(stored, splits, pad_token_id, c.task.name, c.trainer.precision, device, Path(c.paths.cache) / "teacher_outputs",
-                  c.trainer.eval_batch_size)
-    folder = result.folder(teacher_folder)
+    result = Plan(stored, splits, data.pad_token_id, c.task.name, c.trainer.precision, device, Path(c.paths.cache) / "teacher_outputs",
+                  c.trainer.eval_batch_size, saved)
+    folder = result.folder()
     if folder is None or not (folder / cache.INFO_FILE).exists():
         need, free = nbytes(stored, splits, hidden, labels, storage_dtype(c.trainer.precision, device)), files.free_space(result.root)
         if need > free:

@@ -44,10 +44,10 @@ MAPPINGS = {
         EntrySpec(student=SiteSpec(layers=[0], attention_heads=(0, 1)), teacher=SiteSpec(layers=[1, 2], attention_heads=(1, 2)))]),
 }
 CASES = {  # (loss settings, mapping, patience layers)
-    "kd": (dict(alpha=0.5), None, None),
-    "patience_cls_only": (dict(alpha=0.5, beta=0.5), None, [2]),  # KD with the patience term: [CLS] vectors stored alone
-    **{f"diito_{name}": (dict(alpha=0.5, gamma=1.0, cosine=0.5, beta=0.3), name, [2]) for name in MAPPINGS},
-    "diito_separate_passes": (dict(alpha=0.5, gamma=1.0, cosine=0.5, separate_passes=True), "full", None),
+    "kd": ({"alpha": 0.5}, None, None),
+    "patience_cls_only": ({"alpha": 0.5, "beta": 0.5}, None, [2]),  # KD with the patience term: [CLS] vectors stored alone
+    **{f"diito_{name}": ({"alpha": 0.5, "gamma": 1.0, "cosine": 0.5, "beta": 0.3}, name, [2]) for name in MAPPINGS},
+    "diito_separate_passes": ({"alpha": 0.5, "gamma": 1.0, "cosine": 0.5, "separate_passes": True}, "full", None),
 }
 
 
@@ -66,7 +66,7 @@ def _step(objective, student, teacher, batch, precision):
     student.zero_grad()
     torch.manual_seed(1)  # the same dropout masks and interchanges, live and cached
     with autocast(precision, CPU):
-        loss, terms = objective(student, teacher, batch)
+        loss, _ = objective(student, teacher, batch)
     loss.backward()
     return loss.detach(), {n: p.grad.clone() for n, p in student.named_parameters() if p.grad is not None}
 
@@ -138,7 +138,7 @@ def test_in_bf16_the_cache_differs_from_the_live_step_by_less_than_bf16_itself(c
 
 def test_stored_block_outputs_are_those_the_mapping_reads():
     teacher, student = Shape(6, 384, 12), Shape(3, 384, 12)
-    of = lambda name, patience=None: teacher_outputs.Stored.of(build_mapping(MappingConfig(name=name), teacher, student), patience, ("train",))  # noqa: E731
+    of = lambda name, patience=None: teacher_outputs.Stored.of(build_mapping(MappingConfig(name=name), teacher, student), patience, ("train",))
     assert of("full").layers == (1, 2, 3, 4, 5, 6)  # every block's output: the top entry swaps blocks 4 and 5
     assert of("middle").layers == (1, 2, 3, 4)  # block 3 swapped: its output and those below it
     assert of("middle", [1, 4]).cls_layers == (5,)  # patience block 4's [CLS] alone; block 1's output is stored whole
@@ -177,8 +177,9 @@ def test_a_damaged_or_partly_written_entry_is_built_again_never_read(damage, set
 
 
 def test_the_key_covers_what_changes_the_outputs(setup):
-    tokenizer, encoded, teacher = setup
-    base = dict(teacher="w", splits={"train": encoded}, stored=teacher_outputs.Stored(("train",), (1,), ()), dtype=torch.float32, device=CPU)
+    _, encoded, _ = setup
+    base = {"teacher": "w", "splits": {"train": encoded}, "stored": teacher_outputs.Stored(("train",), (1,), ()), "dtype": torch.float32,
+            "device": CPU}
     key = teacher_outputs.entry_key(**base)
     other_tokens = Encoded([row[:-2] + row[-1:] for row in encoded.input_ids], None, encoded.labels, encoded.ids, encoded.lengths - 1)
     changes = [{"teacher": "v"}, {"splits": {"train": other_tokens}}, {"stored": teacher_outputs.Stored(("train",), (1, 2), ())},
