@@ -29,7 +29,7 @@ import torch
 from omegaconf import OmegaConf
 
 from diito import tags, tracking
-from diito.batching import Encoded, Prepared, make_loader
+from diito.batching import Encoded, Prepared, make_loader, model_inputs
 from diito.intervention import (InterchangeConfig, Interchange, MappingConfig, MappingEntry, Shape, Site, block_list, build_mapping,
                                 counterfactual, sample_interchange)
 from diito.models import load_finetuned, load_tokenizer, num_layers
@@ -96,7 +96,7 @@ def alignment_map(student, teacher, data: Encoded, pad_token_id: int, interchang
     joint, joint_changed = np.zeros(len(mapping)), np.zeros(len(mapping))
     same, count = 0, 0
     for batch in loader:
-        batch = {k: v.to(device) for k, v in batch.items() if k != "labels"}
+        batch = {k: v.to(device) for k, v in model_inputs(batch).items()}
         x = sample_interchange(batch["attention_mask"].sum(1).cpu(), interchange.interchange_prop, interchange.interchange_mode,
                                interchange.interchange_min_token, interchange.interchange_max_token,
                                interchange.pairing == "derangement", generator).to(device)

@@ -30,6 +30,13 @@ class Encoded:
     labels: np.ndarray | None
     ids: list[str]
     lengths: np.ndarray
+    rows: np.ndarray | None = None
+    """Each example's position in its whole split (None: 0..n-1, the whole split itself): what a
+    batch's ``index`` carries, so a job's sample reads the teacher outputs cached for the split."""
+
+    @property
+    def positions(self) -> np.ndarray:
+        return np.arange(len(self)) if self.rows is None else self.rows
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -53,7 +60,7 @@ class Encoded:
         pick = lambda values: [values[i] for i in rows]  # noqa: E731
         types = None if self.token_type_ids is None else pick(self.token_type_ids)
         labels = None if self.labels is None else self.labels[rows]
-        return Encoded(pick(self.input_ids), types, labels, pick(self.ids), self.lengths[rows])
+        return Encoded(pick(self.input_ids), types, labels, pick(self.ids), self.lengths[rows], self.positions[rows])
 
     def sample(self, n: int | None, seed: int) -> Encoded:
         """``n`` examples drawn at random with ``seed`` (all of them for None), stratified by class
@@ -116,7 +123,8 @@ class PadCollate:
             mask[row, :n] = 1
             if types is not None:
                 types[row, :n] = enc.token_type_ids[i]
-        out = {"input_ids": torch.from_numpy(input_ids), "attention_mask": torch.from_numpy(mask)}
+        out = {"input_ids": torch.from_numpy(input_ids), "attention_mask": torch.from_numpy(mask),
+               "index": torch.from_numpy(enc.positions[batch])}
         if types is not None:
             out["token_type_ids"] = torch.from_numpy(types)
         if enc.labels is not None:
@@ -225,8 +233,8 @@ def make_loader(
 
 
 def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """A collated batch without its labels: what a model's forward takes."""
-    return {k: v for k, v in batch.items() if k != "labels"}
+    """A collated batch without its labels and example positions: what a model's forward takes."""
+    return {k: v for k, v in batch.items() if k not in ("labels", "index")}
 
 
 @dataclass

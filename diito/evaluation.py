@@ -109,7 +109,7 @@ def intervention_probe(objective: DistillationObjective, student, teacher, data:
         return None
     split = data.spec.eval_splits[0]
     subset = data.encoded[split].head(objective.intervention.config.eval_pairs)
-    subset = type(subset)(subset.input_ids, subset.token_type_ids, None, subset.ids, subset.lengths)
+    subset = type(subset)(subset.input_ids, subset.token_type_ids, None, subset.ids, subset.lengths, subset.rows)
     loader = make_loader(subset, batch_size, shuffle=False, seed=0, length_grouped=False, pad_token_id=data.pad_token_id)
     teacher_runs: list[tuple[dict[str, torch.Tensor], MappingEntry, Interchange, torch.Tensor, torch.Tensor]] = []
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
-from diito import config, distributed, resume, student, tracking
+from diito import config, distributed, resume, student, teacher_outputs, tracking
 from diito.batching import Prepared
 from diito.config import Job, validate
 from diito.models import load_model_config, load_tokenizer
@@ -42,10 +42,10 @@ def run(cfg: DictConfig, output_dir: Path | None = None, hydra_dir: Path | None 
         if c.trainer.num_threads:
             torch.set_num_threads(c.trainer.num_threads)
         with ranks.leader_first():  # fine-tuned by the leader; the other ranks find it in the cache
-            tokenizer, data, teacher = _data_and_teacher(job, ranks.here.device, output_dir)
+            tokenizer, data, teacher, outputs = _data_and_teacher(job, ranks.here.device, output_dir)
         if c.stage == "teacher":
             return teacher.metrics.get(c.task.main_metric_key, math.nan)
-        return ranks.run(student.distill, job, cfg, data, tokenizer, teacher, output_dir, hydra_dir, job_name, sweep)
+        return ranks.run(student.distill, job, cfg, data, tokenizer, teacher, outputs, output_dir, hydra_dir, job_name, sweep)
 
 
 def _finished(job: Job, sweep: dict[str, str]) -> float | None:
@@ -62,8 +62,10 @@ def _finished(job: Job, sweep: dict[str, str]) -> float | None:
     return metrics.get(c.task.main_metric_key, math.nan)
 
 
-def _data_and_teacher(job: Job, device: torch.device, output_dir: Path | None) -> tuple[object, Prepared, Teacher]:
-    """The data, tokenised once for the whole job, and the teacher (fine-tuned now unless cached),
+def _data_and_teacher(job: Job, device: torch.device, output_dir: Path | None
+                      ) -> tuple[object, Prepared, Teacher, teacher_outputs.TeacherOutputs | None]:
+    """The data, tokenised once for the whole job, the teacher (fine-tuned now unless cached) and its
+    outputs on the training data (computed now unless cached; None with teacher.cache_outputs=false),
     once the job's files are known to fit on their disks (which needs the data: it tells whether the
     teacher is cached)."""
     c = job.config
@@ -75,5 +77,6 @@ def _data_and_teacher(job: Job, device: torch.device, output_dir: Path | None) -
     data = Prepared.from_task(task_data, tokenizer)
     config.check_space(job, Path(output_dir or tempfile.gettempdir()), resume.of_job(c.paths.cache, job.hash).folder,
                        entry_to_build(c.teacher, data, Path(c.paths.cache)))
+    outputs = teacher_outputs.plan(job, data, device)  # refused here, before compute, when it would not fit
     teacher = obtain_teacher(c.teacher, data, tokenizer, c.trainer, c.tracking, Path(c.paths.cache), device)
-    return tokenizer, data, teacher
+    return tokenizer, data, teacher, outputs and outputs.obtain(teacher.model)

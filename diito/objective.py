@@ -13,6 +13,7 @@ needs it).
 
 from __future__ import annotations
 
+import copy
 import functools
 import operator
 import re
@@ -299,8 +300,11 @@ class DistillationObjective:
     ``fast=False`` runs both models the three-pass way, to prove the fast path exact."""
 
     def __init__(self, config: LossConfig, patience_layers: list[int], mapping: list[MappingEntry] | None = None, fast: bool = True,
-                 interchange: InterchangeConfig | None = None):
+                 interchange: InterchangeConfig | None = None, teacher_outputs: Callable[[dict[str, Tensor]], Any] | None = None):
         self.config, self.patience_layers, self.fast = config, patience_layers, fast
+        # The teacher's base run read from its cache (diito.teacher_outputs) instead of run: the
+        # frozen teacher gives every step the same outputs.
+        self.teacher_outputs = teacher_outputs
         self.table = active_terms(config, patience_layers, self)
         self.needs = frozenset().union(*(t.needs for t in self.table))
         if COUNTERFACTUAL in self.needs and not mapping:
@@ -315,9 +319,15 @@ class DistillationObjective:
         teacher_out = None
         if TEACHER in self.needs:
             with torch.no_grad():
-                teacher_out = teacher(**inputs, output_hidden_states=hidden)
+                teacher_out = self.teacher_outputs(batch) if self.teacher_outputs else teacher(**inputs, output_hidden_states=hidden)
         student_out = student(**inputs, output_hidden_states=hidden)
         return Outputs(student_out, teacher_out, batch.get("labels"), inputs["attention_mask"], model_inputs=inputs)
+
+    def reading(self, teacher_outputs: Callable[[dict[str, Tensor]], Any] | None) -> DistillationObjective:
+        """This objective, reading the teacher's base runs from ``teacher_outputs`` (None: running it)."""
+        other = copy.copy(self)
+        other.teacher_outputs = teacher_outputs
+        return other
 
     def intervene(self, out: Outputs, student, teacher, generator: torch.Generator | None = None) -> None:
         """Add the counterfactual pair to ``out``: one mapping entry and interchange drawn from

@@ -22,22 +22,24 @@ from diito.intervention import mapping_table
 from diito.models import build_student, load_pretrained, name_labels, save_model
 from diito.objective import DistillationObjective, DistillationStep
 from diito.teacher import Teacher
+from diito.teacher_outputs import TeacherOutputs
 from diito.trainer import seed_everything
 
 log = logging.getLogger(__name__)
 
 
-def distill(rank: Rank, job: Job, cfg: DictConfig, all_data: Prepared, tokenizer, teacher: Teacher, output_dir: Path | None,
-            hydra_dir: Path | None, job_name: str, sweep: dict[str, str] | None) -> float:
-    """Distil the job's student from ``teacher`` on this ``rank``; returns its main validation metric
-    (NaN on ranks other than 0, which neither evaluate nor log)."""
+def distill(rank: Rank, job: Job, cfg: DictConfig, all_data: Prepared, tokenizer, teacher: Teacher, outputs: TeacherOutputs | None,
+            output_dir: Path | None, hydra_dir: Path | None, job_name: str, sweep: dict[str, str] | None) -> float:
+    """Distil the job's student from ``teacher`` (its base runs read from ``outputs`` when cached) on
+    this ``rank``; returns its main validation metric (NaN on ranks other than 0, which neither
+    evaluate nor log)."""
     c = job.config
     if c.trainer.num_threads:
         torch.set_num_threads(c.trainer.num_threads)
     data = all_data.limited(c.trainer.max_train_examples, c.trainer.max_eval_examples, subset_seed(c))
     teacher = teacher.on(rank.device)
     state = resume.of_job(c.paths.cache, job.hash)
-    run_tags = tracking.sweep_tags(sweep) | teacher.tags | tracking.git_tags() | {
+    run_tags = tracking.sweep_tags(sweep) | teacher.tags | (outputs.tags if outputs else {tags.TEACHER_OUTPUTS: "live"}) | tracking.git_tags() | {
         tags.TASK: c.task.name, tags.TEACHER: c.teacher.name, tags.STUDENT_LAYERS: c.student.layers, tags.LOSS: c.loss.kind,
         tags.CONFIG_HASH: job.hash,
     }
@@ -46,7 +48,8 @@ def distill(rank: Rank, job: Job, cfg: DictConfig, all_data: Prepared, tokenizer
         seed_everything(c.seed)  # the student's fresh weights (a new classifier) come from the job's seed
         source = teacher.model if c.student.init_from == "teacher" else load_pretrained(c.teacher.model, data.num_labels, c.seed)
         student = build_student(source, job.student_blocks, copy_classifier=c.student.init_from == "teacher").to(rank.device)
-        objective = DistillationObjective(c.loss, job.patience_layers, job.mapping, interchange=c.intervention)
+        objective = DistillationObjective(c.loss, job.patience_layers, job.mapping, interchange=c.intervention,
+                                          teacher_outputs=outputs and outputs.reader("train"))
         if job.mapping and rank.index == 0:
             log.info("intervention mapping (student <-> teacher blocks):\n%s", mapping_table(job.mapping))
         probe = intervention_probe(objective, student, teacher.model, data, c.trainer.eval_batch_size, c.seed, rank.device)

@@ -20,6 +20,8 @@ CONFIG_HASH = "config_hash"  # the job's identity (diito.identity)
 TEACHER_RUN = "diito.teacher_run_id"
 TEACHER_SOURCE = "diito.teacher_source"  # checkpoint | cache | fine-tuned
 TEACHER_PATH = "diito.teacher_path"
+TEACHER_OUTPUTS = "diito.teacher_outputs"  # live | cache | built: where a student run's teacher base runs came from
+TEACHER_OUTPUTS_PATH = "diito.teacher_outputs_path"
 
 # -- how it went -----------------------------------------------------------------------------------
 PLATEAU = "diito.plateau"  # the model predicts one class

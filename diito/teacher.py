@@ -72,6 +72,7 @@ class TeacherConfig(BaseModel):
     model: str = Field(min_length=1)
     checkpoint: str | None = None
     recipe: Recipe
+    cache_outputs: bool = True  # the teacher's outputs computed once and read by every step (diito.teacher_outputs)
 
 
 @dataclass

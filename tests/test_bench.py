@@ -54,3 +54,12 @@ def test_the_jobs_figure_is_the_ratio_of_two_real_jobs_training_seconds(home):
                     **results}).splitlines()
     (line,) = [line for line in lines if line.startswith("job_diito_over_kd ")]
     assert line.endswith("ok")  # the same figure on both sides of the comparison
+
+
+def test_the_cache_figures_are_the_ratios_of_their_step_times(capsys):
+    main(["--json", "--cached", "--steps", "1", "--rounds", "1"])
+    results = json.loads(capsys.readouterr().out)
+    ms = results["details"]["ms_per_step"]
+    assert set(ms) == {"kd", "kd_cached", "diito", "diito_cached"} and all(v > 0 for v in ms.values())
+    assert results["kd_cached_over_live"] == pytest.approx(ms["kd_cached"] / ms["kd"])
+    assert results["diito_cached_over_live"] == pytest.approx(ms["diito_cached"] / ms["diito"])
