@@ -20,7 +20,7 @@ from filelock import FileLock, Timeout
 from omegaconf import DictConfig, OmegaConf
 from torch.nn.parallel import DistributedDataParallel
 
-from diito import config, distributed, store, tracking
+from diito import config, console, distributed, logged_model, store, summary, tracking
 from diito.batching import Prepared
 from diito.config import Job, validate
 from diito.evaluation import Evaluator, intervention_probe, one_class, warn_one_class, write_predictions
@@ -53,6 +53,7 @@ def run(cfg: DictConfig, output_dir: Path | None = None, hydra_dir: Path | None 
     ``trainer.devices=N`` the student trains as N ranks spawned here; under a launcher that started
     the ranks itself (torchrun, submitit), this process is one of them. :class:`JobRunning` when an
     identical job holds the state folder, before any compute."""
+    console.quiet_libraries()
     job = validate(cfg)
     c = job.config
     launched = distributed.launched()
@@ -62,7 +63,7 @@ def run(cfg: DictConfig, output_dir: Path | None = None, hydra_dir: Path | None 
             if done is not None:
                 run_, metrics = done
                 log.info("already finished as run %s: skipped (rerun=true runs it again)", run_.run_id)
-                run_.set_tags(tracking.sweep_tags(sweep))
+                tracking.reuse_in_sweep(c.tracking, sweep, run_.run_id)  # recorded on the sweep; the run's own tags stay its own
                 return metrics.get(c.task.main_metric_key, float("nan"))
         if launched:
             with distributed.process_group(c.trainer.device) as (rank, _, device):
@@ -146,7 +147,8 @@ def _run(job: Job, cfg: DictConfig, device: torch.device, output_dir: Path | Non
         tracking.ROLE: "student", "task": c.task.name, "teacher": c.teacher.name, "student_layers": c.student.layers,
         "loss": c.loss.kind, tracking.CONFIG_HASH: job.hash,
     }
-    runs = tracking.resumable_run(state_dir, job.hash, c.tracking, c.tracking.run_name or job_name, tags) if rank == 0 else tracking.no_run()
+    name = c.tracking.run_name or summary.run_name(c.task.name, c.loss.kind, c.student.layers, job_name, sweep and sweep.get("varying"))
+    runs = tracking.resumable_run(state_dir, job.hash, c.tracking, name, tags) if rank == 0 else tracking.no_run()
     with runs as run_:
         log_config(run_, job, cfg, hydra_dir)
         run_.log_datasets(datasets(data))
@@ -194,10 +196,25 @@ def _run(job: Job, cfg: DictConfig, device: torch.device, output_dir: Path | Non
             log.info("student: saving to %s", output_dir / "student")
             name_labels(student, data.label_names)
             folder = save_model(student, tokenizer, output_dir / "student")
-            run_.log_classifier(folder, input_example(data, tokenizer), c.tracking.registered_model)
+            logged_model.log_student(run_, student, tokenizer, input_example(data, tokenizer), folder, final, state.step, datasets(data),
+                                     c.tracking.registered_model)
+        teacher_final = evaluator.score(evaluator.predict(teacher.model, list(c.task.eval_splits) + data.test_splits))
+        run_.log_metrics({f"teacher/{k}": v for k, v in teacher_final.items()}, state.step)
+        summary.finish(outcome(job, data, final, teacher_final, state, teacher, run_), output_dir, c.tracking.uri, c.paths.root)
         shutil.rmtree(state_dir / "checkpoint", ignore_errors=True)
         (state_dir / "run.json").unlink(missing_ok=True)  # a later identical job is a new run
     return final[c.task.main_metric_key]
+
+
+def outcome(job: Job, data: Prepared, final: dict[str, float], teacher_final: dict[str, float], state, teacher, run) -> summary.Outcome:
+    """The job's result for the console and ``metrics.json``: both models on the same examples."""
+    c = job.config
+    return summary.Outcome(
+        task=c.task.name, loss=c.loss.kind, main_metric=c.task.main_metric_key, student=final, teacher=teacher_final,
+        student_from={"layers": c.student.layers, "blocks": job.student_blocks, "best_step": state.best_step or state.step,
+                      "steps": state.step, "examples": {s: len(data.encoded[s]) for s in list(c.task.eval_splits) + data.test_splits}},
+        teacher_from={"name": c.teacher.name, "source": teacher.source, "path": teacher.path, "run_id": teacher.run_id},
+        run_id=run.run_id, experiment_id=run.client.get_run(run.run_id).info.experiment_id if run.run_id else None)
 
 
 def subset_seed(c: config.JobConfig) -> int:

@@ -114,8 +114,9 @@ def identity(tree: Mapping[str, Any]) -> str:
 
 def params(tree: Mapping[str, Any], leave_out: frozenset[str] = frozenset()) -> dict[str, Any]:
     """A run's params: the settings that can change its result, flattened, less ``leave_out``
-    (settings the run does not use, like a KD baseline's interchange_prop)."""
-    return {k: v for k, v in result_settings(flatten(tree)).items() if k not in leave_out}
+    (settings the run does not use, like a KD baseline's interchange_prop) and less those left
+    unset (None: a feature the run does not use, such as no teacher.checkpoint)."""
+    return {k: v for k, v in result_settings(flatten(tree)).items() if k not in leave_out and v is not None}
 
 
 @functools.cache
@@ -234,35 +235,6 @@ class Run:
         if not self._send("datasets", lambda: self.client.log_inputs(self.run_id, datasets=inputs)):
             self._failed.append("datasets")
 
-    def log_classifier(self, folder: Path, examples: list, register: str | None = None, artifact_path: str = "student") -> None:
-        """The Hugging Face classifier in ``folder`` as an MLflow model (the transformers flavor: a
-        text-classification pipeline with its tokenizer, a signature and an input example), so
-        ``mlflow.pyfunc.load_model("runs:/<id>/student")`` and ``mlflow models predict`` work; with
-        ``register``, a new version of that registered model. Should the flavor fail, the plain
-        folder is logged instead, with a warning: the student is never lost."""
-        import tempfile
-
-        try:
-            with tempfile.TemporaryDirectory() as tmp:
-                _save_classifier(folder, examples, Path(tmp) / artifact_path)
-                self.log_artifacts(Path(tmp) / artifact_path, artifact_path)
-        except Exception as e:  # noqa: BLE001 - any failure of the flavor falls back to the plain folder
-            log.warning("tracking: the student could not be logged as an MLflow model (%s: %s); its Hugging Face folder is logged instead",
-                        type(e).__name__, str(e).splitlines()[0] if str(e) else "")
-            self.log_artifacts(folder, artifact_path)
-            return
-        if register:
-            self._send(f"model version of {register}", lambda: self._register(register, artifact_path))
-
-    def _register(self, name: str, artifact_path: str) -> None:
-        try:
-            self.client.create_registered_model(name)
-        except MlflowException:  # it exists: this is one more version
-            pass
-        source = f"{self.client.get_run(self.run_id).info.artifact_uri}/{artifact_path}"
-        version = self.client.create_model_version(name, source, run_id=self.run_id)
-        log.info("tracking: registered the student as %s version %s", name, version.version)
-
     def unsent(self) -> list[str]:
         """What never reached the store, after a last try."""
         self.flush()
@@ -271,26 +243,6 @@ class Run:
         keys = sorted({m.key for m in self._pending})
         steps = sorted({m.step for m in self._pending})
         return [*self._failed, f"{len(self._pending)} metric values ({', '.join(keys)} at steps {steps[0]}..{steps[-1]})"]
-
-
-def _save_classifier(folder: Path, examples: list, path: Path) -> None:
-    import mlflow.transformers
-    import torch
-    import transformers
-
-    classifier = transformers.pipeline("text-classification", model=transformers.AutoModelForSequenceClassification.from_pretrained(folder),
-                                       tokenizer=transformers.AutoTokenizer.from_pretrained(folder))
-    # Pinned here: the flavor's own guess adds torchvision, which a text classifier does not need.
-    requirements = [f"torch=={torch.__version__.split('+')[0]}", f"transformers=={transformers.__version__}"]
-    # The signature is inferred from the input example and the pipeline's answer to it. The flavor
-    # looks a local folder up on the hub for a model card and a license; offline, that only warns.
-    flavor_log = logging.getLogger("mlflow.transformers")
-    level = flavor_log.level
-    flavor_log.setLevel(logging.ERROR)
-    try:
-        mlflow.transformers.save_model(classifier, str(path), input_example=examples, pip_requirements=requirements)
-    finally:
-        flavor_log.setLevel(level)
 
 
 class NullRun:
@@ -460,6 +412,29 @@ def finished_run(config: TrackingConfig, config_hash: str) -> tuple[Run, dict[st
     return (Run(client, found[0].info.run_id), found[0].data.metrics) if found else None
 
 
+REUSED = "diito.reused."  # a sweep parent's tag per finished run it reused: diito.reused.<run id> = the run's name
+
+
+def reuse_in_sweep(config: TrackingConfig, sweep: Mapping[str, str], run_id: str) -> None:
+    """Record on the sweep's parent that it reused the finished run ``run_id`` instead of running
+    the job again. The run itself is left as it is: it stays in the sweep (or at the top level)
+    it finished in. One tag per run, so parallel jobs never overwrite each other's record."""
+    client = _client(config)
+    Run(client, sweep["parent_run_id"]).set_tags({REUSED + run_id: client.get_run(run_id).info.run_name or ""})
+
+
+def reused_runs(client: MlflowClient, parent: Any) -> list[Any]:
+    """The finished runs a sweep's parent reused (see :func:`reuse_in_sweep`) that still exist."""
+    found = []
+    for key in parent.data.tags:
+        if key.startswith(REUSED):
+            try:
+                found.append(client.get_run(key.removeprefix(REUSED)))
+            except MlflowException:  # deleted since
+                pass
+    return found
+
+
 def record_failure(config: TrackingConfig, run_name: str, tags: Mapping[str, Any], params: Mapping[str, Any], error: BaseException) -> None:
     """A FAILED run for a job that failed before its own run existed (say, an invalid combination of
     values in a sweep), so the sweep shows it with its error and its config."""
@@ -495,6 +470,7 @@ def finish_sweep(config: TrackingConfig, sweep: Mapping[str, str], metric: str) 
     client = _client(config)
     parent = client.get_run(sweep["parent_run_id"])
     children = client.search_runs([parent.info.experiment_id], filter_string=f"tags.`{SWEEP_ID}` = '{sweep['sweep_id']}' and tags.`{ROLE}` != 'sweep'")
+    children += reused_runs(client, parent)  # jobs this sweep found finished in another
     failed = [r for r in children if r.info.status != "FINISHED"]
     scored = [r for r in children if r.info.status == "FINISHED" and math.isfinite(r.data.metrics.get(metric, math.nan))]
     summary = {"jobs": len(children), "finished": len(children) - len(failed), "failed": len(failed), "metric": metric,
@@ -530,7 +506,8 @@ def find_student_runs(tracking_uri: str, target: str) -> tuple[list[Any], str | 
     if parents:
         parent = parents[0]
         query = f"tags.`{SWEEP_ID}` = '{parent.data.tags[SWEEP_ID]}' and " + students
-        return client.search_runs([parent.info.experiment_id], filter_string=query), parent.info.run_id
+        reused = [r for r in reused_runs(client, parent) if r.info.status == "FINISHED"]
+        return client.search_runs([parent.info.experiment_id], filter_string=query) + reused, parent.info.run_id
     experiment = client.get_experiment_by_name(target)
     if experiment is None:
         raise LookupError(f"no experiment, sweep id or sweep run named {target!r}")
