@@ -56,14 +56,21 @@ def quiet_libraries() -> None:
 @contextlib.contextmanager
 def load_report_silenced() -> Iterator[None]:
     """transformers' LOAD REPORT (a coloured table, logged as a warning) is withheld while a base
-    model loads; :func:`note_new_head` says what it would have said, in one line."""
+    model loads; :func:`note_new_head` says what it would have said, in one line. A filter, not a
+    higher level: transformers checks its tensor-parallel plan (and warns about it) when the level
+    is raised."""
     logger = logging.getLogger("transformers.modeling_utils")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
+    report = _LoadReport()
+    logger.addFilter(report)
     try:
         yield
     finally:
-        logger.setLevel(level)
+        logger.removeFilter(report)
+
+
+class _LoadReport(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "LOAD REPORT" not in str(record.msg)
 
 
 def note_new_head(model: str, loading: dict, head: tuple[str, ...]) -> None:

@@ -82,6 +82,13 @@ def _log(run: Run, model, tokenizer, examples: list) -> str:
 
 
 def _register(run: Run, name: str, model_id: str) -> None:
+    from mlflow.tracking._tracking_service.utils import _use_tracking_uri
+
+    with _use_tracking_uri(run.client.tracking_uri):  # a models:/ source is looked up through the process's tracking URI
+        _new_version(run, name, model_id)
+
+
+def _new_version(run: Run, name: str, model_id: str) -> None:
     try:
         run.client.create_registered_model(name)
     except MlflowException:  # it exists: this is one more version
