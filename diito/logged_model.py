@@ -38,17 +38,25 @@ def log_student(run: Run, model, tokenizer, examples: list, folder: Path, scores
                     type(e).__name__, str(e).splitlines()[0] if str(e) else "")
         run.log_artifacts(folder, NAME)
         return None
-    by_split = {d.name.rsplit("/", 1)[-1]: d for d in datasets}
-    now = int(time.time() * 1000)
-    metrics = [Metric(key, float(value), now, step, model_id=model_id,
-                      dataset_name=by_split[key.split("/")[0]].name if key.split("/")[0] in by_split else None,
-                      dataset_digest=by_split[key.split("/")[0]].digest if key.split("/")[0] in by_split else None)
-               for key, value in scores.items()]
-    run._send("the student's scores", lambda: run.client.log_batch(run.run_id, metrics=metrics))
+    run._send("the student's scores", lambda: run.client.log_batch(run.run_id, metrics=_scores(run, model_id, scores, step, datasets)))
     run._send("the run's model output", lambda: run.client.log_outputs(run.run_id, [LoggedModelOutput(model_id, step)]))
     if register:
         run._send(f"model version of {register}", lambda: _register(run, register, model_id))
     return model_id
+
+
+def _scores(run: Run, model_id: str, scores: Mapping[str, float], step: int, datasets: list[DatasetRecord]) -> list[Metric]:
+    """The run's final scores, as the model's, each with the dataset of its split. A metric logged
+    with a model id is written to the run too: it takes the timestamp of the run's own value, so
+    the run's history holds it once."""
+    by_split = {d.name.rsplit("/", 1)[-1]: d for d in datasets}
+    metrics = []
+    for key, value in scores.items():
+        logged = [m.timestamp for m in run.client.get_metric_history(run.run_id, key) if m.step == step and m.value == value]
+        dataset = by_split.get(key.split("/", 1)[0])
+        metrics.append(Metric(key, float(value), max(logged, default=int(time.time() * 1000)), step, model_id=model_id,
+                              dataset_name=dataset.name if dataset else None, dataset_digest=dataset.digest if dataset else None))
+    return metrics
 
 
 def _log(run: Run, model, tokenizer, examples: list) -> str:
