@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from diito.batching import Prepared, make_loader, model_inputs
 from diito.intervention import Interchange, MappingEntry, counterfactual
@@ -20,13 +21,14 @@ from diito.trainer import autocast
 
 log = logging.getLogger(__name__)
 
+PROGRESS_BATCHES = 8  # a split of at least this many batches is evaluated under a progress bar (on a terminal)
 
 @torch.no_grad()
 def predict(model: torch.nn.Module, loader: torch.utils.data.DataLoader, precision: str, device: torch.device) -> np.ndarray:
     """Logits for every example of ``loader``, in the loader's order; dropout off."""
     model.eval()
     outputs = []
-    for batch in loader:
+    for batch in tqdm(loader, desc="evaluating", leave=False, disable=True if len(loader) < PROGRESS_BATCHES else None):
         inputs = {k: v.to(device) for k, v in model_inputs(batch).items()}
         with autocast(precision, device):
             outputs.append(model(**inputs).logits.float().cpu())

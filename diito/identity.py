@@ -63,5 +63,6 @@ def teacher_key(data_fingerprint: str, model: str, recipe: BaseModel) -> str:
 
 def params(tree: Mapping[str, Any], leave_out: frozenset[str] = frozenset()) -> dict[str, Any]:
     """A run's params: the settings that can change its result, flattened, less ``leave_out``
-    (settings the run does not use, like a KD baseline's interchange_prop)."""
-    return {k: v for k, v in result_settings(flatten(tree)).items() if k not in leave_out}
+    (settings the run does not use, like a KD baseline's interchange_prop) and less those left
+    unset (None: a feature the run does not use, such as no teacher.checkpoint)."""
+    return {k: v for k, v in result_settings(flatten(tree)).items() if k not in leave_out and v is not None}

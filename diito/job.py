@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
-from diito import config, distributed, resume, student, teacher_outputs, tracking
+from diito import config, console, distributed, resume, student, teacher_outputs, tracking
 from diito.batching import Prepared
 from diito.config import Job, validate
 from diito.models import load_model_config, load_tokenizer
@@ -30,9 +30,11 @@ def run(cfg: DictConfig, output_dir: Path | None = None, hydra_dir: Path | None 
     with ``stage=teacher``), which Hydra sweepers optimise. ``job_name`` (the command line's
     overrides, under Hydra) names the MLflow run unless ``tracking.run_name`` does. In a ``sweep``
     the run is a child of the sweep's parent, and a job that already FINISHED with the same config
-    is not run again (unless ``rerun=true``): its run joins this sweep instead. The student trains
+    is not run again (unless ``rerun=true``): the sweep's parent records that it reused that run,
+    whose own tags stay as they are (it stays in the sweep it finished in). The student trains
     on the ranks :func:`diito.distributed.ranks` finds. :class:`~diito.resume.JobRunning` when an
     identical job holds the job's resume state, before any compute."""
+    console.quiet_libraries()
     job = validate(cfg)
     c = job.config
     with distributed.ranks(c.trainer.devices, c.trainer.device) as ranks, \
@@ -58,7 +60,7 @@ def _finished(job: Job, sweep: dict[str, str]) -> float | None:
         return None
     run_, metrics = done
     log.info("already finished as run %s: skipped (rerun=true runs it again)", run_.run_id)
-    run_.set_tags(tracking.sweep_tags(sweep))
+    tracking.reuse_in_sweep(c.tracking, sweep, run_.run_id)  # recorded on the sweep; the run's own tags stay its own
     return metrics.get(c.task.main_metric_key, math.nan)
 
 

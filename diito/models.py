@@ -23,7 +23,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from diito import families
+from diito import console, families
 from diito.files import atomic_folder
 
 PACKAGE_PREFIX = "package:"
@@ -106,7 +106,11 @@ def load_pretrained(model: str, num_labels: int, seed: int) -> PreTrainedModel:
         with torch.random.fork_rng(devices=[]):  # the "pre-trained" tiny model is a seeded random init
             torch.manual_seed(seed)
             return families.prepare(AutoModelForSequenceClassification.from_config(config))
-    return families.prepare(AutoModelForSequenceClassification.from_pretrained(resolve_model_path(model), num_labels=num_labels))
+    with console.load_report_silenced():
+        loaded, loading = AutoModelForSequenceClassification.from_pretrained(resolve_model_path(model), num_labels=num_labels,
+                                                                             output_loading_info=True)
+    console.note_new_head(model, loading, _head_prefixes(loaded))
+    return families.prepare(loaded)
 
 
 def load_finetuned(folder: str | Path) -> PreTrainedModel:

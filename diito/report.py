@@ -24,12 +24,27 @@ from diito import identity, tags, tracking
 REPLICATES = "seed"  # runs that differ only in their seed are one configuration
 
 
+ABSENT = "None"  # a setting a run left unset logs no param: it used no such feature
+APART = ("task.", "teacher.", "data_digest", "trainer.max_train_examples", "trainer.max_eval_examples")
+"""Keys whose runs are never averaged into one heatmap cell: another task, teacher or data limit is
+another experiment, not a seed of the same one."""
+
+
 def varying_keys(runs: list[Any]) -> list[str]:
-    """Params with more than one value among the runs that have them (a KD baseline has no
-    interchange_prop: that alone does not make it another configuration). Runs log only settings
-    that can change a result, so only those, and never the seed, tell configurations apart."""
+    """Params with more than one value among the runs (a run without the param counts as unset).
+    A KD baseline logs no interchange or mapping settings: among the loss, intervention and mapping keys, only
+    the runs of methods that log the key count, so that alone does not make it another
+    configuration. Runs log only settings that can change a result, so only those, and never the
+    seed, tell configurations apart."""
     keys = sorted({k for r in runs for k in identity.result_settings(r.data.params) if k != REPLICATES and not k.startswith("sweep.")})
-    return [k for k in keys if len({r.data.params[k] for r in runs if k in r.data.params}) > 1]
+    method = lambda r: r.data.tags.get(tags.LOSS, "?")  # noqa: E731
+    varying = []
+    for k in keys:
+        users = {method(r) for r in runs if k in r.data.params}
+        counted = [r for r in runs if not k.startswith(("loss.", "intervention.", "mapping.")) or method(r) in users]
+        if len({r.data.params.get(k, ABSENT) for r in counted}) > 1:
+            varying.append(k)
+    return varying
 
 
 def table(runs: list[Any], metric: str) -> tuple[list[str], list[dict]]:
@@ -38,7 +53,7 @@ def table(runs: list[Any], metric: str) -> tuple[list[str], list[dict]]:
     groups: dict[tuple, list[float]] = {}
     for r in runs:
         if metric in r.data.metrics:
-            groups.setdefault(tuple(r.data.params.get(k) for k in keys), []).append(r.data.metrics[metric])
+            groups.setdefault(tuple(r.data.params.get(k, ABSENT) for k in keys), []).append(r.data.metrics[metric])
     rows = [dict(zip(keys, config)) | {"n": len(values), "mean": statistics.fmean(values),
                                        "std": statistics.stdev(values) if len(values) > 1 else 0.0}
             for config, values in groups.items()]
@@ -60,8 +75,9 @@ def axis_order(values: set[str]) -> list[str]:
         return sorted(values, key=str)
 
 
-def heatmap(rows: list[dict], x: str, y: str, metric: str, path: Path) -> Path:
-    """The mean metric over two keys (averaged over any other varying key)."""
+def heatmap(rows: list[dict], x: str, y: str, metric: str, path: Path, subset: str = "") -> Path:
+    """The mean metric over two keys (averaged over any other varying key: the caller passes the
+    rows of one task, teacher and data limit, named by ``subset``)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -79,7 +95,7 @@ def heatmap(rows: list[dict], x: str, y: str, metric: str, path: Path) -> Path:
         for j, value in enumerate(row):
             ax.text(j, i, f"{value:.3f}", ha="center", va="center", color="white", fontsize=9)
     fig.colorbar(image, ax=ax, label=metric)
-    ax.set_title(f"{metric}: mean over seeds")
+    ax.set_title(f"{metric}: mean over seeds" + (f"\n{subset}" if subset else ""))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -407,8 +423,16 @@ def main(argv: list[str] | None = None) -> None:
     # a study over sizes: sizes against the first other varying key, unless told otherwise
     axes = [k for k in (args.x, args.y) if k] or ([args.size, *[k for k in keys if k != args.size][:1]] if args.size in keys else keys[:2])
     if len(axes) == 2:
-        files.append(heatmap(rows, axes[0], axes[1], args.metric, out / "heatmap.png"))
-        print(f"heatmap: {files[-1]}")
+        apart = [k for k in keys if k not in axes and k.startswith(APART)]
+        groups = sorted({tuple(row[k] for k in apart) for row in rows}, key=str)
+        if len(groups) > 1:
+            print(f"these runs differ in {', '.join(apart)}: one heatmap for each, never averaged into one cell")
+        for i, group in enumerate(groups, 1):
+            name = "heatmap.png" if len(groups) == 1 else f"heatmap-{i}.png"
+            part = [row for row in rows if tuple(row[k] for k in apart) == group]
+            title = ", ".join(f"{k}={v}" for k, v in zip(apart, group))
+            files.append(heatmap(part, axes[0], axes[1], args.metric, out / name, title))
+            print(f"heatmap: {files[-1]}" + (f" ({title})" if title else ""))
     if not args.target.endswith(".csv"):
         files.append(export_csv(runs, out / "runs.csv"))
     if args.size in keys:  # a learning curve per split, one line per method; drawn for the split that chose nothing

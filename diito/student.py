@@ -13,11 +13,11 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from diito import config, identity, resume, stage, tags, tracking
+from diito import config, identity, logged_model, resume, stage, summary, tags, tracking
 from diito.batching import Prepared
 from diito.config import Job
 from diito.distributed import Rank
-from diito.evaluation import intervention_probe, write_predictions
+from diito.evaluation import Evaluator, intervention_probe, write_predictions
 from diito.intervention import mapping_table
 from diito.models import build_student, load_pretrained, name_labels, save_model
 from diito.objective import DistillationObjective, DistillationStep
@@ -43,8 +43,8 @@ def distill(rank: Rank, job: Job, cfg: DictConfig, all_data: Prepared, tokenizer
         tags.TASK: c.task.name, tags.TEACHER: c.teacher.name, tags.STUDENT_LAYERS: c.student.layers, tags.LOSS: c.loss.kind,
         tags.CONFIG_HASH: job.hash,
     }
-    with stage.tracked(tags.STUDENT_ROLE, state, c.tracking, c.tracking.run_name or job_name, run_tags, record(job, cfg, hydra_dir), data,
-                       rank) as run:
+    name = c.tracking.run_name or summary.run_name(c.task.name, c.loss.kind, c.student.layers, job_name, sweep and sweep.get("varying"))
+    with stage.tracked(tags.STUDENT_ROLE, state, c.tracking, name, run_tags, record(job, cfg, hydra_dir), data, rank) as run:
         seed_everything(c.seed)  # the student's fresh weights (a new classifier) come from the job's seed
         source = teacher.model if c.student.init_from == "teacher" else load_pretrained(c.teacher.model, data.num_labels, c.seed)
         student = build_student(source, job.student_blocks, copy_classifier=c.student.init_from == "teacher").to(rank.device)
@@ -64,9 +64,25 @@ def distill(rank: Rank, job: Job, cfg: DictConfig, all_data: Prepared, tokenizer
             log.info("student: saving to %s", output_dir / "student")
             name_labels(student, data.label_names)
             folder = save_model(student, tokenizer, output_dir / "student")
-            run.log_classifier(folder, input_example(data, tokenizer), c.tracking.registered_model)
+            logged_model.log_student(run, student, tokenizer, input_example(data, tokenizer), folder, fitted.scores, fitted.state.step,
+                                     stage.datasets(data), c.tracking.registered_model)
+        evaluator = Evaluator(data, c.trainer.eval_batch_size, c.trainer.precision, rank.device)
+        teacher_scores = evaluator.score(evaluator.predict(teacher.model, list(c.task.eval_splits) + data.test_splits))
+        run.log_metrics({f"teacher/{k}": v for k, v in teacher_scores.items()}, fitted.state.step)
+        summary.finish(outcome(job, data, fitted, teacher_scores, teacher, run), output_dir, c.tracking.uri, c.paths.root)
         state.clear()
     return fitted.scores[c.task.main_metric_key]
+
+
+def outcome(job: Job, data: Prepared, fitted: stage.Fitted, teacher_scores: dict[str, float], teacher: Teacher, run) -> summary.Outcome:
+    """The job's result for the console and ``metrics.json``: both models on the same examples."""
+    c, end = job.config, fitted.state
+    return summary.Outcome(
+        task=c.task.name, loss=c.loss.kind, main_metric=c.task.main_metric_key, student=fitted.scores, teacher=teacher_scores,
+        student_from={"layers": c.student.layers, "blocks": job.student_blocks, "best_step": end.best_step or end.step,
+                      "steps": end.step, "examples": {s: len(data.encoded[s]) for s in list(c.task.eval_splits) + data.test_splits}},
+        teacher_from={"name": c.teacher.name, "source": teacher.source, "path": teacher.path, "run_id": teacher.run_id},
+        run_id=run.run_id, experiment_id=run.client.get_run(run.run_id).info.experiment_id if run.run_id else None)
 
 
 def subset_seed(c: config.JobConfig) -> int:

@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 from pathlib import Path
 from typing import Any
 
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from diito import config as job_config
 from diito import failures, interrupts, tracking
@@ -57,6 +58,7 @@ class SweepCallback(Callback):
         sweep_dir = Path(config.hydra.sweep.dir)
         sweep_dir.mkdir(parents=True, exist_ok=True)
         info = tracking.start_sweep(settings, sweep_dir, list(config.hydra.overrides.task))
+        info["varying"] = varying_keys(config)  # its jobs' run names lead with them
         _open = settings, info
         (sweep_dir / SWEEP_FILE).write_text(json.dumps(info))
         log.info("MLflow parent run %s (%s)", info["parent_run_id"], info["name"])
@@ -74,11 +76,39 @@ class SweepCallback(Callback):
             summary = {"jobs": jobs, "finished": jobs - len(failed_jobs), "failed": len(failed_jobs), "failures": failed_jobs}
         failed = summary["failed"] > 0
         lines = [f"sweep: {summary['finished']}/{summary['jobs']} jobs finished"]
-        if "best_run" in summary:
-            lines.append(f"best {summary['metric']} = {summary['best_value']:.4f}: {summary['best_run']}")
+        if settings.enabled and info is not None and summary["finished"]:
+            lines += closing_table(settings, info, summary["metric"])
         lines += [f"FAILED {f['run']}: {f['error']}" for f in summary["failures"]]
         print("\n".join(lines), file=sys.stderr if failed else sys.stdout)
         failures.sweep_ended(failed)
+
+
+def varying_keys(config: DictConfig) -> list[str]:
+    """The keys a sweep varies: its command line's lists and sweep functions, and its preset's
+    ``hydra.sweeper.params``."""
+    swept = re.compile(r"^(range|choice|interval|glob|tag)\(|(?<!\\),")
+    keys = [o.split("=", 1)[0].lstrip("+~") for o in config.hydra.overrides.task if "=" in o and swept.search(o.split("=", 1)[1])]
+    params = OmegaConf.select(config, "hydra.sweeper.params") or {}
+    return list(dict.fromkeys([*keys, *params]))
+
+
+def closing_table(settings: tracking.TrackingConfig, info: dict[str, str], metric: str) -> list[str]:
+    """The sweep's jobs as ``python -m diito.report`` tables them (mean ± std over seeds, best
+    first), and which configuration leads: ties are named as ties, not one of them crowned."""
+    from diito import report
+
+    runs, _ = tracking.find_student_runs(settings, info["sweep_id"])
+    keys, rows = report.table(runs, metric)
+    if not rows:
+        return []
+    lines = report.format_table(keys, rows, metric).splitlines()
+    top = [row for row in rows if row["mean"] == rows[0]["mean"]]
+    named = lambda row: ", ".join(f"{k}={row[k]}" for k in keys) or "every job"  # noqa: E731
+    if len(top) == 1:
+        lines.append(f"best {metric}: {rows[0]['mean']:.4f} ({named(rows[0])})")
+    else:
+        lines.append(f"{len(top)} configurations tie at {metric} {rows[0]['mean']:.4f}: " + "; ".join(named(r) for r in top))
+    return lines
 
 
 def end_stopped_sweep(stop: BaseException) -> None:

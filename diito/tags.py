@@ -32,3 +32,4 @@ SWEEP_ID = "diito.sweep_id"
 SWEEP_DIR = "sweep_dir"
 PARENT_RUN = "mlflow.parentRunId"  # MLflow's own: nests a job under its sweep in the UI
 BEST_RUN, BEST_RUN_ID = "best_run", "best_run_id"
+REUSED = "diito.reused."  # a sweep parent's tag per finished run it reused: diito.reused.<run id> = the run's name

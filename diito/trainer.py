@@ -331,7 +331,7 @@ class Trainer:
     def _write_checkpoint(self, running: dict[str, Tensor]) -> None:
         self._clock()
         self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
-        log.info("%s: writing checkpoint at step %d", self.name, self.state.step)
+        log.debug("%s: writing checkpoint at step %d", self.name, self.state.step)
         checkpoint = {
             "owner": self.owner,
             "model": self.model.state_dict(),
@@ -560,7 +560,11 @@ class Trainer:
         s = self.state
         value = metrics[self.validation.main_metric]
         self.log(metrics, s.step)
-        if math.isfinite(value) and (s.best_metric is None or value > s.best_metric):  # NaN is never the best
+        best = math.isfinite(value) and (s.best_metric is None or value > s.best_metric)  # NaN is never the best
+        log.info("%s evaluation at step %d/%d (epoch %.2f): %s %.4f%s", self.name, s.step, self.total_steps, self.epochs_run,
+                 self.validation.main_metric, value, " (best so far)" if best or s.best_metric is None
+                 else f" (best {s.best_metric:.4f} at step {s.best_step})")
+        if best:
             s.best_metric, s.best_step, s.evals_since_best = value, s.step, 0
             if self.config.keep_best:
                 self.checkpoint_dir.mkdir(parents=True, exist_ok=True)

@@ -28,7 +28,7 @@ from diito.trainer import save
 from tests.conftest import ROOT, compose_config, run_cli
 
 TINY = ["teacher=tiny", "trainer=debug"]
-EXPERIMENT = "rotten_tomatoes"  # the default task's, the experiment a default job logs to
+EXPERIMENT = "rotten_tomatoes-debug"  # the experiment a smoke job (teacher=tiny, trainer=debug) logs to
 
 
 def store(home: Path) -> str:

@@ -38,7 +38,7 @@ def test_end_to_end_run_logs_params_metrics_tags_and_artifacts(home):
     client, (student,) = runs_by_role(home, "student")
     _, (teacher,) = runs_by_role(home, "teacher")
     assert student.info.status == teacher.info.status == "FINISHED"
-    assert client.get_experiment(student.info.experiment_id).name == "rotten_tomatoes"
+    assert client.get_experiment(student.info.experiment_id).name == "rotten_tomatoes-debug"  # a smoke configuration's own
 
     params = student.data.params
     assert params["loss.alpha"] == "0.7" and params["loss.T"] == "4.0" and params["student.layers"] == "3"

@@ -17,6 +17,7 @@ from tests.conftest import ROOT, TIMINGS
 pytestmark = pytest.mark.slow
 
 JOB = ["teacher=tiny", "trainer=debug", "teacher.recipe.max_steps=8", "trainer.max_steps=12", "trainer.save_every=5",
+       "hydra.job_logging.root.level=DEBUG",  # checkpoint writes are logged at debug level
        "trainer.eval_every=4", "trainer.log_every=1", "trainer.keep_best=true", "hydra.run.dir=outputs/job"]
 KILL_POINTS = {  # a line of the job's log, and the moment it stands for
     "teacher step 3/": "during the teacher fine-tune",

@@ -149,3 +149,25 @@ def test_report_and_analyze_open_the_store_jobs_log_to(home, tmp_path, monkeypat
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/other.db")
     assert tracking.settings().uri == f"sqlite:///{tmp_path}/other.db"
     assert tracking.settings(f"sqlite:///{tmp_path}/given.db").uri == f"sqlite:///{tmp_path}/given.db"  # --tracking-uri
+
+
+def _plain(params: dict, value: float, method: str = "diito"):
+    return SimpleNamespace(info=SimpleNamespace(run_id=str(value), start_time=0, end_time=1000),
+                           data=SimpleNamespace(params=params, metrics={"validation/accuracy": value}, tags={"loss": method}))
+
+
+def test_runs_of_other_teachers_or_limits_are_never_averaged_into_one_cell(tmp_path, capsys):
+    """An unset data limit logs no param (the whole set), a KD run no interchange settings: the first
+    is another configuration, the second is not; runs of another teacher get heatmaps of their own."""
+    runs = [_plain({"teacher.name": teacher, "loss.alpha": alpha, "loss.T": T, "seed": "1", "loss.interchange_prop": "0.3"}, value)
+            for teacher, base in (("minilm", 0.8), ("tiny", 0.5)) for alpha in ("0.5", "0.9") for T, value in (("2", base), ("4", base + 0.01))]
+    runs += [_plain({"teacher.name": "minilm", "loss.alpha": "0.5", "loss.T": "2", "seed": "1", "trainer.max_train_examples": "500"}, 0.7, "kd")]
+    assert report.varying_keys(runs) == ["loss.T", "loss.alpha", "teacher.name", "trainer.max_train_examples"]
+    keys, rows = report.table(runs, "validation/accuracy")
+    assert {(row["teacher.name"], row["trainer.max_train_examples"]) for row in rows} == {("minilm", "None"), ("tiny", "None"), ("minilm", "500")}
+    csv_file = tmp_path / "runs.csv"
+    report.export_csv(runs, csv_file)
+    report.main([str(csv_file), "--x", "loss.alpha", "--y", "loss.T", "--out", str(tmp_path / "out")])
+    printed = capsys.readouterr().out
+    assert "these runs differ in teacher.name, trainer.max_train_examples: one heatmap for each, never averaged into one cell" in printed
+    assert sorted(p.name for p in (tmp_path / "out").glob("heatmap*.png")) == ["heatmap-1.png", "heatmap-2.png", "heatmap-3.png"]

@@ -73,12 +73,12 @@ def test_an_unreachable_database_stops_the_job_before_any_compute(home, postgres
 def test_an_experiment_deleted_in_the_database_stops_the_job_before_any_compute(home, postgres):
     uri = postgres.create_database("deleted")
     client = MlflowClient(uri)
-    experiment = client.create_experiment("rotten_tomatoes")
+    experiment = client.create_experiment("rotten_tomatoes-debug")  # a smoke job's experiment
     client.delete_experiment(experiment)
     result = run_cli(["teacher=tiny", "trainer=debug", f"tracking.uri={uri}"], home)
     assert result.returncode == 2, result.stderr[-3000:]
     assert result.stderr.strip().splitlines()[-1] == (
-        f"error: tracking.experiment: 'rotten_tomatoes' is deleted; restore it (MLFLOW_TRACKING_URI={uri} mlflow experiments restore "
+        f"error: tracking.experiment: 'rotten_tomatoes-debug' is deleted; restore it (MLFLOW_TRACKING_URI={uri} mlflow experiments restore "
         f"--experiment-id {experiment}, or in the UI's trash) or set tracking.experiment=<another name>")
     assert "Traceback" not in result.stderr and not (home / ".cache").exists()
     assert not client.search_runs([experiment])

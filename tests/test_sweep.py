@@ -101,16 +101,35 @@ def test_failing_job_is_recorded_and_the_others_finish(home):
     assert "sweep: 1/2 jobs finished" in result.stderr and "FAILED loss.alpha=1.5" in result.stderr
 
 
-def test_rerun_of_a_sweep_skips_finished_jobs(home):
-    assert run_cli(["-m", *SMOKE, "loss.alpha=0.3,0.7", "loss.T=4"], home).returncode == 0
-    # the same jobs, spelled differently (4.0 is 4) and with settings that cannot change a result
+def test_overlapping_sweeps_reuse_finished_runs_without_taking_them_and_both_report_every_job(home):
+    first = run_cli(["-m", *SMOKE, "loss.alpha=0.3,0.7", "loss.T=4"], home)
+    assert first.returncode == 0, first.stderr[-3000:]
+    client, (parent_a,), children_a = sweep_runs(home)
+    tags_before = {c.info.run_id: c.data.tags for c in children_a}
+    # the same jobs, spelled differently (4.0 is 4) and with settings that cannot change a result, and one more
     again = run_cli(["-m", *SMOKE, "loss.alpha=0.3,0.7,0.9", "loss.T=4.0", "trainer.num_threads=1", "trainer.progress=true"], home)
     assert again.returncode == 0, again.stderr[-3000:]
     assert again.stdout.count("skipped (rerun=true runs it again)") + again.stderr.count("skipped (rerun=true runs it again)") == 2
     _, parents, children = sweep_runs(home)
     assert len(children) == 3  # only alpha=0.9 ran anew
-    newest = max(parents, key=lambda p: p.info.start_time)
-    assert {c.data.tags["mlflow.parentRunId"] for c in children} == {newest.info.run_id}
+    parent_b = max(parents, key=lambda p: p.info.start_time)
+    # the finished runs are left as they were: still the first sweep's children, and named by it
+    assert {c.info.run_id: c.data.tags for c in children if c.info.run_id in tags_before} == tags_before
+    assert {k.removeprefix("diito.reused.") for k in parent_b.data.tags if k.startswith("diito.reused.")} == set(tags_before)
+    # the second sweep's closing lines: every job (reused ones too) in the report's table, ties named as ties
+    assert "sweep: 3/3 jobs finished" in again.stdout
+    closing = again.stdout[again.stdout.index("sweep: 3/3 jobs finished"):].splitlines()
+    assert closing[1].split() == ["loss.alpha", "n", "validation/accuracy"] and len(closing) == 1 + 1 + 3 + 1
+    scores = sorted((c.data.metrics["validation/accuracy"] for c in children), reverse=True)
+    if scores[0] == scores[1]:
+        assert closing[-1].startswith(f"{scores.count(scores[0])} configurations tie at validation/accuracy {scores[0]:.4f}: loss.alpha=")
+    else:
+        assert closing[-1].startswith(f"best validation/accuracy: {scores[0]:.4f} (loss.alpha=")
+    # python -m diito.report follows the reuse: both sweeps report every one of their jobs
+    for parent, jobs in ((parent_a, 2), (parent_b, 3)):
+        out = home / parent.info.run_id
+        report.main([parent.data.tags["diito.sweep_id"], "--out", str(out), "--tracking-uri", f"sqlite:///{home}/mlflow.db"])
+        assert len((out / "runs.csv").read_text().splitlines()) == 1 + jobs
     forced = run_cli(["-m", *SMOKE, "loss.alpha=0.3", "loss.T=4", "rerun=true"], home)
     assert forced.returncode == 0
     assert len(sweep_runs(home)[2]) == 4

@@ -13,9 +13,10 @@ import mlflow
 import pandas as pd
 import pytest
 from mlflow import MlflowClient
+from mlflow.entities import LoggedModelStatus
 from transformers import pipeline
 
-from diito import job, tracking
+from diito import job, logged_model
 from tests.conftest import compose_config
 
 TINY = ["teacher=tiny", "trainer=debug"]
@@ -43,6 +44,18 @@ def test_the_logged_student_predicts_through_pyfunc_and_the_cli_and_is_registere
 
     (version,) = client.search_model_versions("name='rt-student'")
     assert version.run_id == run.info.run_id and int(version.version) == 1
+    assert mlflow.pyfunc.load_model("models:/rt-student/1").predict(sentences)["label"].tolist() == answers["label"].tolist()
+
+    # an MLflow 3 logged model: linked to its run (the Models column), with its scores on their datasets
+    (logged,) = mlflow.search_logged_models(experiment_ids=[run.info.experiment_id], output_format="list")
+    assert logged.name == "student" and logged.source_run_id == run.info.run_id and logged.status == LoggedModelStatus.READY
+    assert [o.model_id for o in client.get_run(run.info.run_id).outputs.model_outputs] == [logged.model_id]
+    scores = {m.key: (m.value, m.dataset_name) for m in logged.metrics}
+    assert scores["validation/accuracy"] == (run.data.metrics["validation/accuracy"], "rotten_tomatoes/validation")
+    assert scores["test/accuracy"] == (run.data.metrics["test/accuracy"], "rotten_tomatoes/test")
+    assert logged.params["loss.alpha"] == run.data.params["loss.alpha"]
+    assert version.source == f"models:/{logged.model_id}"  # the version is the logged model
+    assert "Loading weights" not in console and "Writing model shards" not in console  # written once, never reloaded to be logged
 
     csv = tmp_path / "sentences.csv"
     pd.DataFrame({"text": sentences}).to_csv(csv, index=False)
@@ -59,8 +72,8 @@ def test_when_the_flavor_fails_the_plain_folder_is_logged_with_a_warning(home, t
     def broken(*args, **kwargs):
         raise RuntimeError("no flavor today")
 
-    monkeypatch.setattr(tracking, "_save_classifier", broken)
-    with caplog.at_level(logging.WARNING, logger="diito.tracking"):
+    monkeypatch.setattr(logged_model, "_log", broken)
+    with caplog.at_level(logging.WARNING, logger="diito.logged_model"):
         job.run(compose_config(TINY), output_dir=tmp_path / "out")
     client, run = _student(home)
     assert {a.path for a in client.list_artifacts(run.info.run_id, "student")} >= {"student/config.json", "student/model.safetensors"}

@@ -17,10 +17,10 @@ from diito.tracking.client import TrackingConfig, check_experiment, client, expe
 from diito.tracking.lifecycle import RunFailed, finished_run, git_tags, no_run, open_run, record_failure, resumable_run, system_metrics
 from diito.tracking.queries import download, find_student_runs, log_files, run_record
 from diito.tracking.runs import DatasetRecord, NullRun, Run
-from diito.tracking.sweeps import finish_sweep, start_sweep, stop_sweep, sweep_tags
+from diito.tracking.sweeps import finish_sweep, reuse_in_sweep, reused_runs, start_sweep, stop_sweep, sweep_tags
 
 __all__ = [
     "DatasetRecord", "NullRun", "Run", "RunFailed", "TrackingConfig", "check_experiment", "client", "download", "experiment_id",
     "find_student_runs", "finish_sweep", "finished_run", "git_tags", "log_files", "no_run", "open_run", "record_failure",
-    "resumable_run", "run_record", "settings", "start_sweep", "stop_sweep", "sweep_tags", "system_metrics",
+    "resumable_run", "reuse_in_sweep", "reused_runs", "run_record", "settings", "start_sweep", "stop_sweep", "sweep_tags", "system_metrics",
 ]

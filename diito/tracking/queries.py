@@ -10,6 +10,7 @@ from mlflow.exceptions import MlflowException
 from diito import tags as tag
 from diito.store import mask
 from diito.tracking.client import TrackingConfig, client
+from diito.tracking.sweeps import reused_runs
 
 
 def find_student_runs(config: TrackingConfig, target: str) -> tuple[list[Any], str | None]:
@@ -24,7 +25,8 @@ def find_student_runs(config: TrackingConfig, target: str) -> tuple[list[Any], s
     if parents:
         parent = parents[0]
         query = f"tags.`{tag.SWEEP_ID}` = '{parent.data.tags[tag.SWEEP_ID]}' and " + students
-        return mlflow_client.search_runs([parent.info.experiment_id], filter_string=query), parent.info.run_id
+        reused = [r for r in reused_runs(mlflow_client, parent) if r.info.status == "FINISHED"]
+        return mlflow_client.search_runs([parent.info.experiment_id], filter_string=query) + reused, parent.info.run_id
     experiment = mlflow_client.get_experiment_by_name(target)
     if experiment is None:
         raise LookupError(f"no experiment, sweep id or sweep run named {target!r}")

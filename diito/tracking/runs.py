@@ -126,35 +126,6 @@ class Run:
         if not self._send("datasets", lambda: self.client.log_inputs(self.run_id, datasets=inputs)):
             self._failed.append("datasets")
 
-    def log_classifier(self, folder: Path, examples: list, register: str | None = None, artifact_path: str = "student") -> None:
-        """The Hugging Face classifier in ``folder`` as an MLflow model (the transformers flavor: a
-        text-classification pipeline with its tokenizer, a signature and an input example), so
-        ``mlflow.pyfunc.load_model("runs:/<id>/student")`` and ``mlflow models predict`` work; with
-        ``register``, a new version of that registered model. Should the flavor fail, the plain
-        folder is logged instead, with a warning: the student is never lost."""
-        import tempfile
-
-        try:
-            with tempfile.TemporaryDirectory() as tmp:
-                _save_classifier(folder, examples, Path(tmp) / artifact_path)
-                self.log_artifacts(Path(tmp) / artifact_path, artifact_path)
-        except Exception as e:  # noqa: BLE001 - any failure of the flavor falls back to the plain folder
-            log.warning("tracking: the student could not be logged as an MLflow model (%s: %s); its Hugging Face folder is logged instead",
-                        type(e).__name__, str(e).splitlines()[0] if str(e) else "")
-            self.log_artifacts(folder, artifact_path)
-            return
-        if register:
-            self._send(f"model version of {register}", lambda: self._register(register, artifact_path))
-
-    def _register(self, name: str, artifact_path: str) -> None:
-        try:
-            self.client.create_registered_model(name)
-        except MlflowException:  # it exists: this is one more version
-            pass
-        source = f"{self.client.get_run(self.run_id).info.artifact_uri}/{artifact_path}"
-        version = self.client.create_model_version(name, source, run_id=self.run_id)
-        log.info("tracking: registered the student as %s version %s", name, version.version)
-
     def unsent(self) -> list[str]:
         """What never reached the store, after a last try."""
         self.flush()
@@ -163,27 +134,6 @@ class Run:
         keys = sorted({m.key for m in self._pending})
         steps = sorted({m.step for m in self._pending})
         return [*self._failed, f"{len(self._pending)} metric values ({', '.join(keys)} at steps {steps[0]}..{steps[-1]})"]
-
-
-def _save_classifier(folder: Path, examples: list, path: Path) -> None:
-    import mlflow.transformers
-    import torch
-    import transformers
-
-    classifier = transformers.pipeline("text-classification", model=transformers.AutoModelForSequenceClassification.from_pretrained(folder),
-                                       tokenizer=transformers.AutoTokenizer.from_pretrained(folder))
-    # Pinned here: the flavor's own guess adds torchvision, which a text classifier does not need.
-    requirements = [f"torch=={torch.__version__.split('+')[0]}", f"transformers=={transformers.__version__}"]
-    # The signature is inferred from the input example and the pipeline's answer to it. The flavor
-    # looks a local folder up on the hub for a model card and a license; offline, that only warns.
-    flavor_log = logging.getLogger("mlflow.transformers")
-    level = flavor_log.level
-    flavor_log.setLevel(logging.ERROR)
-    try:
-        mlflow.transformers.save_model(classifier, str(path), input_example=examples, pip_requirements=requirements)
-    finally:
-        flavor_log.setLevel(level)
-
 
 
 class NullRun:
@@ -214,9 +164,6 @@ class NullRun:
         pass
 
     def log_datasets(self, datasets: list[DatasetRecord]) -> None:
-        pass
-
-    def log_classifier(self, folder: Path, examples: list, register: str | None = None, artifact_path: str = "student") -> None:
         pass
 
     def unsent(self) -> list[str]:

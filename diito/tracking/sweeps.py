@@ -8,6 +8,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
+
 from diito import tags as tag
 from diito.store import mask
 from diito.tracking.client import TrackingConfig, client, experiment_id
@@ -18,6 +21,26 @@ from diito.tracking.runs import Run
 def sweep_tags(sweep: Mapping[str, str] | None) -> dict[str, str]:
     """Tags that make a job a child of its sweep's parent run."""
     return {tag.PARENT_RUN: sweep["parent_run_id"], tag.SWEEP_ID: sweep["sweep_id"]} if sweep else {}
+
+
+def reuse_in_sweep(config: TrackingConfig, sweep: Mapping[str, str], run_id: str) -> None:
+    """Record on the sweep's parent that it reused the finished run ``run_id`` instead of running
+    the job again. The run itself is left as it is: it stays in the sweep (or at the top level)
+    it finished in. One tag per run, so parallel jobs never overwrite each other's record."""
+    mlflow_client = client(config)
+    Run(mlflow_client, sweep["parent_run_id"]).set_tags({tag.REUSED + run_id: mlflow_client.get_run(run_id).info.run_name or ""})
+
+
+def reused_runs(mlflow_client: MlflowClient, parent: Any) -> list[Any]:
+    """The finished runs a sweep's parent reused (see :func:`reuse_in_sweep`) that still exist."""
+    found = []
+    for key in parent.data.tags:
+        if key.startswith(tag.REUSED):
+            try:
+                found.append(mlflow_client.get_run(key.removeprefix(tag.REUSED)))
+            except MlflowException:  # deleted since
+                pass
+    return found
 
 
 def start_sweep(config: TrackingConfig, sweep_dir: Path, overrides: list[str]) -> dict[str, str]:
@@ -40,6 +63,7 @@ def finish_sweep(config: TrackingConfig, sweep: Mapping[str, str], metric: str) 
     mlflow_client = client(config)
     parent = mlflow_client.get_run(sweep["parent_run_id"])
     children = mlflow_client.search_runs([parent.info.experiment_id], filter_string=f"tags.`{tag.SWEEP_ID}` = '{sweep['sweep_id']}' and tags.`{tag.ROLE}` != '{tag.SWEEP_ROLE}'")
+    children += reused_runs(mlflow_client, parent)  # jobs this sweep found finished in another
     failed = [r for r in children if r.info.status != "FINISHED"]
     scored = [r for r in children if r.info.status == "FINISHED" and math.isfinite(r.data.metrics.get(metric, math.nan))]
     summary = {"jobs": len(children), "finished": len(children) - len(failed), "failed": len(failed), "metric": metric,
