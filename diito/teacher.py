@@ -14,7 +14,7 @@ import dataclasses
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from omegaconf import OmegaConf
@@ -41,6 +41,7 @@ class Recipe(BaseModel):
     in errors as it was written."""
 
     model_config = ConfigDict(extra="forbid")
+    FLAT: ClassVar[tuple[str, ...]] = ("loop", "optim")  # the parts whose keys are written, logged and named without their part's name
     loop: LoopConfig
     optim: OptimConfig
     seed: Seed = 42
@@ -48,21 +49,22 @@ class Recipe(BaseModel):
     @model_validator(mode="wrap")
     @classmethod
     def _from_flat(cls, given: Any, handler):
-        if isinstance(given, dict) and not {"loop", "optim"} & given.keys():
-            given = {"loop": {"epochs": 1} | {k: v for k, v in given.items() if k in LoopConfig.model_fields},
-                     "optim": {k: v for k, v in given.items() if k in OptimConfig.model_fields},
-                     **{k: v for k, v in given.items() if k not in LoopConfig.model_fields and k not in OptimConfig.model_fields}}
+        if isinstance(given, dict) and not set(cls.FLAT) & given.keys():
+            parts = {part: cls.model_fields[part].annotation.model_fields for part in cls.FLAT}
+            given = {part: {k: v for k, v in given.items() if k in keys} for part, keys in parts.items()} | {
+                k: v for k, v in given.items() if not any(k in keys for keys in parts.values())}
+            given["loop"] = {"epochs": 1} | given["loop"]  # one epoch unless the recipe says otherwise
         try:
             return handler(given)
         except ValidationError as e:  # teacher.recipe.lr, not teacher.recipe.optim.lr: the key as written
             raise ValidationError.from_exception_data(e.title, [
-                InitErrorDetails(type=err["type"], loc=tuple(err["loc"][1:] if err["loc"][:1] in (("loop",), ("optim",)) else err["loc"]),
+                InitErrorDetails(type=err["type"], loc=tuple(err["loc"][1:] if err["loc"][:1] in [(part,) for part in cls.FLAT] else err["loc"]),
                                  input=err["input"], ctx=err.get("ctx", {})) for err in e.errors()]) from None
 
     @model_serializer(mode="wrap")
     def _flat(self, handler) -> dict[str, Any]:
         dumped = handler(self)
-        return {**dumped.pop("loop"), **dumped.pop("optim"), **dumped}
+        return {k: v for part in self.FLAT for k, v in dumped.pop(part).items()} | dumped
 
 
 class TeacherConfig(BaseModel):
