@@ -14,7 +14,7 @@ import dataclasses
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from omegaconf import OmegaConf
@@ -41,6 +41,7 @@ class Recipe(BaseModel):
     in errors as it was written."""
 
     model_config = ConfigDict(extra="forbid")
+    FLAT: ClassVar[tuple[str, ...]] = ("loop", "optim")  # the parts whose keys are written, logged and named without their part's name
     loop: LoopConfig
     optim: OptimConfig
     seed: Seed = 42
@@ -57,13 +58,13 @@ class Recipe(BaseModel):
             return handler(given)
         except ValidationError as e:  # teacher.recipe.lr, not teacher.recipe.optim.lr: the key as written
             raise ValidationError.from_exception_data(e.title, [
-                InitErrorDetails(type=err["type"], loc=tuple(err["loc"][1:] if err["loc"][:1] in (("loop",), ("optim",)) else err["loc"]),
+                InitErrorDetails(type=err["type"], loc=tuple(err["loc"][1:] if err["loc"][:1] in [(part,) for part in cls.FLAT] else err["loc"]),
                                  input=err["input"], ctx=err.get("ctx", {})) for err in e.errors()]) from None
 
     @model_serializer(mode="wrap")
     def _flat(self, handler) -> dict[str, Any]:
         dumped = handler(self)
-        return {**dumped.pop("loop"), **dumped.pop("optim"), **dumped}
+        return {k: v for part in self.FLAT for k, v in dumped.pop(part).items()} | dumped
 
 
 class TeacherConfig(BaseModel):

@@ -282,8 +282,8 @@ def _numeric_settings():
                 if arg is not type(None):
                     kinds.append(arg)
             nested = [k for k in kinds if isinstance(k, type) and issubclass(k, BaseModel)]
-            if nested:
-                yield from walk(nested[0], key + ".")
+            if nested:  # a part written flat (teacher.recipe's loop and optim) adds no name of its own
+                yield from walk(nested[0], prefix if name in getattr(model, "FLAT", ()) else key + ".")
             elif any(k in (int, float) for k in kinds):
                 bounds = {type(m).__name__: getattr(m, type(m).__name__.lower()) for m in metadata
                           if isinstance(m, (annotated_types.Gt, annotated_types.Ge, annotated_types.Lt, annotated_types.Le))}
