@@ -32,8 +32,14 @@ def main(cfg: DictConfig) -> float:
     job_name = hydra_cfg.job.override_dirname or "default"
     sweep_dir = Path(hydra_cfg.sweep.dir) if hydra_cfg.mode == RunMode.MULTIRUN else None
     sweep = sweep_info(sweep_dir) if sweep_dir else None
-    return failures.guarded(lambda: run(cfg, output_dir, hydra_dir=output_dir / hydra_cfg.output_subdir, job_name=job_name, sweep=sweep),
-                            cfg, job_name, output_dir, sweep_dir, sweep)
+    return failures.guarded(
+        lambda: run(cfg, output_dir, hydra_dir=output_dir / hydra_cfg.output_subdir, job_name=job_name, sweep=sweep),
+        cfg,
+        job_name,
+        output_dir,
+        sweep_dir,
+        sweep,
+    )
 
 
 if __name__ == "__main__":

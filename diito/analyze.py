@@ -30,8 +30,18 @@ from omegaconf import OmegaConf
 
 from diito import tags, tracking
 from diito.batching import Encoded, Prepared, make_loader, model_inputs
-from diito.intervention import (InterchangeConfig, Interchange, MappingConfig, MappingEntry, Shape, Site, block_list, build_mapping,
-                                counterfactual, sample_interchange)
+from diito.intervention import (
+    Interchange,
+    InterchangeConfig,
+    MappingConfig,
+    MappingEntry,
+    Shape,
+    Site,
+    block_list,
+    build_mapping,
+    counterfactual,
+    sample_interchange,
+)
 from diito.models import load_finetuned, load_tokenizer, num_layers
 from diito.sources import load_task
 from diito.tasks import TaskSpec
@@ -51,10 +61,17 @@ class AlignmentMap:
     runs: int = 1
 
     def to_json(self) -> dict:
-        out = {"iia": self.iia.round(6).tolist(), "teacher_efficacy": self.efficacy.round(6).tolist(), "pairs": self.pairs,
-               "base_agreement": round(self.agreement, 6), "mapped_iia": self.mapped, "mapped_teacher_efficacy": self.mapped_efficacy,
-               "student_sites": [str(s) for s in self.student_sites], "teacher_sites": [str(s) for s in self.teacher_sites],
-               "runs": self.runs}
+        out = {
+            "iia": self.iia.round(6).tolist(),
+            "teacher_efficacy": self.efficacy.round(6).tolist(),
+            "pairs": self.pairs,
+            "base_agreement": round(self.agreement, 6),
+            "mapped_iia": self.mapped,
+            "mapped_teacher_efficacy": self.mapped_efficacy,
+            "student_sites": [str(s) for s in self.student_sites],
+            "teacher_sites": [str(s) for s in self.teacher_sites],
+            "runs": self.runs,
+        }
         return out | ({"iia_std": self.iia_std.round(6).tolist()} if self.iia_std is not None else {})
 
     @classmethod
@@ -64,10 +81,18 @@ class AlignmentMap:
         first = maps[0]
         iia = np.stack([m.iia for m in maps])
         keys = list(first.mapped)
-        return cls(iia.mean(0), np.stack([m.efficacy for m in maps]).mean(0), first.student_sites, first.teacher_sites, first.pairs,
-                   float(np.mean([m.agreement for m in maps])), {k: float(np.mean([m.mapped[k] for m in maps])) for k in keys},
-                   {k: float(np.mean([m.mapped_efficacy[k] for m in maps])) for k in keys},
-                   iia.std(0, ddof=1) if len(maps) > 1 else None, len(maps))
+        return cls(
+            iia.mean(0),
+            np.stack([m.efficacy for m in maps]).mean(0),
+            first.student_sites,
+            first.teacher_sites,
+            first.pairs,
+            float(np.mean([m.agreement for m in maps])),
+            {k: float(np.mean([m.mapped[k] for m in maps])) for k in keys},
+            {k: float(np.mean([m.mapped_efficacy[k] for m in maps])) for k in keys},
+            iia.std(0, ddof=1) if len(maps) > 1 else None,
+            len(maps),
+        )
 
 
 def block_sites(model: torch.nn.Module, dims: tuple[int, int] | None = None) -> list[Site]:
@@ -80,9 +105,18 @@ def entry_name(entry: MappingEntry) -> str:
 
 
 @torch.no_grad()
-def alignment_map(student, teacher, data: Encoded, pad_token_id: int, interchange: InterchangeConfig, seed: int,
-                  batch_size: int, device: torch.device, dims: tuple[int, int] | None = None,
-                  mapping: list[MappingEntry] | None = None) -> AlignmentMap:
+def alignment_map(
+    student,
+    teacher,
+    data: Encoded,
+    pad_token_id: int,
+    interchange: InterchangeConfig,
+    seed: int,
+    batch_size: int,
+    device: torch.device,
+    dims: tuple[int, int] | None = None,
+    mapping: list[MappingEntry] | None = None,
+) -> AlignmentMap:
     """IIA of every (student site, teacher site) on the pairs of ``data`` drawn from ``seed``: every
     cell sees the same pairs and positions. With ``mapping``, also each entry's IIA with its sites
     swapped jointly on each side, as training swaps them."""
@@ -97,9 +131,15 @@ def alignment_map(student, teacher, data: Encoded, pad_token_id: int, interchang
     same, count = 0, 0
     for batch in loader:
         batch = {k: v.to(device) for k, v in model_inputs(batch).items()}
-        x = sample_interchange(batch["attention_mask"].sum(1).cpu(), interchange.interchange_prop, interchange.interchange_mode,
-                               interchange.interchange_min_token, interchange.interchange_max_token,
-                               interchange.pairing == "derangement", generator).to(device)
+        x = sample_interchange(
+            batch["attention_mask"].sum(1).cpu(),
+            interchange.interchange_prop,
+            interchange.interchange_mode,
+            interchange.interchange_min_token,
+            interchange.interchange_max_token,
+            interchange.pairing == "derangement",
+            generator,
+        ).to(device)
         teacher_base, teacher_states = _base(teacher, batch)
         student_base, student_states = _base(student, batch)
         teacher_cf = _counterfactual_classes(teacher, batch, teacher_states, x, [(site,) for site in teacher_sites])
@@ -114,8 +154,16 @@ def alignment_map(student, teacher, data: Encoded, pad_token_id: int, interchang
         same += int((student_base == teacher_base).sum())
         count += len(batch["input_ids"])
     names = [entry_name(e) for e in mapping]
-    return AlignmentMap(agree / count, changed / count, student_sites, teacher_sites, count, same / count,
-                        dict(zip(names, (joint / count).round(6).tolist())), dict(zip(names, (joint_changed / count).round(6).tolist())))
+    return AlignmentMap(
+        agree / count,
+        changed / count,
+        student_sites,
+        teacher_sites,
+        count,
+        same / count,
+        dict(zip(names, (joint / count).round(6).tolist())),
+        dict(zip(names, (joint_changed / count).round(6).tolist())),
+    )
 
 
 def _base(model, batch) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
@@ -149,8 +197,9 @@ def draw(maps: dict[str, AlignmentMap], path: Path) -> Path:
         ax.set_title(f"{title}\n{runs}base agreement {m.agreement:.2f}", fontsize=9)
         for (i, j), value in np.ndenumerate(m.iia):
             text = f"{value:.2f}" + (f"\n±{m.iia_std[i, j]:.2f}" if m.iia_std is not None else "")
-            ax.text(j, i, text, ha="center", va="center", fontsize=6 if m.iia_std is not None else 7,
-                    color="white" if value < 0.8 else "black")
+            ax.text(
+                j, i, text, ha="center", va="center", fontsize=6 if m.iia_std is not None else 7, color="white" if value < 0.8 else "black"
+            )
     fig.colorbar(image, ax=axes[0].tolist(), label=f"IIA ({next(iter(maps.values())).pairs} pairs)")
     fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
@@ -193,8 +242,17 @@ def trained_run(store: tracking.TrackingConfig, run_id: str, folder: Path) -> Tr
     if (student_dir / "MLmodel").exists():  # an MLflow model: the Hugging Face folder and the tokenizer are inside
         student_dir, tokenizer_dir = student_dir / "model", student_dir / "components" / "tokenizer"
     mapping = MappingConfig(**logged["mapping"]) if isinstance(logged.get("mapping"), dict) else None
-    return TrainedRun(run_id, info.info.run_name or run_id, info.data.tags.get(tags.LOSS, "?"), task, interchange, student_dir, tokenizer_dir,
-                      teacher_dir, mapping)
+    return TrainedRun(
+        run_id,
+        info.info.run_name or run_id,
+        info.data.tags.get(tags.LOSS, "?"),
+        task,
+        interchange,
+        student_dir,
+        tokenizer_dir,
+        teacher_dir,
+        mapping,
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -206,8 +264,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", default="alignment", help="folder for the figure and the maps (default ./alignment)")
-    parser.add_argument("--tracking-uri", help="the store (default: the one jobs log to: MLFLOW_TRACKING_URI, else the project "
-                                                "folder's mlflow.db, DIITO_HOME)")
+    parser.add_argument(
+        "--tracking-uri",
+        help="the store (default: the one jobs log to: MLFLOW_TRACKING_URI, else the project folder's mlflow.db, DIITO_HOME)",
+    )
     args = parser.parse_args(argv)
     dims = tuple(int(v) for v in args.dims.split(":")) if args.dims else None
     device = torch.device(args.device)
@@ -227,7 +287,8 @@ def main(argv: list[str] | None = None) -> None:
             block_list(student)  # a clear error for a model family without known blocks
             mapping = _mapping(run, teacher, student, dims)
             maps[f"{run.method} (run {run_id[:8]})"] = m = alignment_map(
-                student, teacher, split, data.pad_token_id, run.interchange, args.seed, args.batch_size, device, dims, mapping)
+                student, teacher, split, data.pad_token_id, run.interchange, args.seed, args.batch_size, device, dims, mapping
+            )
             by_method.setdefault(run.method, []).append(m)
             print(f"{run_id} ({run.method}): IIA by student block (rows) and teacher block (columns), {m.pairs} pairs")
             print(_describe(m))
@@ -264,11 +325,16 @@ def _mapping(run: TrainedRun, teacher, student, dims: tuple[int, int] | None) ->
 
 
 def _describe(m: AlignmentMap) -> str:
-    rows = ["  " + " ".join(f"{v:.3f}" + (f"±{m.iia_std[i, j]:.3f}" if m.iia_std is not None else "") for j, v in enumerate(row))
-            for i, row in enumerate(m.iia)]
+    rows = [
+        "  " + " ".join(f"{v:.3f}" + (f"±{m.iia_std[i, j]:.3f}" if m.iia_std is not None else "") for j, v in enumerate(row))
+        for i, row in enumerate(m.iia)
+    ]
     rows.append("  teacher efficacy by block: " + " ".join(f"{v:.3f}" for v in m.efficacy))
     rows.append(f"  base agreement (no swap): {m.agreement:.3f}")
-    rows += [f"  mapped {name} (swapped jointly): IIA {iia:.3f}, teacher efficacy {m.mapped_efficacy[name]:.3f}" for name, iia in m.mapped.items()]
+    rows += [
+        f"  mapped {name} (swapped jointly): IIA {iia:.3f}, teacher efficacy {m.mapped_efficacy[name]:.3f}"
+        for name, iia in m.mapped.items()
+    ]
     return "\n".join(rows)
 
 

@@ -123,8 +123,11 @@ class PadCollate:
             mask[row, :n] = 1
             if types is not None:
                 types[row, :n] = enc.token_type_ids[i]
-        out = {"input_ids": torch.from_numpy(input_ids), "attention_mask": torch.from_numpy(mask),
-               "index": torch.from_numpy(enc.positions[batch])}
+        out = {
+            "input_ids": torch.from_numpy(input_ids),
+            "attention_mask": torch.from_numpy(mask),
+            "index": torch.from_numpy(enc.positions[batch]),
+        }
         if types is not None:
             out["token_type_ids"] = torch.from_numpy(types)
         if enc.labels is not None:
@@ -150,8 +153,9 @@ class EpochBatchSampler(Sampler[list[int]]):
 
     MEGA_BATCHES = 50
 
-    def __init__(self, lengths: np.ndarray, batch_size: int, *, shuffle: bool, seed: int, length_grouped: bool,
-                 rank: int = 0, world: int = 1) -> None:
+    def __init__(
+        self, lengths: np.ndarray, batch_size: int, *, shuffle: bool, seed: int, length_grouped: bool, rank: int = 0, world: int = 1
+    ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if not 0 <= rank < world:
@@ -220,8 +224,9 @@ def make_loader(
     world: int = 1,
 ) -> DataLoader:
     """DataLoader with dynamic padding; control the order via `loader.batch_sampler.set_epoch`."""
-    sampler = EpochBatchSampler(encoded.lengths, batch_size, shuffle=shuffle, seed=seed, length_grouped=length_grouped,
-                                rank=rank, world=world)
+    sampler = EpochBatchSampler(
+        encoded.lengths, batch_size, shuffle=shuffle, seed=seed, length_grouped=length_grouped, rank=rank, world=world
+    )
     return DataLoader(
         _Indices(len(encoded)),
         batch_sampler=sampler,
@@ -265,6 +270,7 @@ class Prepared:
         """What one stage sees: ``max_train_examples`` training examples (drawn with ``subset_seed``,
         or the first ones when it is None) and the first ``max_eval_examples`` of every other split
         (each stage has its own limits)."""
+
         def limit(split: str, enc: Encoded) -> Encoded:
             if split != "train":
                 return enc.head(max_eval_examples)
@@ -272,14 +278,32 @@ class Prepared:
 
         return dataclasses.replace(self, encoded={split: limit(split, enc) for split, enc in self.encoded.items()})
 
-    def loader(self, split: str, batch_size: int, *, train: bool = False, seed: int = 0, shuffle: bool = True,
-               length_grouped: bool = True, rank: int = 0, world: int = 1) -> DataLoader:
+    def loader(
+        self,
+        split: str,
+        batch_size: int,
+        *,
+        train: bool = False,
+        seed: int = 0,
+        shuffle: bool = True,
+        length_grouped: bool = True,
+        rank: int = 0,
+        world: int = 1,
+    ) -> DataLoader:
         """For training, reshuffled each epoch from ``seed`` (length-grouped unless told not to) or,
         without ``shuffle``, in the file's order every epoch (as the original read it), this rank's
         share of it; else in order."""
         shuffle = train and shuffle
-        return make_loader(self.encoded[split], batch_size, shuffle=shuffle, seed=seed, length_grouped=length_grouped and shuffle,
-                           pad_token_id=self.pad_token_id, rank=rank, world=world)
+        return make_loader(
+            self.encoded[split],
+            batch_size,
+            shuffle=shuffle,
+            seed=seed,
+            length_grouped=length_grouped and shuffle,
+            pad_token_id=self.pad_token_id,
+            rank=rank,
+            world=world,
+        )
 
     @property
     def labelled_eval_splits(self) -> list[str]:

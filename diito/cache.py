@@ -30,8 +30,9 @@ def _problem(folder: Path, check: Callable[[Path], str | None] | None) -> str | 
     return check(folder) if check else None
 
 
-def build_once(folder: Path, build: Callable[[Path], dict[str, Any]],
-               check: Callable[[Path], str | None] | None = None) -> tuple[dict[str, Any], bool]:
+def build_once(
+    folder: Path, build: Callable[[Path], dict[str, Any]], check: Callable[[Path], str | None] | None = None
+) -> tuple[dict[str, Any], bool]:
     """Return ``(info, built_now)``. ``build(folder)`` fills ``folder`` and returns its info; it runs
     under an inter-process lock, and only when no earlier build completed (an interrupted build
     leaves no info file, so the next caller builds again, resuming whatever ``build`` checkpointed).

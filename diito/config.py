@@ -22,7 +22,16 @@ from transformers.tokenization_utils_base import VERY_LARGE_INTEGER
 
 from diito import families, files, identity, renamed, store, targets, tracking
 from diito.intervention import InterchangeConfig, MappingConfig, MappingEntry, Shape, build_mapping
-from diito.models import StudentConfig, count_parameters, load_model_config, load_tokenizer, max_positions, num_layers, select_blocks, tokenizer_mismatch
+from diito.models import (
+    StudentConfig,
+    count_parameters,
+    load_model_config,
+    load_tokenizer,
+    max_positions,
+    num_layers,
+    select_blocks,
+    tokenizer_mismatch,
+)
 from diito.objective import LossConfig, default_patience_layers, term_class
 from diito.sources import DataError, check_task, data_digest, glue_folder
 from diito.tasks import TaskSpec
@@ -135,8 +144,10 @@ def validate(cfg: DictConfig, overrides: list[str] | None = None) -> Job:
         raise ConfigError(str(e)) from None
     check_device(job.trainer.device)
     if job.stage == "teacher" and job.trainer.devices > 1:
-        raise ConfigError(f"trainer.devices: {job.trainer.devices} ranks train the student, but stage=teacher only fine-tunes the teacher, "
-                          "in one process (set trainer.devices=1)")
+        raise ConfigError(
+            f"trainer.devices: {job.trainer.devices} ranks train the student, but stage=teacher only fine-tunes the teacher, "
+            "in one process (set trainer.devices=1)"
+        )
     check_places(job.paths, job.tracking)
 
     teacher_key = "teacher.checkpoint" if job.teacher.checkpoint else "teacher.model"
@@ -148,13 +159,19 @@ def validate(cfg: DictConfig, overrides: list[str] | None = None) -> Job:
     # model (which differs from a given teacher.checkpoint's, possibly in depth and width).
     pretrained_source = job.student.init_from == "pretrained" and job.teacher.checkpoint
     source_config = _model_config(job.teacher.model, "teacher.model") if pretrained_source else teacher_config
-    _check_max_length(job.task, teacher_key, job.teacher.checkpoint or job.teacher.model,
-                      {teacher_key: teacher_config} | ({"teacher.model": source_config} if pretrained_source else {}))
+    _check_max_length(
+        job.task,
+        teacher_key,
+        job.teacher.checkpoint or job.teacher.model,
+        {teacher_key: teacher_config} | ({"teacher.model": source_config} if pretrained_source else {}),
+    )
     if job.stage == "distill":
         _check_families(job, teacher_config, source_config if pretrained_source else None)
     source_layers, k = num_layers(source_config), job.student.layers
     if k > source_layers:
-        raise ConfigError(f"student.layers: {k} is deeper than the {source_layers}-layer {'teacher.model' if pretrained_source else 'teacher'}")
+        raise ConfigError(
+            f"student.layers: {k} is deeper than the {source_layers}-layer {'teacher.model' if pretrained_source else 'teacher'}"
+        )
     try:
         blocks = select_blocks(job.student.init, source_layers, k, job.student.blocks)
     except ValueError as e:
@@ -176,14 +193,20 @@ def validate(cfg: DictConfig, overrides: list[str] | None = None) -> Job:
     teacher_shape = Shape.of(teacher_config)
     student_shape = dataclasses.replace(Shape.of(source_config), layers=k)
     if job.loss.cosine > 0 and student_shape.hidden != teacher_shape.hidden:
-        raise ConfigError(f"loss.cosine: the causal cosine compares last-block outputs of equal width; the student's are "
-                          f"{student_shape.hidden} wide, the teacher's {teacher_shape.hidden} (set loss.cosine=0)")
+        raise ConfigError(
+            f"loss.cosine: the causal cosine compares last-block outputs of equal width; the student's are "
+            f"{student_shape.hidden} wide, the teacher's {teacher_shape.hidden} (set loss.cosine=0)"
+        )
     if job.loss.beta > 0 and student_shape.hidden != teacher_shape.hidden:
-        raise ConfigError(f"loss.beta: the patience loss compares [CLS] vectors of equal width; the student's are "
-                          f"{student_shape.hidden} wide, the teacher's {teacher_shape.hidden} (set loss.beta=0)")
+        raise ConfigError(
+            f"loss.beta: the patience loss compares [CLS] vectors of equal width; the student's are "
+            f"{student_shape.hidden} wide, the teacher's {teacher_shape.hidden} (set loss.beta=0)"
+        )
     if pretrained_source and job.stage == "distill" and (why := tokenizer_mismatch(job.teacher.checkpoint, job.teacher.model)):
-        raise ConfigError(f"student.init_from: pretrained builds the student from teacher.model {job.teacher.model!r}, which cannot read "
-                          f"the teacher checkpoint's token ids: {why}")
+        raise ConfigError(
+            f"student.init_from: pretrained builds the student from teacher.model {job.teacher.model!r}, which cannot read "
+            f"the teacher checkpoint's token ids: {why}"
+        )
     mapping = None
     if job.loss.intervenes:
         try:
@@ -231,10 +254,14 @@ def check_optim(optim: OptimConfig, key: str) -> None:
     try:
         scheduler = schedule(optimizer, **arguments)
     except Exception as e:  # noqa: BLE001 - the schedule's own checks
-        raise ConfigError(f"{key}.schedule: {optim.schedule.target}(optimizer, {_arguments(arguments)}) fails: {type(e).__name__}: {e}") from None
+        raise ConfigError(
+            f"{key}.schedule: {optim.schedule.target}(optimizer, {_arguments(arguments)}) fails: {type(e).__name__}: {e}"
+        ) from None
     if not all(hasattr(scheduler, name) for name in ("step", "get_last_lr", "state_dict", "load_state_dict")):
-        raise ConfigError(f"{key}.schedule._target_: {optim.schedule.target} did not return a learning-rate scheduler "
-                          "(step, get_last_lr, state_dict, load_state_dict: a torch.optim.lr_scheduler.LRScheduler)")
+        raise ConfigError(
+            f"{key}.schedule._target_: {optim.schedule.target} did not return a learning-rate scheduler "
+            "(step, get_last_lr, state_dict, load_state_dict: a torch.optim.lr_scheduler.LRScheduler)"
+        )
 
 
 def _target(path: str, key: str) -> Any:
@@ -272,8 +299,10 @@ def check_acting(job: JobConfig, overrides: list[str]) -> None:
     job composes, pass."""
     if job.loss.intervenes:
         return
-    why = ("cannot act: nothing intervenes (loss.gamma and loss.cosine are 0 and no loss term needs the counterfactual pair); "
-           "leave it out, or choose loss=diito")
+    why = (
+        "cannot act: nothing intervenes (loss.gamma and loss.cosine are 0 and no loss term needs the counterfactual pair); "
+        "leave it out, or choose loss=diito"
+    )
     for override in overrides:
         key = override.split("=", 1)[0].lstrip("+~")
         if key.split(".")[0] in INTERVENTION_SECTIONS:
@@ -365,11 +394,23 @@ def check_space(job: Job, job_folder: Path, state_dir: Path, teacher_entry: Path
     writes = []
     if teacher_entry is not None:
         copies = fit_copies(c.teacher.recipe.loop.keep_best) + 1  # + the saved teacher
-        writes.append(Write("paths.cache", "the teacher's fine-tune and cache entry", teacher_entry,
-                            copies * FLOAT_BYTES * job.teacher_params - files.bytes_in(teacher_entry)))
+        writes.append(
+            Write(
+                "paths.cache",
+                "the teacher's fine-tune and cache entry",
+                teacher_entry,
+                copies * FLOAT_BYTES * job.teacher_params - files.bytes_in(teacher_entry),
+            )
+        )
     if c.stage == "distill":
-        writes.append(Write("paths.cache", "the student's checkpoints", state_dir,
-                            fit_copies(c.trainer.keep_best) * FLOAT_BYTES * job.student_params - files.bytes_in(state_dir)))
+        writes.append(
+            Write(
+                "paths.cache",
+                "the student's checkpoints",
+                state_dir,
+                fit_copies(c.trainer.keep_best) * FLOAT_BYTES * job.student_params - files.bytes_in(state_dir),
+            )
+        )
         if c.tracking.log_model:
             writes.append(Write("hydra.run.dir", "the saved student", job_folder, FLOAT_BYTES * job.student_params))
     disks: dict[int, list[Write]] = {}
@@ -380,8 +421,10 @@ def check_space(job: Job, job_folder: Path, state_dir: Path, teacher_entry: Path
         if need > free:
             what = ", ".join(f"{w.what} {files.size(w.bytes)} in {w.where}" for w in group)
             keys = ", ".join(dict.fromkeys(f"{w.key}=<a folder on a larger disk>" for w in group))
-            raise ConfigError(f"{group[0].key}: not enough free space: the job writes about {files.size(need)} ({what}) and that disk "
-                              f"has {files.size(free)} free; free {files.size(need - free)} there or move it ({keys})")
+            raise ConfigError(
+                f"{group[0].key}: not enough free space: the job writes about {files.size(need)} ({what}) and that disk "
+                f"has {files.size(free)} free; free {files.size(need - free)} there or move it ({keys})"
+            )
 
 
 def _model_config(model: str, key: str):
@@ -403,9 +446,11 @@ def _check_max_length(task: TaskSpec, key: str, model: str, configs: dict[str, A
     texts = len(task.text_fields)
     special = tokenizer.num_special_tokens_to_add(pair=texts == 2)
     if task.max_length < special + texts:
-        raise ConfigError(f"task.max_length: {task.max_length} leaves no room for text: the tokenizer adds {special} special tokens to "
-                          f"{'a pair of texts' if texts == 2 else 'a text'}; at least {special + texts}, with one token of "
-                          f"{'each text' if texts == 2 else 'text'}")
+        raise ConfigError(
+            f"task.max_length: {task.max_length} leaves no room for text: the tokenizer adds {special} special tokens to "
+            f"{'a pair of texts' if texts == 2 else 'a text'}; at least {special + texts}, with one token of "
+            f"{'each text' if texts == 2 else 'text'}"
+        )
     limits = []
     for where, config in configs.items():
         if (found := max_positions(config)) is not None:
@@ -428,8 +473,10 @@ def _check_checkpoint(folder: Path, config, task: TaskSpec) -> None:
         raise ConfigError(f"teacher.checkpoint: {folder} holds no weights (model.safetensors or pytorch_model.bin)")
     if not any((folder / name).is_file() for name in TOKENIZER_FILES):
         # transformers would otherwise build a tokenizer of a handful of tokens: every word [UNK]
-        raise ConfigError(f"teacher.checkpoint: {folder} holds no tokenizer ({', '.join(TOKENIZER_FILES)}); "
-                          "save it beside the model: tokenizer.save_pretrained(folder)")
+        raise ConfigError(
+            f"teacher.checkpoint: {folder} holds no tokenizer ({', '.join(TOKENIZER_FILES)}); "
+            "save it beside the model: tokenizer.save_pretrained(folder)"
+        )
     expected = 1 if task.regression else len(task.label_names) if task.label_names else None
     if expected is not None and config.num_labels != expected:
         raise ConfigError(f"teacher.checkpoint: {folder} has a {config.num_labels}-output head; task {task.name} needs {expected}")

@@ -124,8 +124,10 @@ def ranks(devices: int, device: str) -> Iterator[Ranks]:
     if devices not in (1, world):
         from diito.config import ConfigError
 
-        raise ConfigError(f"trainer.devices: {devices} ranks asked for, but a launcher started {world}; its ranks need no setting "
-                          "(set trainer.devices=1, or launch that many)")
+        raise ConfigError(
+            f"trainer.devices: {devices} ranks asked for, but a launcher started {world}; its ranks need no setting "
+            "(set trainer.devices=1, or launch that many)"
+        )
     with process_group(device) as here:
         yield Ranks(kind, here, devices, device)
 
@@ -185,11 +187,20 @@ class RankFailed(RuntimeError):
 
 
 def _rank(index: int, world: int, port: int, device: str, outcome: Path, work: Callable[..., float], args: tuple) -> None:
-    os.environ |= {"RANK": str(index), "LOCAL_RANK": str(index), "WORLD_SIZE": str(world), "LOCAL_WORLD_SIZE": str(world),
-                   "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    os.environ |= {
+        "RANK": str(index),
+        "LOCAL_RANK": str(index),
+        "WORLD_SIZE": str(world),
+        "LOCAL_WORLD_SIZE": str(world),
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(port),
+    }
     # A spawned process starts without the job's logging: rank 0 speaks as the job would, the others only warn.
-    logging.basicConfig(level=logging.INFO if index == 0 else logging.WARNING, force=True,
-                        format=f"[%(asctime)s][%(name)s][%(levelname)s][rank {index}] - %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if index == 0 else logging.WARNING,
+        force=True,
+        format=f"[%(asctime)s][%(name)s][%(levelname)s][rank {index}] - %(message)s",
+    )
     try:
         with process_group(device) as here:
             result = work(here, *args)

@@ -23,6 +23,7 @@ log = logging.getLogger(__name__)
 
 PROGRESS_BATCHES = 8  # a split of at least this many batches is evaluated under a progress bar (on a terminal)
 
+
 @torch.no_grad()
 def predict(model: torch.nn.Module, loader: torch.utils.data.DataLoader, precision: str, device: torch.device) -> np.ndarray:
     """Logits for every example of ``loader``, in the loader's order; dropout off."""
@@ -63,26 +64,33 @@ class Evaluator:
         """The metrics of every labelled evaluation split."""
         return self.score(self.predict(model, self.data.labelled_eval_splits))
 
-
     @torch.no_grad()
     def footprint(self, models: dict[str, torch.nn.Module], repeats: int = 5) -> dict[str, float]:
         """What users ask first of a model: the parameters and weight size of each of ``models``
         (by name), their latency per example at batch 1 and at batch 32 (medians, on this device and
         precision, on the first evaluation split's examples), and a student's speed-up over its teacher."""
         split = self.data.encoded[self.data.spec.eval_splits[0]]
-        singles = [model_inputs(b) for b in make_loader(split.head(repeats * 4), 1, shuffle=False, seed=0, length_grouped=False,
-                                                        pad_token_id=self.data.pad_token_id)]
-        (full,) = [model_inputs(b) for b in make_loader(split.head(32), 32, shuffle=False, seed=0, length_grouped=False,
-                                                         pad_token_id=self.data.pad_token_id)]
+        singles = [
+            model_inputs(b)
+            for b in make_loader(
+                split.head(repeats * 4), 1, shuffle=False, seed=0, length_grouped=False, pad_token_id=self.data.pad_token_id
+            )
+        ]
+        (full,) = [
+            model_inputs(b)
+            for b in make_loader(split.head(32), 32, shuffle=False, seed=0, length_grouped=False, pad_token_id=self.data.pad_token_id)
+        ]
         out: dict[str, float] = {}
         for name, model in models.items():
             model.eval()
             out[f"model/{name}_params"] = sum(p.numel() for p in model.parameters())
             out[f"model/{name}_mb"] = sum(t.numel() * t.element_size() for t in model.state_dict().values()) / 2**20
-            seconds = lambda inputs: self._seconds(model, inputs)  # noqa: E731
+            seconds = lambda inputs, model=model: self._seconds(model, inputs)  # noqa: E731
             seconds(singles[0])  # warm-up: kernels and allocator
             out[f"latency/{name}_ms_batch1"] = 1000 * float(np.median([seconds(inputs) for inputs in singles]))
-            out[f"latency/{name}_ms_per_example_batch32"] = 1000 * float(np.median([seconds(full) for _ in range(repeats)])) / len(full["input_ids"])
+            out[f"latency/{name}_ms_per_example_batch32"] = (
+                1000 * float(np.median([seconds(full) for _ in range(repeats)])) / len(full["input_ids"])
+            )
         for batch in ("batch1", "per_example_batch32") if {"student", "teacher"} <= models.keys() else ():
             out[f"speedup/{batch.removeprefix('per_example_')}"] = out[f"latency/teacher_ms_{batch}"] / out[f"latency/student_ms_{batch}"]
         return out
@@ -99,8 +107,9 @@ class Evaluator:
         return time.perf_counter() - start
 
 
-def intervention_probe(objective: DistillationObjective, student, teacher, data: Prepared, batch_size: int, seed: int,
-                       device: torch.device) -> Callable[[], dict[str, float]] | None:
+def intervention_probe(
+    objective: DistillationObjective, student, teacher, data: Prepared, batch_size: int, seed: int, device: torch.device
+) -> Callable[[], dict[str, float]] | None:
     """Interchange-intervention accuracy and efficacy on fixed pairs: the first ``eval_pairs``
     examples of the first evaluation split, with entries, pairs and positions drawn from ``seed``, so
     every evaluation measures the same interventions. None when there is nothing to measure.
@@ -123,7 +132,9 @@ def intervention_probe(objective: DistillationObjective, student, teacher, data:
                 inputs = {k: v.to(device) for k, v in model_inputs(batch).items()}
                 base = teacher(**inputs, output_hidden_states=True)
                 entry, x = objective.intervention.draw(inputs["attention_mask"], generator)
-                teacher_runs.append((inputs, entry, x, base.logits, counterfactual(teacher, inputs, base.hidden_states, x, entry.teacher).logits))
+                teacher_runs.append(
+                    (inputs, entry, x, base.logits, counterfactual(teacher, inputs, base.hidden_states, x, entry.teacher).logits)
+                )
         student.eval()
         sums: dict[str, float] = {}
         count = 0
@@ -150,14 +161,26 @@ def one_class(predictions: dict[str, np.ndarray], data: Prepared) -> str | None:
 
 
 def warn_one_class(label: str, data: Prepared, who: str) -> None:
-    log.warning("%s predicts one class (%r) for every %s example: it never left the chance plateau, so its %s is the "
-                "class prior, not a result. Train longer (trainer.min_steps) or with a higher learning rate.",
-                who, label, data.spec.eval_splits[0], data.spec.main_metric)
+    log.warning(
+        "%s predicts one class (%r) for every %s example: it never left the chance plateau, so its %s is the "
+        "class prior, not a result. Train longer (trainer.min_steps) or with a higher learning rate.",
+        who,
+        label,
+        data.spec.eval_splits[0],
+        data.spec.main_metric,
+    )
 
 
 def write_predictions(data: Prepared, predictions: dict[str, np.ndarray], folder: Path) -> list[Path]:
     """GLUE-format prediction files of the test splits (``SST-2.tsv``, ``MNLI-m.tsv`` ...)."""
     spec = data.spec
-    return [write_glue_predictions(folder / spec.submission_files.get(split, f"{split}.tsv"), data.encoded[split].ids,
-                                   predictions[split], label_names=spec.submission_label_names, regression=spec.regression)
-            for split in data.test_splits]
+    return [
+        write_glue_predictions(
+            folder / spec.submission_files.get(split, f"{split}.tsv"),
+            data.encoded[split].ids,
+            predictions[split],
+            label_names=spec.submission_label_names,
+            regression=spec.regression,
+        )
+        for split in data.test_splits
+    ]

@@ -66,8 +66,9 @@ def _said_in_one_line() -> tuple[type[Exception], ...]:
     return NonFiniteLoss, NoSpace, store.StoreError
 
 
-def guarded(job: Callable[[], float], cfg: DictConfig, job_name: str, job_dir: Path, sweep_dir: Path | None,
-            sweep: dict[str, str] | None) -> float:
+def guarded(
+    job: Callable[[], float], cfg: DictConfig, job_name: str, job_dir: Path, sweep_dir: Path | None, sweep: dict[str, str] | None
+) -> float:
     """``job()``, ended by the policy: in a sweep (``sweep_dir``), a failed job is recorded and the
     sweep goes on (NaN is its result); alone, its failure ends the process with its line and code."""
     try:
@@ -83,8 +84,13 @@ def guarded(job: Callable[[], float], cfg: DictConfig, job_name: str, job_dir: P
         if sweep and not isinstance(error, tracking.RunFailed):  # it failed before its run existed
             from diito import config
 
-            tracking.record_failure(config.tracking_settings(cfg), job_name, tracking.sweep_tags(sweep) | {tags.ROLE: tags.STUDENT_ROLE},
-                                    config.raw_params(cfg), error)
+            tracking.record_failure(
+                config.tracking_settings(cfg),
+                job_name,
+                tracking.sweep_tags(sweep) | {tags.ROLE: tags.STUDENT_ROLE},
+                config.raw_params(cfg),
+                error,
+            )
         return float("nan")
 
 

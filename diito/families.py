@@ -40,16 +40,34 @@ FAMILIES: dict[str, Family] = {
     # DeBERTa-v2/v3: relative position embeddings (encoder.rel_embeddings) shared by every block, so a
     # student keeps them whole; v2 xlarge/xxlarge apply a convolution to block 0's output (kept, after
     # the student's first block). The tiny model is configured as DeBERTa-v3.
-    "deberta-v2": Family(blocks="encoder.layer", heads_output="attention.output.dense", returns_tuple=True, after_first_block="encoder.conv",
-                         tiny={"relative_attention": True, "position_buckets": 8, "norm_rel_ebd": "layer_norm", "share_att_key": True,
-                               "pos_att_type": ["p2c", "c2p"], "position_biased_input": False, "type_vocab_size": 0, "max_relative_positions": -1}),
+    "deberta-v2": Family(
+        blocks="encoder.layer",
+        heads_output="attention.output.dense",
+        returns_tuple=True,
+        after_first_block="encoder.conv",
+        tiny={
+            "relative_attention": True,
+            "position_buckets": 8,
+            "norm_rel_ebd": "layer_norm",
+            "share_att_key": True,
+            "pos_att_type": ["p2c", "c2p"],
+            "position_biased_input": False,
+            "type_vocab_size": 0,
+            "max_relative_positions": -1,
+        },
+    ),
     # ModernBERT: each block is global or local (sliding-window) attention (config.layer_types), rotary
     # positions per attention type, and a final norm after the last block. Block 0 has no attention
     # norm (the embeddings' norm precedes it) and every other block has one.
-    "modernbert": Family(blocks="layers", heads_output="attn.Wo", per_block_config=("layer_types",), final_norm=True,
-                         first_block_only_first="ModernBERT's block 0 has no attention norm and every other block has one, so the "
-                                                "student's first block must be the teacher's block 0, and no later one",
-                         tiny={"local_attention": 4, "classifier_pooling": "mean", "max_position_embeddings": 512}),
+    "modernbert": Family(
+        blocks="layers",
+        heads_output="attn.Wo",
+        per_block_config=("layer_types",),
+        final_norm=True,
+        first_block_only_first="ModernBERT's block 0 has no attention norm and every other block has one, so the "
+        "student's first block must be the teacher's block 0, and no later one",
+        tiny={"local_attention": 4, "classifier_pooling": "mean", "max_position_embeddings": 512},
+    ),
     # MPNet: a relative attention bias computed once in the encoder and shared by every block.
     "mpnet": Family(blocks="encoder.layer", heads_output="attention.attn.o", returns_tuple=True, tiny={"max_position_embeddings": 514}),
 }
@@ -106,8 +124,10 @@ def prepare(model: nn.Module) -> nn.Module:
 
 def check_prepared(model: nn.Module) -> None:
     if family_of(model).final_norm and getattr(model.config, "tie_last_hidden_states", None) is not False:
-        raise ValueError(f"a {model.config.model_type} model's hidden_states end with its final norm's output, not the last block's: "
-                         "call diito.families.prepare(model) before its base run")
+        raise ValueError(
+            f"a {model.config.model_type} model's hidden_states end with its final norm's output, not the last block's: "
+            "call diito.families.prepare(model) before its base run"
+        )
 
 
 def student_config(config, blocks: list[int]):
@@ -134,8 +154,18 @@ def tiny_config(model_type: str, vocab_size: int, special: dict[str, int], hidde
     from transformers import AutoConfig
 
     family = FAMILIES[model_type]
-    sizes = {"hidden_size": hidden, "num_hidden_layers": layers, "num_attention_heads": heads, "intermediate_size": 2 * hidden,
-             "max_position_embeddings": 512}
-    ids = {"pad_token_id": special["pad"], "cls_token_id": special["cls"], "sep_token_id": special["sep"], "bos_token_id": special["cls"],
-           "eos_token_id": special["sep"]}
+    sizes = {
+        "hidden_size": hidden,
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads,
+        "intermediate_size": 2 * hidden,
+        "max_position_embeddings": 512,
+    }
+    ids = {
+        "pad_token_id": special["pad"],
+        "cls_token_id": special["cls"],
+        "sep_token_id": special["sep"],
+        "bos_token_id": special["cls"],
+        "eos_token_id": special["sep"],
+    }
     return AutoConfig.for_model(model_type, vocab_size=vocab_size, **{**sizes, **ids, **family.tiny})

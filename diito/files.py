@@ -20,8 +20,9 @@ class NoSpace(OSError):
     """A write that found its file system full; the message names the file and what is free."""
 
     def __init__(self, path: Path):
-        super().__init__(errno.ENOSPC, f"no space left on device writing {path} ({size(free_space(path))} free); "
-                                       "free space there and run the job again")
+        super().__init__(
+            errno.ENOSPC, f"no space left on device writing {path} ({size(free_space(path))} free); free space there and run the job again"
+        )
 
     def __str__(self) -> str:
         return self.strerror

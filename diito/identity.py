@@ -16,10 +16,19 @@ from typing import Any
 
 from pydantic import BaseModel
 
-RESULT_INDEPENDENT = frozenset({
-    "paths", "rerun", "trainer.progress", "trainer.resume", "trainer.log_every", "trainer.save_every",
-    "trainer.num_threads", "trainer.eval_batch_size", "tracking",
-})
+RESULT_INDEPENDENT = frozenset(
+    {
+        "paths",
+        "rerun",
+        "trainer.progress",
+        "trainer.resume",
+        "trainer.log_every",
+        "trainer.save_every",
+        "trainer.num_threads",
+        "trainer.eval_batch_size",
+        "tracking",
+    }
+)
 """Settings that change where a job writes, how fast it runs or how it looks, never what it computes."""
 
 DATA_DIGEST = "data_digest"  # the key of the data's digest, in the job's identity and its params

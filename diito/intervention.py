@@ -94,8 +94,12 @@ class Shape:
 
     @classmethod
     def of(cls, config) -> Shape:
-        return cls(int(config.num_hidden_layers), int(config.hidden_size), int(config.num_attention_heads),
-                   getattr(config, "attention_head_size", None))
+        return cls(
+            int(config.num_hidden_layers),
+            int(config.hidden_size),
+            int(config.num_attention_heads),
+            getattr(config, "attention_head_size", None),
+        )
 
 
 def preset(name: str, teacher_layers: int, student_layers: int) -> list[list[int] | tuple[list[int], list[int]]]:
@@ -126,9 +130,11 @@ def _sites(spec: SiteSpec, shape: Shape, where: str) -> tuple[Site, ...]:
     width = shape.head_width
     if spec.heads:
         a, b = spec.heads
-        raise ValueError(f"{where}.heads: [{a}, {b}] would slice the block output in head-sized chunks, which is not the heads' "
-                         f"output; write dims: [{a * width}, {b * width}] for that slice, or attention_heads: [{a}, {b}] for the "
-                         "attention heads' own outputs")
+        raise ValueError(
+            f"{where}.heads: [{a}, {b}] would slice the block output in head-sized chunks, which is not the heads' "
+            f"output; write dims: [{a * width}, {b * width}] for that slice, or attention_heads: [{a}, {b}] for the "
+            "attention heads' own outputs"
+        )
     if spec.dims and spec.attention_heads:
         raise ValueError(f"{where}: give dims (a slice of the block output) or attention_heads, not both")
     dims, heads = spec.dims, spec.attention_heads
@@ -154,12 +160,15 @@ def build_mapping(config: MappingConfig, teacher: Shape, student: Shape) -> list
             raise ValueError("mapping.entries: an explicit mapping needs at least one entry")
         specs = config.entries
     else:
-        specs = [EntrySpec(student=SiteSpec(layers=s), teacher=SiteSpec(layers=t))
-                 for s, t in preset(config.name, teacher.layers, student.layers)]
+        specs = [
+            EntrySpec(student=SiteSpec(layers=s), teacher=SiteSpec(layers=t))
+            for s, t in preset(config.name, teacher.layers, student.layers)
+        ]
     entries = []
     for i, spec in enumerate(specs):
-        entry = MappingEntry(_sites(spec.student, student, f"mapping.entries[{i}].student"),
-                             _sites(spec.teacher, teacher, f"mapping.entries[{i}].teacher"))
+        entry = MappingEntry(
+            _sites(spec.student, student, f"mapping.entries[{i}].student"), _sites(spec.teacher, teacher, f"mapping.entries[{i}].teacher")
+        )
         widths = {_width(site, shape) for sites, shape in ((entry.student, student), (entry.teacher, teacher)) for site in sites}
         if len(widths) != 1:
             raise ValueError(f"mapping.entries[{i}]: student and teacher slices differ in width {sorted(widths)}")
@@ -228,8 +237,13 @@ def swap_count(base_len: int, source_len: int, prop: float, min_token: int, max_
 
 
 def sample_interchange(
-    lengths: Tensor, prop: float, mode: Literal["random", "consecutive"] = "random", min_token: int = 1,
-    max_token: int | None = None, derangement: bool = True, generator: torch.Generator | None = None,
+    lengths: Tensor,
+    prop: float,
+    mode: Literal["random", "consecutive"] = "random",
+    min_token: int = 1,
+    max_token: int | None = None,
+    derangement: bool = True,
+    generator: torch.Generator | None = None,
 ) -> Interchange:
     """Pairs and positions for one batch; positions are always inside an example's real tokens
     (``lengths`` counts them, [CLS] and [SEP] included), never padding."""
@@ -267,8 +281,15 @@ class Intervention:
         moved once to the batch's device."""
         entry = self.mapping[int(torch.randint(len(self.mapping), (1,), generator=generator))]
         c = self.config
-        x = sample_interchange(attention_mask.sum(1).cpu(), c.interchange_prop, c.interchange_mode, c.interchange_min_token,
-                               c.interchange_max_token, c.pairing == "derangement", generator)
+        x = sample_interchange(
+            attention_mask.sum(1).cpu(),
+            c.interchange_prop,
+            c.interchange_mode,
+            c.interchange_min_token,
+            c.interchange_max_token,
+            c.pairing == "derangement",
+            generator,
+        )
         return entry, x.to(attention_mask.device)
 
 
@@ -305,6 +326,7 @@ def _output_module(model: nn.Module, layer: int) -> nn.Module:
 
 def _on_output(module: nn.Module, f: Callable[[Tensor], Tensor | None]):
     """``f`` sees (and, returning a tensor, replaces) the hidden states ``module`` returns."""
+
     def hook(module, args, out):
         new = f(_hidden(out))
         return None if new is None else _with_hidden(out, new)
@@ -315,6 +337,7 @@ def _on_output(module: nn.Module, f: Callable[[Tensor], Tensor | None]):
 def _on_heads(block: nn.Module, model: nn.Module, f: Callable[[Tensor], Tensor | None]):
     """``f`` sees (and, returning a tensor, replaces) the attention heads' outputs in ``block``: the
     input of its attention output projection."""
+
     def hook(module, args):
         new = f(args[0])
         return None if new is None else (new, *args[1:])
@@ -362,8 +385,9 @@ def _last_block_output(model: nn.Module, last: list[Tensor]):
     return block_list(model)[2][-1].register_forward_hook(lambda m, args, out: last.append(_hidden(out)))
 
 
-def counterfactual(model: nn.Module, inputs: dict[str, Tensor], hidden_states: tuple[Tensor, ...],
-                   x: Interchange, sites: tuple[Site, ...]) -> Counterfactual:
+def counterfactual(
+    model: nn.Module, inputs: dict[str, Tensor], hidden_states: tuple[Tensor, ...], x: Interchange, sites: tuple[Site, ...]
+) -> Counterfactual:
     """The fast counterfactual run from the base run's ``hidden_states`` (embeddings first, then
     every block's output): only the blocks from the first site up are computed. A block-output site's
     source is the base run's block output; an attention-heads site's source is the heads' outputs of
@@ -375,8 +399,11 @@ def counterfactual(model: nn.Module, inputs: dict[str, Tensor], hidden_states: t
     handles = []
     for site in sites:
         if site.heads is None:
-            handles.append(_on_output(_output_module(model, site.layer),
-                                      lambda out, site=site: write(out, hidden_states[site.layer + 1], rows, x, site)))
+            handles.append(
+                _on_output(
+                    _output_module(model, site.layer), lambda out, site=site: write(out, hidden_states[site.layer + 1], rows, x, site)
+                )
+            )
         elif site is first:  # the block runs on the base run's input: its own heads' outputs are the sources
             handles.append(_on_heads(blocks[site.layer], model, lambda heads, site=site: write(heads, heads, rows, x, site)))
         else:
@@ -409,8 +436,7 @@ def _heads_from_base_input(model: nn.Module, site: Site, base_input: Tensor, row
     return [block.register_forward_pre_hook(before_block, with_kwargs=True), _on_heads(block, model, on_heads)]
 
 
-def reference_counterfactual(model: nn.Module, inputs: dict[str, Tensor], x: Interchange,
-                             sites: tuple[Site, ...]) -> Counterfactual:
+def reference_counterfactual(model: nn.Module, inputs: dict[str, Tensor], x: Interchange, sites: tuple[Site, ...]) -> Counterfactual:
     """The original's way: run the source batch, then the base batch with the source's vectors
     written in at every site (the base run itself is the caller's). Three full passes in all."""
     source_inputs = {k: v[x.source] for k, v in inputs.items()}

@@ -24,8 +24,13 @@ from diito.teacher import Teacher, entry_to_build, obtain_teacher
 log = logging.getLogger(__name__)
 
 
-def run(cfg: DictConfig, output_dir: Path | None = None, hydra_dir: Path | None = None, job_name: str = "default",
-        sweep: dict[str, str] | None = None) -> float:
+def run(
+    cfg: DictConfig,
+    output_dir: Path | None = None,
+    hydra_dir: Path | None = None,
+    job_name: str = "default",
+    sweep: dict[str, str] | None = None,
+) -> float:
     """Run the job ``cfg`` describes; returns the student's main validation metric (the teacher's
     with ``stage=teacher``), which Hydra sweepers optimise. ``job_name`` (the command line's
     overrides, under Hydra) names the MLflow run unless ``tracking.run_name`` does. In a ``sweep``
@@ -37,8 +42,10 @@ def run(cfg: DictConfig, output_dir: Path | None = None, hydra_dir: Path | None 
     console.quiet_libraries()
     job = validate(cfg)
     c = job.config
-    with distributed.ranks(c.trainer.devices, c.trainer.device) as ranks, \
-            resume.held(resume.of_job(c.paths.cache, job.hash), holder=ranks.leader and c.stage == "distill"):
+    with (
+        distributed.ranks(c.trainer.devices, c.trainer.device) as ranks,
+        resume.held(resume.of_job(c.paths.cache, job.hash), holder=ranks.leader and c.stage == "distill"),
+    ):
         if sweep and (done := _finished(job, sweep)) is not None:
             return done
         if c.trainer.num_threads:
@@ -64,8 +71,9 @@ def _finished(job: Job, sweep: dict[str, str]) -> float | None:
     return metrics.get(c.task.main_metric_key, math.nan)
 
 
-def _data_and_teacher(job: Job, device: torch.device, output_dir: Path | None
-                      ) -> tuple[object, Prepared, Teacher, teacher_outputs.TeacherOutputs | None]:
+def _data_and_teacher(
+    job: Job, device: torch.device, output_dir: Path | None
+) -> tuple[object, Prepared, Teacher, teacher_outputs.TeacherOutputs | None]:
     """The data, tokenised once for the whole job, the teacher (fine-tuned now unless cached) and its
     outputs on the training data (computed now unless cached; None with teacher.cache_outputs=false),
     once the job's files are known to fit on their disks (which needs the data: it tells whether the
@@ -74,11 +82,17 @@ def _data_and_teacher(job: Job, device: torch.device, output_dir: Path | None
     tokenizer = load_tokenizer(c.teacher.checkpoint or c.teacher.model)
     task_data = load_task(c.task)
     if c.teacher.checkpoint and (heads := load_model_config(c.teacher.checkpoint).num_labels) != task_data.num_labels:
-        raise DataError(f"teacher.checkpoint: {c.teacher.checkpoint} has a {heads}-output head; the data of task {c.task.name} has "
-                        f"{task_data.num_labels} {'classes ' + str(task_data.label_names) if task_data.label_names else 'output'}")
+        raise DataError(
+            f"teacher.checkpoint: {c.teacher.checkpoint} has a {heads}-output head; the data of task {c.task.name} has "
+            f"{task_data.num_labels} {'classes ' + str(task_data.label_names) if task_data.label_names else 'output'}"
+        )
     data = Prepared.from_task(task_data, tokenizer)
-    config.check_space(job, Path(output_dir or tempfile.gettempdir()), resume.of_job(c.paths.cache, job.hash).folder,
-                       entry_to_build(c.teacher, data, Path(c.paths.cache)))
+    config.check_space(
+        job,
+        Path(output_dir or tempfile.gettempdir()),
+        resume.of_job(c.paths.cache, job.hash).folder,
+        entry_to_build(c.teacher, data, Path(c.paths.cache)),
+    )
     outputs = teacher_outputs.plan(job, data, device)  # refused here, before compute, when it would not fit
     teacher = obtain_teacher(c.teacher, data, tokenizer, c.trainer, c.tracking, Path(c.paths.cache), device)
     return tokenizer, data, teacher, outputs and outputs.obtain(teacher.model)

@@ -22,8 +22,17 @@ log = logging.getLogger(__name__)
 NAME = "student"  # runs:/<run id>/student
 
 
-def log_student(run: Run, model, tokenizer, examples: list, folder: Path, scores: Mapping[str, float], step: int,
-                datasets: list[DatasetRecord], register: str | None = None) -> str | None:
+def log_student(
+    run: Run,
+    model,
+    tokenizer,
+    examples: list,
+    folder: Path,
+    scores: Mapping[str, float],
+    step: int,
+    datasets: list[DatasetRecord],
+    register: str | None = None,
+) -> str | None:
     """Log the in-memory classifier ``model`` (no second save and reload of the job folder's copy)
     as the run's logged model ``student``; ``scores`` (``<split>/<metric>``) are recorded on it at
     ``step`` with the dataset of their split. Returns the model's id. Should the flavor fail, the
@@ -34,8 +43,11 @@ def log_student(run: Run, model, tokenizer, examples: list, folder: Path, scores
     try:
         model_id = _log(run, model, tokenizer, examples)
     except Exception as e:  # noqa: BLE001 - any failure of the flavor falls back to the plain folder
-        log.warning("tracking: the student could not be logged as an MLflow model (%s: %s); its Hugging Face folder is logged instead",
-                    type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+        log.warning(
+            "tracking: the student could not be logged as an MLflow model (%s: %s); its Hugging Face folder is logged instead",
+            type(e).__name__,
+            str(e).splitlines()[0] if str(e) else "",
+        )
         run.log_artifacts(folder, NAME)
         return None
     run._send("the student's scores", lambda: run.client.log_batch(run.run_id, metrics=_scores(run, model_id, scores, step, datasets)))
@@ -54,8 +66,17 @@ def _scores(run: Run, model_id: str, scores: Mapping[str, float], step: int, dat
     for key, value in scores.items():
         logged = [m.timestamp for m in run.client.get_metric_history(run.run_id, key) if m.step == step and m.value == value]
         dataset = by_split.get(key.split("/", 1)[0])
-        metrics.append(Metric(key, float(value), max(logged, default=int(time.time() * 1000)), step, model_id=model_id,
-                              dataset_name=dataset.name if dataset else None, dataset_digest=dataset.digest if dataset else None))
+        metrics.append(
+            Metric(
+                key,
+                float(value),
+                max(logged, default=int(time.time() * 1000)),
+                step,
+                model_id=model_id,
+                dataset_name=dataset.name if dataset else None,
+                dataset_digest=dataset.digest if dataset else None,
+            )
+        )
     return metrics
 
 
@@ -70,8 +91,9 @@ def _log(run: Run, model, tokenizer, examples: list) -> str:
 
     client = run.client
     record = client.get_run(run.run_id)
-    logged = client.create_logged_model(record.info.experiment_id, name=NAME, source_run_id=run.run_id,
-                                        params=record.data.params, model_type="text-classification")
+    logged = client.create_logged_model(
+        record.info.experiment_id, name=NAME, source_run_id=run.run_id, params=record.data.params, model_type="text-classification"
+    )
     classifier = transformers.pipeline("text-classification", model=model, tokenizer=tokenizer)
     # Pinned here: the flavor's own guess adds torchvision, which a text classifier does not need.
     requirements = [f"torch=={torch.__version__.split('+')[0]}", f"transformers=={transformers.__version__}"]
@@ -82,8 +104,9 @@ def _log(run: Run, model, tokenizer, examples: list) -> str:
     flavor_log.setLevel(logging.ERROR)
     try:
         with _use_tracking_uri(client.tracking_uri):  # the fluent API reads the process's tracking URI
-            mlflow.transformers.log_model(classifier, name=NAME, model_id=logged.model_id, input_example=examples,
-                                          pip_requirements=requirements)
+            mlflow.transformers.log_model(
+                classifier, name=NAME, model_id=logged.model_id, input_example=examples, pip_requirements=requirements
+            )
     finally:
         flavor_log.setLevel(level)
     return logged.model_id

@@ -31,9 +31,7 @@ _FUNCTIONS: dict[str, _Metric] = {
 assert set(_FUNCTIONS) == set(METRICS), "every metric a task may name is computed here"
 
 
-def compute_metrics(
-    names: Sequence[str], predictions: Sequence | np.ndarray, labels: Sequence | np.ndarray
-) -> dict[str, float]:
+def compute_metrics(names: Sequence[str], predictions: Sequence | np.ndarray, labels: Sequence | np.ndarray) -> dict[str, float]:
     """Score predictions against gold labels.
 
     `predictions` are class ids for classification tasks (argmax already taken)

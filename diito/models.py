@@ -44,7 +44,7 @@ def resolve_model_path(model: str) -> str:
     """Turn ``package:<module>`` into the model folder the package ships; other ids pass through."""
     if not model.startswith(PACKAGE_PREFIX):
         return model
-    module = importlib.import_module(model[len(PACKAGE_PREFIX):])
+    module = importlib.import_module(model[len(PACKAGE_PREFIX) :])
     return str(module.get_model_path())
 
 
@@ -53,7 +53,7 @@ def tiny_family(model: str) -> str | None:
     if model == TINY:
         return "bert"
     if model.startswith(TINY + ":"):
-        family = model[len(TINY) + 1:]
+        family = model[len(TINY) + 1 :]
         if family not in families.FAMILIES:
             raise ValueError(f"no tiny model of family {family!r} (tiny:<family> for {', '.join(families.FAMILIES)})")
         return family
@@ -107,8 +107,9 @@ def load_pretrained(model: str, num_labels: int, seed: int) -> PreTrainedModel:
             torch.manual_seed(seed)
             return families.prepare(AutoModelForSequenceClassification.from_config(config))
     with console.load_report_silenced():
-        loaded, loading = AutoModelForSequenceClassification.from_pretrained(resolve_model_path(model), num_labels=num_labels,
-                                                                             output_loading_info=True)
+        loaded, loading = AutoModelForSequenceClassification.from_pretrained(
+            resolve_model_path(model), num_labels=num_labels, output_loading_info=True
+        )
     console.note_new_head(model, loading, _head_prefixes(loaded))
     return families.prepare(loaded)
 
@@ -123,8 +124,23 @@ def num_layers(config: PretrainedConfig) -> int:
 
 # Families whose position ids start after the padding index (RoBERTa's scheme): the first
 # pad_token_id + 1 of their position embeddings never hold a token.
-_POSITIONS_AFTER_PADDING = frozenset({"roberta", "roberta-prelayernorm", "xlm-roberta", "xlm-roberta-xl", "camembert", "data2vec-text",
-                                      "ibert", "longformer", "luke", "markuplm", "mpnet", "xmod", "esm"})
+_POSITIONS_AFTER_PADDING = frozenset(
+    {
+        "roberta",
+        "roberta-prelayernorm",
+        "xlm-roberta",
+        "xlm-roberta-xl",
+        "camembert",
+        "data2vec-text",
+        "ibert",
+        "longformer",
+        "luke",
+        "markuplm",
+        "mpnet",
+        "xmod",
+        "esm",
+    }
+)
 
 
 def max_positions(config: PretrainedConfig) -> tuple[int, str] | None:
@@ -159,8 +175,10 @@ def select_blocks(strategy: str, teacher_layers: int, layers: int, blocks: list[
     if any(not 0 <= b < teacher_layers for b in chosen):
         raise ValueError(f"student.blocks: {chosen} outside the teacher's blocks 0..{teacher_layers - 1}")
     if any(a >= b for a, b in zip(chosen, chosen[1:])):
-        raise ValueError(f"student.blocks: {chosen} is not in increasing order: student block i copies the i-th teacher block listed "
-                         "and runs after block i-1, so the list keeps the teacher's order, each block once")
+        raise ValueError(
+            f"student.blocks: {chosen} is not in increasing order: student block i copies the i-th teacher block listed "
+            "and runs after block i-1, so the list keeps the teacher's order, each block once"
+        )
     return chosen
 
 
@@ -180,7 +198,7 @@ def build_student(source: PreTrainedModel, blocks: list[int], copy_classifier: b
             block = int(match.group(1))
             if block not in new_index:
                 continue
-            key = f"{key[:match.start(1)]}{new_index[block]}.{key[match.end():]}"
+            key = f"{key[: match.start(1)]}{new_index[block]}.{key[match.end() :]}"
         elif key.startswith(head) and not copy_classifier:
             continue
         state[key] = value.detach().clone()
@@ -209,6 +227,7 @@ def name_labels(model: PreTrainedModel, label_names: list[str] | None) -> None:
 def save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, folder: Path) -> Path:
     """The model and its tokenizer in Hugging Face format (weights in safetensors), written whole or
     not at all."""
+
     def fill(tmp: Path) -> None:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)

@@ -29,7 +29,12 @@ from torch import Tensor
 from diito import targets
 from diito.batching import model_inputs
 from diito.intervention import (
-    Counterfactual, InterchangeConfig, Intervention, MappingEntry, counterfactual, reference_counterfactual,
+    Counterfactual,
+    InterchangeConfig,
+    Intervention,
+    MappingEntry,
+    counterfactual,
+    reference_counterfactual,
 )
 
 # What a term may need besides the student's outputs and the labels.
@@ -98,7 +103,8 @@ class LossConfig(BaseModel):
 
     def _needs(self) -> dict[str, frozenset[str]]:
         return {name: term.needs for name, term in BUILTIN_TERMS.items()} | {
-            name: term_class(spec, f"loss.terms.{name}").needs for name, spec in self.terms.items()}
+            name: term_class(spec, f"loss.terms.{name}").needs for name, spec in self.terms.items()
+        }
 
 
 # -- the terms ---------------------------------------------------------------------------------------
@@ -181,18 +187,32 @@ class BuiltinTerm:
 
 
 BUILTIN_TERMS: dict[str, BuiltinTerm] = {  # in the order the total sums them
-    "kd": BuiltinTerm(lambda c: c.alpha, lambda out, o: kd_loss(out.student.logits, out.teacher.logits, o.config.T, o.config.kl_reduction),
-                      frozenset({TEACHER})),
+    "kd": BuiltinTerm(
+        lambda c: c.alpha,
+        lambda out, o: kd_loss(out.student.logits, out.teacher.logits, o.config.T, o.config.kl_reduction),
+        frozenset({TEACHER}),
+    ),
     "ce": BuiltinTerm(lambda c: 1 - c.alpha, lambda out, o: task_loss(out.student.logits, out.labels), frozenset()),
     # hidden_states[0] is the embedding output; block i's output is hidden_states[i + 1].
-    "patience": BuiltinTerm(lambda c: c.beta, lambda out, o: patience_loss(
-        [h[:, 0] for h in out.student.hidden_states[1:-1]], [out.teacher.hidden_states[i + 1][:, 0] for i in o.patience_layers],
-        o.config.normalize_patience), frozenset({TEACHER, HIDDEN_STATES})),
-    "diito": BuiltinTerm(lambda c: c.gamma, lambda out, o: kd_loss(out.student_cf.logits, out.teacher_cf.logits, o.config.T, o.config.kl_reduction),
-                         frozenset({TEACHER, HIDDEN_STATES, COUNTERFACTUAL})),
-    "cosine": BuiltinTerm(lambda c: c.cosine, lambda out, o: causal_cosine_loss(out.student_cf.last_hidden, out.teacher_cf.last_hidden,
-                                                                                   out.attention_mask),
-                          frozenset({TEACHER, HIDDEN_STATES, COUNTERFACTUAL})),
+    "patience": BuiltinTerm(
+        lambda c: c.beta,
+        lambda out, o: patience_loss(
+            [h[:, 0] for h in out.student.hidden_states[1:-1]],
+            [out.teacher.hidden_states[i + 1][:, 0] for i in o.patience_layers],
+            o.config.normalize_patience,
+        ),
+        frozenset({TEACHER, HIDDEN_STATES}),
+    ),
+    "diito": BuiltinTerm(
+        lambda c: c.gamma,
+        lambda out, o: kd_loss(out.student_cf.logits, out.teacher_cf.logits, o.config.T, o.config.kl_reduction),
+        frozenset({TEACHER, HIDDEN_STATES, COUNTERFACTUAL}),
+    ),
+    "cosine": BuiltinTerm(
+        lambda c: c.cosine,
+        lambda out, o: causal_cosine_loss(out.student_cf.last_hidden, out.teacher_cf.last_hidden, out.attention_mask),
+        frozenset({TEACHER, HIDDEN_STATES, COUNTERFACTUAL}),
+    ),
 }
 RESERVED_NAMES = ("loss", "lr", "iia", "efficacy")  # other train/<name> metrics
 
@@ -236,12 +256,16 @@ def term_class(spec: TermSpec, key: str) -> TermClass:
     except targets.TargetError as e:
         raise targets.TargetError(f"{key}._target_: {e}") from None
     if not isinstance(cls, type) or not any("__call__" in vars(k) for k in cls.__mro__[:-1]):
-        raise targets.TargetError(f"{key}._target_: {spec.target} is not a loss term: a class whose instances are called with "
-                                  "the batch's outputs (see diito.objective.LossTerm)")
+        raise targets.TargetError(
+            f"{key}._target_: {spec.target} is not a loss term: a class whose instances are called with "
+            "the batch's outputs (see diito.objective.LossTerm)"
+        )
     needs = getattr(cls, "needs", None)
     if isinstance(needs, str) or not isinstance(needs, (tuple, list, set, frozenset)) or not set(needs) <= set(NEEDS):
-        raise targets.TargetError(f"{key}._target_: {spec.target}.needs is {needs!r}; a loss term says what it needs: a tuple "
-                                  f"of {', '.join(map(repr, NEEDS))} (empty: the student's outputs and the labels only)")
+        raise targets.TargetError(
+            f"{key}._target_: {spec.target}.needs is {needs!r}; a loss term says what it needs: a tuple "
+            f"of {', '.join(map(repr, NEEDS))} (empty: the student's outputs and the labels only)"
+        )
     try:
         targets.check_arguments(cls, spec.target, 0, spec.arguments)
     except targets.TargetError as e:
@@ -263,8 +287,9 @@ class Term:
 def active_terms(config: LossConfig, patience_layers: list[int], objective: DistillationObjective) -> list[Term]:
     """The terms with a non-zero weight, those reading the base runs first (the order in which the
     terms' graphs are built fixes the order in which backward sums gradients: the result's last bits)."""
-    table = [Term(name, config.weights[name], functools.partial(term.loss, o=objective), term.needs)
-             for name, term in BUILTIN_TERMS.items()]
+    table = [
+        Term(name, config.weights[name], functools.partial(term.loss, o=objective), term.needs) for name, term in BUILTIN_TERMS.items()
+    ]
     for name, spec in config.terms.items():
         found = term_class(spec, f"loss.terms.{name}")
         table.append(Term(name, spec.weight, found.cls(**spec.arguments), found.needs))
@@ -299,8 +324,15 @@ class DistillationObjective:
     passes of their own, as the original did (the frozen teacher is in eval mode: exact either way);
     ``fast=False`` runs both models the three-pass way, to prove the fast path exact."""
 
-    def __init__(self, config: LossConfig, patience_layers: list[int], mapping: list[MappingEntry] | None = None, fast: bool = True,
-                 interchange: InterchangeConfig | None = None, teacher_outputs: Callable[[dict[str, Tensor]], Any] | None = None):
+    def __init__(
+        self,
+        config: LossConfig,
+        patience_layers: list[int],
+        mapping: list[MappingEntry] | None = None,
+        fast: bool = True,
+        interchange: InterchangeConfig | None = None,
+        teacher_outputs: Callable[[dict[str, Tensor]], Any] | None = None,
+    ):
         self.config, self.patience_layers, self.fast = config, patience_layers, fast
         # The teacher's base run read from its cache (diito.teacher_outputs) instead of run: the
         # frozen teacher gives every step the same outputs.

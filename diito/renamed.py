@@ -8,9 +8,18 @@ from collections.abc import Iterable
 
 # The interchange settings left ``loss`` for ``intervention``: the code that reads them is the
 # intervention's, and they act only when a loss term needs the counterfactual pair.
-MOVED = {f"loss.{name}": f"intervention.{name}" for name in (
-    "interchange_prop", "interchange_mode", "interchange_max_token", "interchange_min_token", "pairing", "eval_pairs",
-    "separate_passes")}
+MOVED = {
+    f"loss.{name}": f"intervention.{name}"
+    for name in (
+        "interchange_prop",
+        "interchange_mode",
+        "interchange_max_token",
+        "interchange_min_token",
+        "pairing",
+        "eval_pairs",
+        "separate_passes",
+    )
+}
 
 
 def message(key: str) -> str:

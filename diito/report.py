@@ -16,7 +16,6 @@ import argparse
 import math
 import statistics
 from pathlib import Path
-
 from typing import Any
 
 from diito import identity, tags, tracking
@@ -54,9 +53,11 @@ def table(runs: list[Any], metric: str) -> tuple[list[str], list[dict]]:
     for r in runs:
         if metric in r.data.metrics:
             groups.setdefault(tuple(r.data.params.get(k, ABSENT) for k in keys), []).append(r.data.metrics[metric])
-    rows = [dict(zip(keys, config)) | {"n": len(values), "mean": statistics.fmean(values),
-                                       "std": statistics.stdev(values) if len(values) > 1 else 0.0}
-            for config, values in groups.items()]
+    rows = [
+        dict(zip(keys, config))
+        | {"n": len(values), "mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0}
+        for config, values in groups.items()
+    ]
     return keys, sorted(rows, key=lambda row: row["mean"], reverse=True)
 
 
@@ -120,7 +121,10 @@ def curves(runs: list[Any], metric: str, size: str = SIZE) -> Curves:
     that method's runs: its tuned setting), size and seed."""
     others = [k for k in varying_keys(runs) if k != size]
     methods = {r.data.tags.get(tags.LOSS, "?") for r in runs}
-    tuned = {m: [k for k in varying_keys([r for r in runs if r.data.tags.get(tags.LOSS, "?") == m]) if k.startswith(METHOD_SETTINGS)] for m in methods}
+    tuned = {
+        m: [k for k in varying_keys([r for r in runs if r.data.tags.get(tags.LOSS, "?") == m]) if k.startswith(METHOD_SETTINGS)]
+        for m in methods
+    }
     out: Curves = {}
     for r in runs:
         if metric not in r.data.metrics:
@@ -128,7 +132,9 @@ def curves(runs: list[Any], metric: str, size: str = SIZE) -> Curves:
         p, method = r.data.params, r.data.tags.get(tags.LOSS, "?")
         setting = ", ".join(f"{k}={p[k]}" for k in others if k in p and not k.startswith(METHOD_SETTINGS))
         label = method + (" (" + ", ".join(f"{k.split('.', 1)[1]}={p[k]}" for k in tuned[method] if k in p) + ")" if tuned[method] else "")
-        out.setdefault(setting, {}).setdefault(label, {}).setdefault(p.get(size, "None"), {})[p.get(REPLICATES, "")] = r.data.metrics[metric]
+        out.setdefault(setting, {}).setdefault(label, {}).setdefault(p.get(size, "None"), {})[p.get(REPLICATES, "")] = r.data.metrics[
+            metric
+        ]
     return out
 
 
@@ -150,8 +156,18 @@ def compare(diffs: list[float]) -> dict[str, float | int]:
         interval = test.confidence_interval(0.95)
         p_t, low, high = float(test.pvalue), float(interval.low), float(interval.high)
     p_sign = float(stats.binomtest(wins, wins + losses).pvalue) if wins + losses else 1.0
-    return {"n": n, "mean_diff": mean, "std_diff": 0.0 if n < 2 else std, "ci_low": low, "ci_high": high, "p_t": p_t,
-            "wins": wins, "ties": n - wins - losses, "losses": losses, "p_sign": p_sign}
+    return {
+        "n": n,
+        "mean_diff": mean,
+        "std_diff": 0.0 if n < 2 else std,
+        "ci_low": low,
+        "ci_high": high,
+        "p_t": p_t,
+        "wins": wins,
+        "ties": n - wins - losses,
+        "losses": losses,
+        "p_sign": p_sign,
+    }
 
 
 def holm(p_values: list[float]) -> list[float]:
@@ -190,8 +206,10 @@ def paired(curves_: Curves, metric: str = "") -> list[dict]:
                 seeds = sorted(set(lines[name][size]) & set(lines[baseline][size]))
                 diffs = [lines[name][size][seed] - lines[baseline][size][seed] for seed in seeds]
                 if diffs:
-                    rows.append({"metric": metric, "setting": setting, "method": name, "baseline": baseline, "size": _size_label(size)}
-                                | compare(diffs))
+                    rows.append(
+                        {"metric": metric, "setting": setting, "method": name, "baseline": baseline, "size": _size_label(size)}
+                        | compare(diffs)
+                    )
     return rows
 
 
@@ -217,8 +235,11 @@ def format_curves(curves_: Curves, metric: str) -> str:
             cells = []
             for size in sizes:
                 values = list(lines[name].get(size, {}).values())
-                cells.append(f"{statistics.fmean(values):.4f} ± {statistics.stdev(values) if len(values) > 1 else 0.0:.4f} (n={len(values)})"
-                             if values else "")
+                cells.append(
+                    f"{statistics.fmean(values):.4f} ± {statistics.stdev(values) if len(values) > 1 else 0.0:.4f} (n={len(values)})"
+                    if values
+                    else ""
+                )
             body.append([_line_name(setting, name), *cells])
     widths = [max(len(x) for x in column) for column in zip(header, *body)]
     text = [f"{metric} by training-set size (mean ± std over seeds)"]
@@ -232,13 +253,28 @@ def format_comparisons(rows: list[dict], selection: str) -> str:
     if not rows:
         return ""
     header = ["comparison", "size", "n", "mean diff", "95% CI", "wins/ties/losses", "p (t)", "p (sign)", "p (Holm)", "verdict"]
-    text = [f"paired differences (the same seeds; 95% t interval, paired t-test, exact sign test without ties; "
-            f"Holm's correction over all {len(rows)} comparisons below)"]
+    text = [
+        f"paired differences (the same seeds; 95% t interval, paired t-test, exact sign test without ties; "
+        f"Holm's correction over all {len(rows)} comparisons below)"
+    ]
     for metric in dict.fromkeys(r["metric"] for r in rows):
         role = "chose the checkpoints and any tuning" if metric.split("/")[0] == selection else "chose nothing"
-        body = [[f"{_line_name(r['setting'], r['method'])} - {r['baseline']}", r["size"], str(r["n"]), f"{r['mean_diff']:+.4f}",
-                 f"[{r['ci_low']:+.4f}, {r['ci_high']:+.4f}]", f"{r['wins']}/{r['ties']}/{r['losses']}", f"{r['p_t']:.3f}",
-                 f"{r['p_sign']:.3f}", f"{r['p_holm']:.3f}", r["verdict"]] for r in rows if r["metric"] == metric]
+        body = [
+            [
+                f"{_line_name(r['setting'], r['method'])} - {r['baseline']}",
+                r["size"],
+                str(r["n"]),
+                f"{r['mean_diff']:+.4f}",
+                f"[{r['ci_low']:+.4f}, {r['ci_high']:+.4f}]",
+                f"{r['wins']}/{r['ties']}/{r['losses']}",
+                f"{r['p_t']:.3f}",
+                f"{r['p_sign']:.3f}",
+                f"{r['p_holm']:.3f}",
+                r["verdict"],
+            ]
+            for r in rows
+            if r["metric"] == metric
+        ]
         widths = [max(len(x) for x in column) for column in zip(header, *body)]
         text += ["", f"{metric} ({role})"]
         text += ["  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip() for line in [header, *body]]
@@ -281,8 +317,14 @@ def curve_plot(curves_: Curves, metric: str, path: Path, comparisons: list[dict]
     for offset, name in enumerate(sorted(lines)):
         xs = [i + 0.04 * offset for i, size in enumerate(sizes) if size in lines[name]]  # nudged so bars do not hide each other
         values = [list(lines[name][size].values()) for size in sizes if size in lines[name]]
-        ax.errorbar(xs, [statistics.fmean(v) for v in values], yerr=[statistics.stdev(v) if len(v) > 1 else 0.0 for v in values],
-                    marker="o", capsize=3, label=name)
+        ax.errorbar(
+            xs,
+            [statistics.fmean(v) for v in values],
+            yerr=[statistics.stdev(v) if len(v) > 1 else 0.0 for v in values],
+            marker="o",
+            capsize=3,
+            label=name,
+        )
     labels = [_size_label(s) for s in sizes]
     ax.set_xticks(range(len(sizes)), labels)
     ax.set_xlabel("training examples")
@@ -347,9 +389,16 @@ def export_csv(runs: list[Any], path: Path) -> Path:
         writer.writerow(["run_id", "method", *keys, REPLICATES, "seconds", *metrics])
         for r in sorted(runs, key=lambda r: r.info.start_time):
             duration = seconds(r)
-            writer.writerow([r.info.run_id, r.data.tags.get(tags.LOSS, ""), *(r.data.params.get(k, "") for k in keys),
-                             r.data.params.get(REPLICATES, ""), "" if duration is None else f"{duration:.1f}",
-                             *(r.data.metrics.get(m, "") for m in metrics)])
+            writer.writerow(
+                [
+                    r.info.run_id,
+                    r.data.tags.get(tags.LOSS, ""),
+                    *(r.data.params.get(k, "") for k in keys),
+                    r.data.params.get(REPLICATES, ""),
+                    "" if duration is None else f"{duration:.1f}",
+                    *(r.data.metrics.get(m, "") for m in metrics),
+                ]
+            )
     return path
 
 
@@ -364,29 +413,38 @@ def runs_from_csv(path: Path) -> list[Any]:
         columns = reader.fieldnames or []
         if columns[:2] != ["run_id", "method"] or REPLICATES not in columns or "seconds" not in columns:
             raise ValueError(f"{path}: not a runs.csv of python -m diito.report (columns run_id, method, ..., seed, seconds, metrics)")
-        params = columns[2:columns.index("seconds")]
-        metrics = columns[columns.index("seconds") + 1:]
+        params = columns[2 : columns.index("seconds")]
+        metrics = columns[columns.index("seconds") + 1 :]
         runs = []
         for i, row in enumerate(reader):
             end = i * 10**6 + round(float(row["seconds"]) * 1000) if row["seconds"] else None
-            runs.append(SimpleNamespace(info=SimpleNamespace(run_id=row["run_id"], start_time=i * 10**6, end_time=end),
-                                        data=SimpleNamespace(params={k: row[k] for k in params if row[k] != ""},
-                                                             metrics={k: float(row[k]) for k in metrics if row[k] != ""},
-                                                             tags={tags.LOSS: row["method"]})))
+            runs.append(
+                SimpleNamespace(
+                    info=SimpleNamespace(run_id=row["run_id"], start_time=i * 10**6, end_time=end),
+                    data=SimpleNamespace(
+                        params={k: row[k] for k in params if row[k] != ""},
+                        metrics={k: float(row[k]) for k in metrics if row[k] != ""},
+                        tags={tags.LOSS: row["method"]},
+                    ),
+                )
+            )
     return runs
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m diito.report", description=__doc__.split("\n\n")[0])
-    parser.add_argument("target", help="experiment name, sweep id (tag diito.sweep_id), the sweep's parent run id, "
-                                       "or a runs.csv this command exported")
+    parser.add_argument(
+        "target", help="experiment name, sweep id (tag diito.sweep_id), the sweep's parent run id, or a runs.csv this command exported"
+    )
     parser.add_argument("--metric", default="validation/accuracy")
     parser.add_argument("--x", help="heatmap columns (default: the first varying key)")
     parser.add_argument("--y", help="heatmap rows (default: the second varying key)")
     parser.add_argument("--size", default=SIZE, help=f"the key of the learning curve, drawn when it varies (default {SIZE})")
     parser.add_argument("--out", default=".", help="folder for the table, the heatmap, the learning curve and runs.csv")
-    parser.add_argument("--tracking-uri", help="the store (default: the one jobs log to: MLFLOW_TRACKING_URI, else the project "
-                                                "folder's mlflow.db, DIITO_HOME)")
+    parser.add_argument(
+        "--tracking-uri",
+        help="the store (default: the one jobs log to: MLFLOW_TRACKING_URI, else the project folder's mlflow.db, DIITO_HOME)",
+    )
     args = parser.parse_args(argv)
 
     parent_id = None

@@ -88,11 +88,10 @@ def held(state: ResumeState, holder: bool = True) -> Iterator[None]:
     try:
         lock.acquire(timeout=0)
     except Timeout:
-        raise JobRunning(f"an identical job is already running (its state: {state.folder}); "
-                         "wait for it to end, or change a setting to run another job") from None
+        raise JobRunning(
+            f"an identical job is already running (its state: {state.folder}); wait for it to end, or change a setting to run another job"
+        ) from None
     try:
         yield
     finally:
         lock.release()
-
-

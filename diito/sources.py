@@ -118,7 +118,9 @@ def _read_delimited(path: Path, header: bool) -> pd.DataFrame:
     except csv.Error as e:
         if str(e) == "unexpected end of data":
             raise DataError(f"{path}:{start}: a quote opens a text that is never closed") from None
-        raise DataError(f'{path}:{start}: not valid CSV ({e}); a text with quotes is quoted whole, its quotes doubled: "say ""hi"""') from None
+        raise DataError(
+            f'{path}:{start}: not valid CSV ({e}); a text with quotes is quoted whole, its quotes doubled: "say ""hi"""'
+        ) from None
     finally:
         csv.field_size_limit(limit)
     if not rows:
@@ -204,7 +206,9 @@ def _json_values(path: Path, df: pd.DataFrame, texts: Sequence[Column], others: 
             if isinstance(value, str):
                 values.append(value)
             elif column in texts or value is None or isinstance(value, (dict, list)):
-                raise DataError(f"{path}:{line}: {column!r} is {_json_kind(value)}, not {'a string' if column in texts else 'a string or a number'}")
+                raise DataError(
+                    f"{path}:{line}: {column!r} is {_json_kind(value)}, not {'a string' if column in texts else 'a string or a number'}"
+                )
             else:
                 values.append(json.dumps(value))
         df[column] = values
@@ -228,9 +232,7 @@ def _read_columns(path: Path, key: str, header: bool = True) -> list[Column]:
 def _require(path: Path | str, columns: Sequence[Column], needed: Sequence[Column | None], key: str) -> None:
     for col in needed:
         if col is not None and col not in columns:
-            raise DataError(
-                f"{path}: no column {col!r} (columns: {', '.join(map(str, columns))}); fix {key}"
-            )
+            raise DataError(f"{path}: no column {col!r} (columns: {', '.join(map(str, columns))}); fix {key}")
 
 
 # ---------------------------------------------------------------- labels
@@ -256,8 +258,10 @@ def _labels(raw: pd.Series, spec: TaskSpec, names: list[str] | None, path: Path 
         if by_name.isna().any():
             unseen = raw[by_name.isna()].drop_duplicates()
             more = f" (and {', '.join(map(repr, unseen.iloc[1:4]))}{', ...' if len(unseen) > 4 else ''})" if len(unseen) > 1 else ""
-            raise DataError(f"{path}:{unseen.index[0]}: label {unseen.iloc[0]!r}{more} is not a label of the training file {names_from} "
-                            f"({', '.join(map(repr, names))}); labels are matched by name, never read as class ids")
+            raise DataError(
+                f"{path}:{unseen.index[0]}: label {unseen.iloc[0]!r}{more} is not a label of the training file {names_from} "
+                f"({', '.join(map(repr, names))}); labels are matched by name, never read as class ids"
+            )
         return by_name.to_numpy(np.int64)
     if by_name.notna().all():
         return by_name.to_numpy(np.int64)
@@ -266,11 +270,15 @@ def _labels(raw: pd.Series, spec: TaskSpec, names: list[str] | None, path: Path 
         return by_id.to_numpy(np.int64)
     neither = raw[by_name.isna() & by_id.isna()]
     if len(neither):
-        raise DataError(f"{path}:{neither.index[0]}: label {neither.iloc[0]!r} is not one of label_names {names} nor a class id "
-                        f"0..{len(names) - 1}; fix task.label_names or the file")
+        raise DataError(
+            f"{path}:{neither.index[0]}: label {neither.iloc[0]!r} is not one of label_names {names} nor a class id "
+            f"0..{len(names) - 1}; fix task.label_names or the file"
+        )
     a_name, an_id = raw[by_id.isna()], raw[by_name.isna()]
-    raise DataError(f"{path}:{an_id.index[0]}: label {an_id.iloc[0]!r} is a class id, but line {a_name.index[0]}'s {a_name.iloc[0]!r} "
-                    f"is a name of label_names {names}: a file gives all its labels as names or all as ids 0..{len(names) - 1}")
+    raise DataError(
+        f"{path}:{an_id.index[0]}: label {an_id.iloc[0]!r} is a class id, but line {a_name.index[0]}'s {a_name.iloc[0]!r} "
+        f"is a name of label_names {names}: a file gives all its labels as names or all as ids 0..{len(names) - 1}"
+    )
 
 
 def _one_spelling(raw: pd.Series, path: Path) -> None:
@@ -283,8 +291,10 @@ def _one_spelling(raw: pd.Series, path: Path) -> None:
             continue
         if value in first:
             spelt, where = first[value]
-            raise DataError(f"{path}:{line}: label {label!r} is line {where}'s {spelt!r} spelt another way, which would make it "
-                            "a class of its own; spell each label one way")
+            raise DataError(
+                f"{path}:{line}: label {label!r} is line {where}'s {spelt!r} spelt another way, which would make it "
+                "a class of its own; spell each label one way"
+            )
         first[value] = (label, line)
 
 
@@ -305,8 +315,14 @@ def _warn_rare(labels: np.ndarray, lines: pd.Index, names: list[str], path: Path
     for label, count in enumerate(counts):
         if 0 < count <= RARE and counts.max() >= 10 * count:
             where = ", ".join(str(lines[i]) for i in np.flatnonzero(labels == label))
-            log.warning("%s: label %r occurs only %d time(s) (line %s; the commonest label %d times): it is a class of its own; "
-                        "a typo?", path, names[label], count, where, counts.max())
+            log.warning(
+                "%s: label %r occurs only %d time(s) (line %s; the commonest label %d times): it is a class of its own; a typo?",
+                path,
+                names[label],
+                count,
+                where,
+                counts.max(),
+            )
 
 
 def _examples(
@@ -353,9 +369,7 @@ def _load_rotten_tomatoes(spec: TaskSpec) -> dict[str, Examples]:
     # Splits keep the shuffled order (the file lists all positives first), so that "the first N
     # examples" (max_train_examples, max_eval_examples) hold both labels.
     return {
-        split: _examples(
-            df.iloc[idx], spec.text_fields, spec.label_field, "_id", spec, spec.label_names, path
-        )
+        split: _examples(df.iloc[idx], spec.text_fields, spec.label_field, "_id", spec, spec.label_names, path)
         for split, idx in parts.items()
     }
 
@@ -438,7 +452,7 @@ def _load_files(spec: TaskSpec) -> tuple[dict[str, Examples], list[str] | None]:
         label = spec.label_field if split != "test" or spec.label_field in df.columns else None  # test labels: all or none
         _require(path, list(df.columns), [*spec.text_fields, label, spec.id_field], _FILES_KEYS)
         frames[split] = (path, _json_values(path, df, spec.text_fields, [label, spec.id_field]), label)
-    for split, (path, df, label) in frames.items():
+    for path, df, label in frames.values():
         if label is not None:  # a blank label would otherwise become a class of its own
             blank = df.index[df[label].str.strip().eq("")]
             if len(blank):
@@ -527,8 +541,9 @@ def _carve_selection(spec: TaskSpec, splits: dict[str, Examples]) -> dict[str, E
     if size >= len(train):
         raise DataError(f"task.selection_size: {size} examples to hold out, but the training set has only {len(train)}")
     try:
-        kept, held = train_test_split(np.arange(len(train)), test_size=size, random_state=spec.selection_seed,
-                                      stratify=None if spec.regression else train.labels)
+        kept, held = train_test_split(
+            np.arange(len(train)), test_size=size, random_state=spec.selection_seed, stratify=None if spec.regression else train.labels
+        )
     except ValueError as e:  # a class too rare to be in both parts
         raise DataError(f"task.selection_split: cannot hold out {size} of {len(train)} training examples by label ({e})") from e
 

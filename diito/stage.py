@@ -54,13 +54,24 @@ def datasets(data: Prepared) -> list[tracking.DatasetRecord]:
     """The splits a stage reads, for MLflow's run inputs."""
     spec = data.spec
     contexts = {"train": "training"} | dict.fromkeys(spec.eval_splits, "validation") | dict.fromkeys(data.test_splits, "test")
-    return [tracking.DatasetRecord(f"{spec.name}/{split}", data.encoded[split].digest(), spec.origin(split), len(data.encoded[split]), context)
-            for split, context in contexts.items() if split in data.encoded]
+    return [
+        tracking.DatasetRecord(f"{spec.name}/{split}", data.encoded[split].digest(), spec.origin(split), len(data.encoded[split]), context)
+        for split, context in contexts.items()
+        if split in data.encoded
+    ]
 
 
 @contextlib.contextmanager
-def tracked(role: str, state: ResumeState, settings: tracking.TrackingConfig, run_name: str, run_tags: dict[str, Any], record: Record,
-            data: Prepared, rank: Rank) -> Iterator[tracking.Run | tracking.NullRun]:
+def tracked(
+    role: str,
+    state: ResumeState,
+    settings: tracking.TrackingConfig,
+    run_name: str,
+    run_tags: dict[str, Any],
+    record: Record,
+    data: Prepared,
+    rank: Rank,
+) -> Iterator[tracking.Run | tracking.NullRun]:
     """The stage's run (rank 0's; other ranks log nothing), continued when its resume ``state``
     names one, with what it was asked and what it reads already logged."""
     runs = tracking.resumable_run(state, settings, run_name, {tags.ROLE: role} | run_tags) if rank.index == 0 else tracking.no_run()
@@ -77,9 +88,21 @@ def tracked(role: str, state: ResumeState, settings: tracking.TrackingConfig, ru
         yield run
 
 
-def fit(name: str, model: torch.nn.Module, step: LossFn, data: Prepared, settings: TrainerConfig, optim: OptimConfig, seed: int,
-        rank: Rank, state: ResumeState, run: tracking.Run | tracking.NullRun, tracking_settings: tracking.TrackingConfig,
-        probe: Callable[[], dict[str, float]] | None = None, reference: dict[str, torch.nn.Module] | None = None) -> Fitted | None:
+def fit(
+    name: str,
+    model: torch.nn.Module,
+    step: LossFn,
+    data: Prepared,
+    settings: TrainerConfig,
+    optim: OptimConfig,
+    seed: int,
+    rank: Rank,
+    state: ResumeState,
+    run: tracking.Run | tracking.NullRun,
+    tracking_settings: tracking.TrackingConfig,
+    probe: Callable[[], dict[str, float]] | None = None,
+    reference: dict[str, torch.nn.Module] | None = None,
+) -> Fitted | None:
     """Fit ``model`` with the loss ``step`` on ``data`` (this rank's share of each batch, reshuffled
     from ``seed``), judged on the evaluation splits (and ``probe``'s metrics) for keep-best and early
     stopping; checkpoints in ``state``. On rank 0, score the final weights on every evaluation and
@@ -88,11 +111,30 @@ def fit(name: str, model: torch.nn.Module, step: LossFn, data: Prepared, setting
     evaluator = Evaluator(data, settings.eval_batch_size, settings.precision, rank.device)
     if rank.world > 1:  # each rank runs the whole step (for the student: base and counterfactual runs) through DDP's forward
         step = DistributedDataParallel(step, device_ids=[rank.device.index] if rank.device.type == "cuda" else None)
-    loader = data.loader("train", settings.batch_size, train=True, seed=seed, shuffle=settings.shuffle, length_grouped=settings.length_grouped,
-                         rank=rank.index, world=rank.world)
+    loader = data.loader(
+        "train",
+        settings.batch_size,
+        train=True,
+        seed=seed,
+        shuffle=settings.shuffle,
+        length_grouped=settings.length_grouped,
+        rank=rank.index,
+        world=rank.world,
+    )
     validation = Validation(lambda: evaluator.metrics(model) | (probe() if probe else {}), data.spec.main_metric_key)
-    trainer = Trainer(model, step, loader, settings, optim, state.checkpoints, validation, run.log_metrics, name=name, device=rank.device,
-                      owner=state.identity)
+    trainer = Trainer(
+        model,
+        step,
+        loader,
+        settings,
+        optim,
+        state.checkpoints,
+        validation,
+        run.log_metrics,
+        name=name,
+        device=rank.device,
+        owner=state.identity,
+    )
     with tracking.system_metrics(run, tracking_settings):
         end = trainer.fit()
     if rank.index != 0:  # rank 0 evaluates and logs
@@ -101,7 +143,12 @@ def fit(name: str, model: torch.nn.Module, step: LossFn, data: Prepared, setting
     log.info("%s: final evaluation", name)
     predictions = evaluator.predict(model, list(data.spec.eval_splits) + data.test_splits)
     scores = evaluator.score(predictions)
-    training = {"best_step": end.best_step or end.step, "steps": end.step, "epochs": trainer.epochs_run, "time/train_seconds": end.train_seconds}
+    training = {
+        "best_step": end.best_step or end.step,
+        "steps": end.step,
+        "epochs": trainer.epochs_run,
+        "time/train_seconds": end.train_seconds,
+    }
     run.log_metrics(scores | training | evaluator.footprint({name: model} | (reference or {})), end.step)
     if (label := one_class(predictions, data)) is not None:
         warn_one_class(label, data, f"the {name}")

@@ -84,7 +84,9 @@ def check(uri: str, timeout: float) -> None:
             urllib.request.urlopen(parts._replace(netloc=host).geturl().rstrip("/") + "/health", timeout=timeout).close()
         except OSError as e:
             reason = getattr(e, "reason", e)
-            raise StoreError(f"no MLflow server answers at {mask(uri)} ({reason}); start one (mlflow server) or use tracking=mlflow") from None
+            raise StoreError(
+                f"no MLflow server answers at {mask(uri)} ({reason}); start one (mlflow server) or use tracking=mlflow"
+            ) from None
     if scheme in ("postgresql", "mysql", "mssql"):
         _check_database(uri, timeout)
     if scheme == "sqlite":
@@ -125,17 +127,22 @@ def _check_sqlite(uri: str, timeout: float) -> None:
     if not path.exists():
         return
     try:  # mode=rw: never creates a database
-        with contextlib.closing(sqlite3.connect(f"{path.absolute().as_uri()}?mode=rw", uri=True, timeout=timeout,
-                                                isolation_level=None)) as db:
+        with contextlib.closing(
+            sqlite3.connect(f"{path.absolute().as_uri()}?mode=rw", uri=True, timeout=timeout, isolation_level=None)
+        ) as db:
             db.execute("SELECT count(*) FROM sqlite_master").fetchone()  # reads the header: a database at all?
             db.execute("BEGIN IMMEDIATE")  # the write lock a job takes to log (waits out other jobs' short ones)
             db.execute("ROLLBACK")
     except sqlite3.DatabaseError as e:
         if e.sqlite_errorname in ("SQLITE_BUSY", "SQLITE_LOCKED"):
-            raise StoreError(f"{uri} is locked by another program (still after tracking.timeout={timeout:g} s); "
-                             "end the program that holds it (an open sqlite3 session, a database browser) and run again") from None
+            raise StoreError(
+                f"{uri} is locked by another program (still after tracking.timeout={timeout:g} s); "
+                "end the program that holds it (an open sqlite3 session, a database browser) and run again"
+            ) from None
         if e.sqlite_errorname in ("SQLITE_NOTADB", "SQLITE_CORRUPT"):
-            raise StoreError(f"{uri} is not an SQLite database ({path}: {e}); move that file away or set tracking.uri=<another store>") from None
+            raise StoreError(
+                f"{uri} is not an SQLite database ({path}: {e}); move that file away or set tracking.uri=<another store>"
+            ) from None
         raise StoreError(f"{uri} cannot be opened ({e})") from None
 
 
@@ -147,12 +154,16 @@ def _check_database(uri: str, timeout: float) -> None:
     try:
         engine = sqlalchemy.create_engine(uri, poolclass=NullPool, connect_args={"connect_timeout": max(1, round(timeout))})
     except (ImportError, sqlalchemy.exc.NoSuchModuleError) as e:
-        raise StoreError(f"{mask(uri)}: the database driver is not installed ({e}); for PostgreSQL: pip install 'diito[postgres]'") from None
+        raise StoreError(
+            f"{mask(uri)}: the database driver is not installed ({e}); for PostgreSQL: pip install 'diito[postgres]'"
+        ) from None
     try:
         with engine.connect():
             pass
     except ImportError as e:
-        raise StoreError(f"{mask(uri)}: the database driver is not installed ({e}); for PostgreSQL: pip install 'diito[postgres]'") from None
+        raise StoreError(
+            f"{mask(uri)}: the database driver is not installed ({e}); for PostgreSQL: pip install 'diito[postgres]'"
+        ) from None
     except sqlalchemy.exc.SQLAlchemyError as e:
         reason = mask(str(getattr(e, "orig", None) or e).strip().splitlines()[0])
         raise StoreError(f"cannot reach the tracking database {mask(uri)} ({reason})") from None
@@ -183,8 +194,11 @@ def _advisory_lock(uri: str) -> Iterator[None]:
     from sqlalchemy.pool import NullPool
 
     postgres = uri.startswith("postgresql")
-    take, release = (("SELECT pg_advisory_lock(:key)", "SELECT pg_advisory_unlock(:key)") if postgres else
-                     ("SELECT GET_LOCK(:key, -1)", "SELECT RELEASE_LOCK(:key)"))
+    take, release = (
+        ("SELECT pg_advisory_lock(:key)", "SELECT pg_advisory_unlock(:key)")
+        if postgres
+        else ("SELECT GET_LOCK(:key, -1)", "SELECT RELEASE_LOCK(:key)")
+    )
     key = _ADVISORY_KEY if postgres else "diito-mlflow-store"
     engine = sqlalchemy.create_engine(uri, poolclass=NullPool)
     try:

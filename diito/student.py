@@ -28,8 +28,19 @@ from diito.trainer import seed_everything
 log = logging.getLogger(__name__)
 
 
-def distill(rank: Rank, job: Job, cfg: DictConfig, all_data: Prepared, tokenizer, teacher: Teacher, outputs: TeacherOutputs | None,
-            output_dir: Path | None, hydra_dir: Path | None, job_name: str, sweep: dict[str, str] | None) -> float:
+def distill(
+    rank: Rank,
+    job: Job,
+    cfg: DictConfig,
+    all_data: Prepared,
+    tokenizer,
+    teacher: Teacher,
+    outputs: TeacherOutputs | None,
+    output_dir: Path | None,
+    hydra_dir: Path | None,
+    job_name: str,
+    sweep: dict[str, str] | None,
+) -> float:
     """Distil the job's student from ``teacher`` (its base runs read from ``outputs`` when cached) on
     this ``rank``; returns its main validation metric (NaN on ranks other than 0, which neither
     evaluate nor log)."""
@@ -39,22 +50,45 @@ def distill(rank: Rank, job: Job, cfg: DictConfig, all_data: Prepared, tokenizer
     data = all_data.limited(c.trainer.max_train_examples, c.trainer.max_eval_examples, subset_seed(c))
     teacher = teacher.on(rank.device)
     state = resume.of_job(c.paths.cache, job.hash)
-    run_tags = tracking.sweep_tags(sweep) | teacher.tags | (outputs.tags if outputs else {tags.TEACHER_OUTPUTS: "live"}) | tracking.git_tags() | {
-        tags.TASK: c.task.name, tags.TEACHER: c.teacher.name, tags.STUDENT_LAYERS: c.student.layers, tags.LOSS: c.loss.kind,
-        tags.CONFIG_HASH: job.hash,
-    }
+    run_tags = (
+        tracking.sweep_tags(sweep)
+        | teacher.tags
+        | (outputs.tags if outputs else {tags.TEACHER_OUTPUTS: "live"})
+        | tracking.git_tags()
+        | {
+            tags.TASK: c.task.name,
+            tags.TEACHER: c.teacher.name,
+            tags.STUDENT_LAYERS: c.student.layers,
+            tags.LOSS: c.loss.kind,
+            tags.CONFIG_HASH: job.hash,
+        }
+    )
     name = c.tracking.run_name or summary.run_name(c.task.name, c.loss.kind, c.student.layers, job_name, sweep and sweep.get("varying"))
     with stage.tracked(tags.STUDENT_ROLE, state, c.tracking, name, run_tags, record(job, cfg, hydra_dir), data, rank) as run:
         seed_everything(c.seed)  # the student's fresh weights (a new classifier) come from the job's seed
         source = teacher.model if c.student.init_from == "teacher" else load_pretrained(c.teacher.model, data.num_labels, c.seed)
         student = build_student(source, job.student_blocks, copy_classifier=c.student.init_from == "teacher").to(rank.device)
-        objective = DistillationObjective(c.loss, job.patience_layers, job.mapping, interchange=c.intervention,
-                                          teacher_outputs=outputs and outputs.reader("train"))
+        objective = DistillationObjective(
+            c.loss, job.patience_layers, job.mapping, interchange=c.intervention, teacher_outputs=outputs and outputs.reader("train")
+        )
         if job.mapping and rank.index == 0:
             log.info("intervention mapping (student <-> teacher blocks):\n%s", mapping_table(job.mapping))
         probe = intervention_probe(objective, student, teacher.model, data, c.trainer.eval_batch_size, c.seed, rank.device)
-        fitted = stage.fit("student", student, DistillationStep(student, teacher.model, objective), data, c.trainer, c.optim, c.seed, rank,
-                           state, run, c.tracking, probe, reference={"teacher": teacher.model})
+        fitted = stage.fit(
+            "student",
+            student,
+            DistillationStep(student, teacher.model, objective),
+            data,
+            c.trainer,
+            c.optim,
+            c.seed,
+            rank,
+            state,
+            run,
+            c.tracking,
+            probe,
+            reference={"teacher": teacher.model},
+        )
         if fitted is None:
             return math.nan
         output_dir = Path(output_dir or tempfile.mkdtemp(prefix="diito-"))
@@ -64,8 +98,17 @@ def distill(rank: Rank, job: Job, cfg: DictConfig, all_data: Prepared, tokenizer
             log.info("student: saving to %s", output_dir / "student")
             name_labels(student, data.label_names)
             folder = save_model(student, tokenizer, output_dir / "student")
-            logged_model.log_student(run, student, tokenizer, input_example(data, tokenizer), folder, fitted.scores, fitted.state.step,
-                                     stage.datasets(data), c.tracking.registered_model)
+            logged_model.log_student(
+                run,
+                student,
+                tokenizer,
+                input_example(data, tokenizer),
+                folder,
+                fitted.scores,
+                fitted.state.step,
+                stage.datasets(data),
+                c.tracking.registered_model,
+            )
         evaluator = Evaluator(data, c.trainer.eval_batch_size, c.trainer.precision, rank.device)
         teacher_scores = evaluator.score(evaluator.predict(teacher.model, list(c.task.eval_splits) + data.test_splits))
         run.log_metrics({f"teacher/{k}": v for k, v in teacher_scores.items()}, fitted.state.step)
@@ -78,11 +121,22 @@ def outcome(job: Job, data: Prepared, fitted: stage.Fitted, teacher_scores: dict
     """The job's result for the console and ``metrics.json``: both models on the same examples."""
     c, end = job.config, fitted.state
     return summary.Outcome(
-        task=c.task.name, loss=c.loss.kind, main_metric=c.task.main_metric_key, student=fitted.scores, teacher=teacher_scores,
-        student_from={"layers": c.student.layers, "blocks": job.student_blocks, "best_step": end.best_step or end.step,
-                      "steps": end.step, "examples": {s: len(data.encoded[s]) for s in list(c.task.eval_splits) + data.test_splits}},
+        task=c.task.name,
+        loss=c.loss.kind,
+        main_metric=c.task.main_metric_key,
+        student=fitted.scores,
+        teacher=teacher_scores,
+        student_from={
+            "layers": c.student.layers,
+            "blocks": job.student_blocks,
+            "best_step": end.best_step or end.step,
+            "steps": end.step,
+            "examples": {s: len(data.encoded[s]) for s in list(c.task.eval_splits) + data.test_splits},
+        },
         teacher_from={"name": c.teacher.name, "source": teacher.source, "path": teacher.path, "run_id": teacher.run_id},
-        run_id=run.run_id, experiment_id=run.client.get_run(run.run_id).info.experiment_id if run.run_id else None)
+        run_id=run.run_id,
+        experiment_id=run.client.get_run(run.run_id).info.experiment_id if run.run_id else None,
+    )
 
 
 def subset_seed(c: config.JobConfig) -> int:
@@ -101,8 +155,11 @@ def record(job: Job, cfg: DictConfig, hydra_dir: Path | None) -> stage.Record:
     for key, variable in from_env.items():
         *parents, leaf = key.split(".")
         functools.reduce(dict.get, parents, resolved)[leaf] = f"<${variable}>"
-    return stage.Record({k: f"<${from_env[k]}>" if k in from_env else v for k, v in params.items()},
-                        OmegaConf.to_yaml(OmegaConf.create(resolved)), {".hydra": hydra_dir} if hydra_dir else {})
+    return stage.Record(
+        {k: f"<${from_env[k]}>" if k in from_env else v for k, v in params.items()},
+        OmegaConf.to_yaml(OmegaConf.create(resolved)),
+        {".hydra": hydra_dir} if hydra_dir else {},
+    )
 
 
 def input_example(data: Prepared, tokenizer, n: int = 2) -> list:
@@ -114,7 +171,9 @@ def input_example(data: Prepared, tokenizer, n: int = 2) -> list:
     for i in range(min(n, len(encoded))):
         ids, types = encoded.input_ids[i], encoded.token_type_ids[i] if encoded.token_type_ids else None
         if types and any(types):  # segment ids tell the pair's two texts apart
-            examples.append({"text": decode([t for t, s in zip(ids, types) if s == 0]), "text_pair": decode([t for t, s in zip(ids, types) if s == 1])})
+            examples.append(
+                {"text": decode([t for t, s in zip(ids, types) if s == 0]), "text_pair": decode([t for t, s in zip(ids, types) if s == 1])}
+            )
         else:
             examples.append(decode(ids))
     return examples

@@ -63,9 +63,13 @@ def how_to_open(tracking_uri: str | None, root: str | Path) -> str:
 def write(outcome: Outcome, folder: Path) -> Path:
     """``metrics.json``: the final scores and where they came from."""
     record = {
-        "task": outcome.task, "loss": outcome.loss, "main_metric": outcome.main_metric,
-        "student": outcome.student, "teacher": outcome.teacher,
-        "student_from": outcome.student_from, "teacher_from": outcome.teacher_from,
+        "task": outcome.task,
+        "loss": outcome.loss,
+        "main_metric": outcome.main_metric,
+        "student": outcome.student,
+        "teacher": outcome.teacher,
+        "student_from": outcome.student_from,
+        "teacher_from": outcome.teacher_from,
         "mlflow": {"run_id": outcome.run_id, "experiment_id": outcome.experiment_id, "link": outcome.link} if outcome.run_id else None,
     }
     folder.mkdir(parents=True, exist_ok=True)
@@ -76,13 +80,19 @@ def block(outcome: Outcome, metrics_file: Path, opener: str = "") -> str:
     """The lines a job ends with: a small table of scores, the run, the link."""
     name = outcome.main_metric.split("/", 1)[1]
     splits = [k for k in outcome.student if k.split("/", 1)[1] == name]  # the main metric on every split
-    rows = [["", *splits], ["student", *(f"{outcome.student[k]:.4f}" for k in splits)],
-            ["teacher", *(f"{outcome.teacher[k]:.4f}" if k in outcome.teacher else "-" for k in splits)]]
+    rows = [
+        ["", *splits],
+        ["student", *(f"{outcome.student[k]:.4f}" for k in splits)],
+        ["teacher", *(f"{outcome.teacher[k]:.4f}" if k in outcome.teacher else "-" for k in splits)],
+    ]
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     table = ["  " + "  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
     kept = outcome.student_from
-    lines = [f"result: {outcome.task}, {outcome.loss.upper()} student ({kept['layers']} layers, the weights of step "
-             f"{kept['best_step']} of {kept['steps']}), teacher {outcome.teacher_from['name']}", *table]
+    lines = [
+        f"result: {outcome.task}, {outcome.loss.upper()} student ({kept['layers']} layers, the weights of step "
+        f"{kept['best_step']} of {kept['steps']}), teacher {outcome.teacher_from['name']}",
+        *table,
+    ]
     if outcome.run_id:
         lines.append(f"  MLflow run {outcome.run_id}: {outcome.link}" + (f" {opener}" if opener else ""))
     else:

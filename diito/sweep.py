@@ -123,8 +123,11 @@ def end_stopped_sweep(stop: BaseException) -> None:
     parent = f"its MLflow parent run {info['parent_run_id']} ({info['name']})"
     if isinstance(stop, KeyboardInterrupt):
         tracking.stop_sweep(settings, info, "KILLED")
-        print(f"sweep stopped by {interrupts.signal_name()}: {parent} is marked KILLED; run the same command again to "
-              "finish it (finished jobs are skipped)", file=sys.stderr)
+        print(
+            f"sweep stopped by {interrupts.signal_name()}: {parent} is marked KILLED; run the same command again to "
+            "finish it (finished jobs are skipped)",
+            file=sys.stderr,
+        )
     else:  # Hydra prints an error and exits: the error is the exit's context
         error = stop.__context__ if isinstance(stop, SystemExit) else stop
         tracking.stop_sweep(settings, info, "FAILED", f"{type(error).__name__}: {error}" if error else f"exit code {stop.code}")

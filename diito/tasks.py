@@ -152,9 +152,7 @@ class TaskSpec(_Strict):
             problems.append("selection_split: needs an eval split of the task's own besides it (the untouched evaluation)")
         if self.selection_size is not None and not self.selection_split:
             problems.append("selection_size: holds out nothing without selection_split=true")
-        if self.source in ("rotten_tomatoes", "files") and (
-            self.split_names != ["train", "validation", "test"]
-        ):
+        if self.source in ("rotten_tomatoes", "files") and (self.split_names != ["train", "validation", "test"]):
             problems.append(f"eval_splits/test_splits: must be [validation]/[test] for {self.source!r}")
         if problems:
             raise ValueError("; ".join(problems))

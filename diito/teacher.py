@@ -51,15 +51,26 @@ class Recipe(BaseModel):
     def _from_flat(cls, given: Any, handler):
         if isinstance(given, dict) and not {"loop", "optim"} & given.keys():
             # the optimizer takes every other key: its own arguments (betas, eps ...) are open-ended
-            given = {"loop": {"epochs": 1} | {k: v for k, v in given.items() if k in LoopConfig.model_fields},
-                     "optim": {k: v for k, v in given.items() if k not in LoopConfig.model_fields and k != "seed"},
-                     **({"seed": given["seed"]} if "seed" in given else {})}
+            given = {
+                "loop": {"epochs": 1} | {k: v for k, v in given.items() if k in LoopConfig.model_fields},
+                "optim": {k: v for k, v in given.items() if k not in LoopConfig.model_fields and k != "seed"},
+                **({"seed": given["seed"]} if "seed" in given else {}),
+            }
         try:
             return handler(given)
         except ValidationError as e:  # teacher.recipe.lr, not teacher.recipe.optim.lr: the key as written
-            raise ValidationError.from_exception_data(e.title, [
-                InitErrorDetails(type=err["type"], loc=tuple(err["loc"][1:] if err["loc"][:1] in [(part,) for part in cls.FLAT] else err["loc"]),
-                                 input=err["input"], ctx=err.get("ctx", {})) for err in e.errors()]) from None
+            raise ValidationError.from_exception_data(
+                e.title,
+                [
+                    InitErrorDetails(
+                        type=err["type"],
+                        loc=tuple(err["loc"][1:] if err["loc"][:1] in [(part,) for part in cls.FLAT] else err["loc"]),
+                        input=err["input"],
+                        ctx=err.get("ctx", {}),
+                    )
+                    for err in e.errors()
+                ],
+            ) from None
 
     @model_serializer(mode="wrap")
     def _flat(self, handler) -> dict[str, Any]:
@@ -104,8 +115,15 @@ class Teacher:
         return dataclasses.replace(self, model=load_finetuned(folder).to(device).eval())
 
 
-def obtain_teacher(config: TeacherConfig, data: Prepared, tokenizer, run_settings: TrainerConfig, tracking_config: tracking.TrackingConfig,
-                   cache_dir: Path, device: torch.device) -> Teacher:
+def obtain_teacher(
+    config: TeacherConfig,
+    data: Prepared,
+    tokenizer,
+    run_settings: TrainerConfig,
+    tracking_config: tracking.TrackingConfig,
+    cache_dir: Path,
+    device: torch.device,
+) -> Teacher:
     """The fine-tuned teacher: ``config.checkpoint``, the cache entry for this recipe, or fine-tuned
     now (in its own MLflow run). ``run_settings`` lends only how the job runs (threads, progress,
     checkpoint interval), never what is trained."""
@@ -114,12 +132,18 @@ def obtain_teacher(config: TeacherConfig, data: Prepared, tokenizer, run_setting
         return Teacher(None, "checkpoint", config.checkpoint).on(device)
     folder = cache_entry(config, data, cache_dir)
     state = ResumeState(folder, cache_key(config, data))  # the fine-tune's checkpoints and run, in the entry itself
-    info, built = cache.build_once(folder, lambda folder: _fine_tune(config, data, tokenizer, run_settings, tracking_config, state, device),
-                                   check=_damage)
+    info, built = cache.build_once(
+        folder, lambda folder: _fine_tune(config, data, tokenizer, run_settings, tracking_config, state, device), check=_damage
+    )
     state.clear_checkpoints()  # only once the entry is complete; its run's id stays, should the entry ever be rebuilt
     main = info.get("metrics", {}).get(data.spec.main_metric_key)
-    log.info("teacher: %s %s (%s%s)", "fine-tuned now," if built else "from the cache,", folder,
-             f"{data.spec.main_metric_key} {main:.4f}" if main is not None else "no metric", f", run {info['run_id']}" if info.get("run_id") else "")
+    log.info(
+        "teacher: %s %s (%s%s)",
+        "fine-tuned now," if built else "from the cache,",
+        folder,
+        f"{data.spec.main_metric_key} {main:.4f}" if main is not None else "no metric",
+        f", run {info['run_id']}" if info.get("run_id") else "",
+    )
     return Teacher(None, "fine-tuned" if built else "cache", str(folder), info.get("run_id"), info.get("metrics", {})).on(device)
 
 
@@ -140,8 +164,15 @@ def entry_to_build(config: TeacherConfig, data: Prepared, cache_dir: Path) -> Pa
     return None if config.checkpoint or (folder / cache.INFO_FILE).exists() else folder
 
 
-def _fine_tune(config: TeacherConfig, data: Prepared, tokenizer, run_settings: TrainerConfig, tracking_config: tracking.TrackingConfig,
-               state: ResumeState, device: torch.device) -> dict:
+def _fine_tune(
+    config: TeacherConfig,
+    data: Prepared,
+    tokenizer,
+    run_settings: TrainerConfig,
+    tracking_config: tracking.TrackingConfig,
+    state: ResumeState,
+    device: torch.device,
+) -> dict:
     """Fine-tune the base model with the recipe into the cache entry ``state`` names (its identity
     stamps the fine-tune's checkpoints and run record, so nothing else's is resumed): a tracked
     stage like the student's. Returns the entry's info."""
@@ -155,14 +186,28 @@ def _fine_tune(config: TeacherConfig, data: Prepared, tokenizer, run_settings: T
         return loss, {"ce": loss}
 
     asked = {"task": data.spec.model_dump(mode="json"), "teacher": config.model_dump(mode="json")}
-    record = stage.Record(identity.params({"task": data.spec.model_dump(), "teacher": config.model_dump()}),
-                          OmegaConf.to_yaml(OmegaConf.create(asked)))
+    record = stage.Record(
+        identity.params({"task": data.spec.model_dump(), "teacher": config.model_dump()}), OmegaConf.to_yaml(OmegaConf.create(asked))
+    )
     run_tags = {tags.TASK: data.spec.name, tags.TEACHER: config.name} | tracking.git_tags()
     here = Rank(0, 1, device)  # one process fine-tunes the teacher, whatever the student's ranks
-    with stage.tracked(tags.TEACHER_ROLE, state, tracking_config, f"teacher-{data.spec.name}-{config.name}", run_tags, record, data, here) as run:
+    with stage.tracked(
+        tags.TEACHER_ROLE, state, tracking_config, f"teacher-{data.spec.name}-{config.name}", run_tags, record, data, here
+    ) as run:
         seed_everything(recipe.seed)
-        fitted = stage.fit("teacher", model, loss_fn, data, run_settings.with_loop(recipe.loop), recipe.optim, recipe.seed, here, state, run,
-                           tracking_config)
+        fitted = stage.fit(
+            "teacher",
+            model,
+            loss_fn,
+            data,
+            run_settings.with_loop(recipe.loop),
+            recipe.optim,
+            recipe.seed,
+            here,
+            state,
+            run,
+            tracking_config,
+        )
         name_labels(model, data.label_names)
         save_model(model, tokenizer, state.folder / "model")
         return {"run_id": run.run_id, "metrics": fitted.scores, "steps": fitted.state.step}

@@ -107,14 +107,30 @@ def teacher_digest(folder: Path) -> str | None:
 def entry_key(teacher: str, splits: dict[str, Encoded], stored: Stored, dtype: torch.dtype, device: torch.device) -> str:
     """Everything that changes the stored outputs: the teacher's weights, the token ids of the stored
     splits, what is stored, the precision, and what computes it (device type, torch, transformers)."""
-    parts = {"format": FORMAT, "teacher": teacher, "data": {s: splits[s].digest() for s in stored.splits}, "stored": asdict(stored),
-             "dtype": str(dtype), "device": device.type, "torch": torch.__version__, "transformers": transformers.__version__}
+    parts = {
+        "format": FORMAT,
+        "teacher": teacher,
+        "data": {s: splits[s].digest() for s in stored.splits},
+        "stored": asdict(stored),
+        "dtype": str(dtype),
+        "device": device.type,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+    }
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
 
 
 # -- building ------------------------------------------------------------------------------------------
-def build(folder: Path, model: torch.nn.Module, splits: dict[str, Encoded], pad_token_id: int, stored: Stored, precision: str,
-          device: torch.device, batch_size: int = 64) -> dict:
+def build(
+    folder: Path,
+    model: torch.nn.Module,
+    splits: dict[str, Encoded],
+    pad_token_id: int,
+    stored: Stored,
+    precision: str,
+    device: torch.device,
+    batch_size: int = 64,
+) -> dict:
     """Run ``model`` over every example of the stored splits and write their outputs to ``folder``;
     returns the entry's manifest (its files' sizes and digest), which :func:`cache.build_once` writes
     last, so a build that stops part-way leaves no manifest and is built again."""
@@ -130,8 +146,9 @@ def build(folder: Path, model: torch.nn.Module, splits: dict[str, Encoded], pad_
         arrays = {"logits": np.lib.format.open_memmap(folder / f"{split}.logits.npy", "w+", np.float32, (n, model.config.num_labels))}
         hidden = model.config.hidden_size
         if stored.layers:
-            arrays["hidden"] = np.lib.format.open_memmap(folder / f"{split}.hidden.npy", "w+", _NUMPY[dtype],
-                                                         (int(offsets[-1]), len(stored.layers), hidden))
+            arrays["hidden"] = np.lib.format.open_memmap(
+                folder / f"{split}.hidden.npy", "w+", _NUMPY[dtype], (int(offsets[-1]), len(stored.layers), hidden)
+            )
         if stored.cls_layers:
             arrays["cls"] = np.lib.format.open_memmap(folder / f"{split}.cls.npy", "w+", _NUMPY[dtype], (n, len(stored.cls_layers), hidden))
         collate = PadCollate(enc, pad_token_id)
@@ -153,14 +170,19 @@ def build(folder: Path, model: torch.nn.Module, splits: dict[str, Encoded], pad_
             names.append(folder / f"{split}.{name}.npy")
         names += [folder / f"{split}.rows.npy", folder / f"{split}.offsets.npy"]
         del arrays
-    return {"format": FORMAT, "stored": asdict(stored), "dtype": str(dtype).removeprefix("torch."),
-            "hidden_states": model.config.num_hidden_layers + 1,
-            "files": {p.name: p.stat().st_size for p in names}, "digest": _digest_files(sorted(names))}
+    return {
+        "format": FORMAT,
+        "stored": asdict(stored),
+        "dtype": str(dtype).removeprefix("torch."),
+        "hidden_states": model.config.num_hidden_layers + 1,
+        "files": {p.name: p.stat().st_size for p in names},
+        "digest": _digest_files(sorted(names)),
+    }
 
 
 def _numpy(t: Tensor, dtype: torch.dtype) -> np.ndarray:
     t = t.to(dtype).cpu()
-    return (t.view(torch.int16).numpy().view(np.uint16) if dtype == torch.bfloat16 else t.numpy())
+    return t.view(torch.int16).numpy().view(np.uint16) if dtype == torch.bfloat16 else t.numpy()
 
 
 def damage(folder: Path) -> str | None:
@@ -214,8 +236,10 @@ class Reader:
         slots = np.searchsorted(self.rows, index)
         found = slots < len(self.rows)
         if not found.all() or (self.rows[slots] != index).any():
-            raise KeyError(f"teacher outputs: examples {index[~found | (self.rows[np.minimum(slots, len(self.rows) - 1)] != index)][:5].tolist()} "
-                           f"of split {self.split!r} are not cached")
+            raise KeyError(
+                f"teacher outputs: examples {index[~found | (self.rows[np.minimum(slots, len(self.rows) - 1)] != index)][:5].tolist()} "
+                f"of split {self.split!r} are not cached"
+            )
         starts, ends = self.offsets[slots], self.offsets[slots + 1]
         if not np.array_equal(ends - starts, mask.sum(1).cpu().numpy()):
             raise ValueError(f"teacher outputs: the cached lengths of split {self.split!r} are not the batch's (another split's batch?)")
@@ -255,11 +279,21 @@ class TeacherOutputs:
         return {tags.TEACHER_OUTPUTS: "built" if self.built else "cache", tags.TEACHER_OUTPUTS_PATH: str(self.folder)}
 
 
-def obtain(folder: Path, model: torch.nn.Module, splits: dict[str, Encoded], pad_token_id: int, stored: Stored, precision: str,
-           device: torch.device, batch_size: int = 64) -> TeacherOutputs:
+def obtain(
+    folder: Path,
+    model: torch.nn.Module,
+    splits: dict[str, Encoded],
+    pad_token_id: int,
+    stored: Stored,
+    precision: str,
+    device: torch.device,
+    batch_size: int = 64,
+) -> TeacherOutputs:
     """The cache entry at ``folder``, built now unless complete and sound (a damaged one is said and
     built again, never read)."""
-    info, built = cache.build_once(folder, lambda f: build(f, model, splits, pad_token_id, stored, precision, device, batch_size), check=damage)
+    info, built = cache.build_once(
+        folder, lambda f: build(f, model, splits, pad_token_id, stored, precision, device, batch_size), check=damage
+    )
     return TeacherOutputs(folder, info, built)
 
 
@@ -290,8 +324,12 @@ class Plan:
         """The entry for ``model``, the teacher saved in ``teacher_folder``."""
         folder = self.folder()
         outputs = obtain(folder, model, self.splits, self.pad_token_id, self.stored, self.precision, self.device, self.batch_size)
-        log.info("teacher outputs: %s %s (%s)", "computed now," if outputs.built else "from the cache,", folder,
-                 files.size(sum(outputs.info["files"].values())))
+        log.info(
+            "teacher outputs: %s %s (%s)",
+            "computed now," if outputs.built else "from the cache,",
+            folder,
+            files.size(sum(outputs.info["files"].values())),
+        )
         return outputs
 
 
@@ -305,13 +343,24 @@ def plan(job: Job, data: Prepared, device: torch.device) -> Plan | None:
     saved = Path(c.teacher.checkpoint) if c.teacher.checkpoint else cache_entry(c.teacher, data, Path(c.paths.cache)) / "model"
     splits_read = ("train",)  # the probe's teacher runs on its fixed validation pairs are computed once per job anyway
     stored = Stored.of(job.mapping, job.patience_layers if c.loss.beta > 0 else None, splits_read)
-    result = Plan(stored, splits, data.pad_token_id, c.task.name, c.trainer.precision, device, Path(c.paths.cache) / "teacher_outputs",
-                  c.trainer.eval_batch_size, saved)
+    result = Plan(
+        stored,
+        splits,
+        data.pad_token_id,
+        c.task.name,
+        c.trainer.precision,
+        device,
+        Path(c.paths.cache) / "teacher_outputs",
+        c.trainer.eval_batch_size,
+        saved,
+    )
     folder = result.folder()
     if folder is None or not (folder / cache.INFO_FILE).exists():
         need, free = nbytes(stored, splits, hidden, labels, storage_dtype(c.trainer.precision, device)), files.free_space(result.root)
         if need > free:
-            raise ConfigError(f"teacher.cache_outputs: the teacher's outputs would take {files.size(need)} in {result.root} and that disk "
-                              f"has {files.size(free)} free; free space there, or set teacher.cache_outputs=false (the teacher then "
-                              "runs in every step)")
+            raise ConfigError(
+                f"teacher.cache_outputs: the teacher's outputs would take {files.size(need)} in {result.root} and that disk "
+                f"has {files.size(free)} free; free space there, or set teacher.cache_outputs=false (the teacher then "
+                "runs in every step)"
+            )
     return result

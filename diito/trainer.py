@@ -208,8 +208,9 @@ def build_optimizer(model: torch.nn.Module, optim: OptimConfig, total_steps: int
         arguments["fused"] = device.type in ("cpu", "cuda")
     optimizer = locate(optim.target)(param_groups(model, optim.weight_decay), lr=optim.lr, **arguments)
     warmup = int(optim.warmup_ratio * total_steps)
-    scheduler = locate(optim.schedule.target)(optimizer, num_warmup_steps=warmup, num_training_steps=total_steps,
-                                              **(optim.schedule.model_extra or {}))
+    scheduler = locate(optim.schedule.target)(
+        optimizer, num_warmup_steps=warmup, num_training_steps=total_steps, **(optim.schedule.model_extra or {})
+    )
     return optimizer, scheduler
 
 
@@ -220,8 +221,11 @@ class NonFiniteLoss(ArithmeticError):
 def _rng_state() -> dict[str, Any]:
     """Every RNG's state, in types that ``torch.load(weights_only=True)`` reads back (tensors, lists)."""
     kind, keys, pos, has_gauss, cached = np.random.get_state()
-    state = {"python": random.getstate(), "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
-             "torch": torch.get_rng_state()}
+    state = {
+        "python": random.getstate(),
+        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
+        "torch": torch.get_rng_state(),
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -273,9 +277,21 @@ class Trainer:
     ``owner`` (the identity of what is trained: a checkpoint stamped otherwise is never resumed),
     metrics to ``log``; ``name`` labels the progress bar and log lines."""
 
-    def __init__(self, model: torch.nn.Module, loss_fn: LossFn, loader: torch.utils.data.DataLoader, config: TrainerConfig,
-                 optim: OptimConfig, checkpoint_dir: Path, validation: Validation, log: LogFn, *, name: str, device: torch.device,
-                 owner: str = ""):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        loss_fn: LossFn,
+        loader: torch.utils.data.DataLoader,
+        config: TrainerConfig,
+        optim: OptimConfig,
+        checkpoint_dir: Path,
+        validation: Validation,
+        log: LogFn,
+        *,
+        name: str,
+        device: torch.device,
+        owner: str = "",
+    ):
         self.model, self.loss_fn, self.loader, self.config = model, loss_fn, loader, config
         self.checkpoint_dir, self.validation, self.log, self.name, self.owner = checkpoint_dir, validation, log, name, owner
         self.device = device
@@ -359,8 +375,13 @@ class Trainer:
             except Exception as e:  # noqa: BLE001 - any unreadable file is handled alike
                 problem = f"is damaged ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
             if problem is not None:
-                log.warning("%s: checkpoint %s %s; %s", self.name, path, problem,
-                            "trying an earlier one" if i + 1 < len(candidates) else "starting afresh")
+                log.warning(
+                    "%s: checkpoint %s %s; %s",
+                    self.name,
+                    path,
+                    problem,
+                    "trying an earlier one" if i + 1 < len(candidates) else "starting afresh",
+                )
                 continue
             self.model.load_state_dict(ckpt["model"])
             self.optimizer.load_state_dict(ckpt["optimizer"])
@@ -390,7 +411,8 @@ class Trainer:
         saved, states = [i for group in saved_groups for i in group["params"]], ckpt["optimizer"]["state"]
         params = [p for group in groups for p in group["params"]]
         if [len(g["params"]) for g in saved_groups] != [len(g["params"]) for g in groups] or any(
-                torch.is_tensor(t) and t.dim() and t.shape != p.shape for i, p in zip(saved, params) for t in states.get(i, {}).values()):
+            torch.is_tensor(t) and t.dim() and t.shape != p.shape for i, p in zip(saved, params) for t in states.get(i, {}).values()
+        ):
             return "does not fit the optimizer (its parameters differ)"
         if bool(ckpt["scaler"]) != self.scaler.is_enabled():
             return "was trained in another precision (fp16's loss scaling differs)"
@@ -483,7 +505,7 @@ class Trainer:
         seed_everything(batch_seed(self.loader.batch_sampler.seed, s.epoch, s.batch_in_epoch + self.rank))
         batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
         no_sync = getattr(self.loss_fn, "no_sync", None)
-        with (no_sync() if no_sync and not last else contextlib.nullcontext()), autocast(self.config.precision, self.device):
+        with no_sync() if no_sync and not last else contextlib.nullcontext(), autocast(self.config.precision, self.device):
             loss, terms = self.loss_fn(batch)
             self.scaler.scale(loss / self.config.grad_accum).backward()
         s.batch_in_epoch += self.world
@@ -532,17 +554,29 @@ class Trainer:
     def _nonfinite(self, step_terms: list[dict[str, Tensor]], grad_norm: Tensor) -> None:
         """Skip the step (within ``skip_nonfinite``) or stop, naming the step and the terms."""
         s = self.state
-        bad = {name: float(value) for terms in step_terms for name, value in terms.items()
-               if name != "loss" and not math.isfinite(float(value))}
+        bad = {
+            name: float(value)
+            for terms in step_terms
+            for name, value in terms.items()
+            if name != "loss" and not math.isfinite(float(value))
+        }
         what = ", ".join(f"{name}={value}" for name, value in bad.items()) or f"the gradient (norm {float(grad_norm)})"
         if s.skipped_nonfinite < self.config.skip_nonfinite:
             s.skipped_nonfinite += 1
-            log.warning("%s: step %d: non-finite %s; batch skipped (%d of trainer.skip_nonfinite=%d)", self.name, s.step + 1, what,
-                        s.skipped_nonfinite, self.config.skip_nonfinite)
+            log.warning(
+                "%s: step %d: non-finite %s; batch skipped (%d of trainer.skip_nonfinite=%d)",
+                self.name,
+                s.step + 1,
+                what,
+                s.skipped_nonfinite,
+                self.config.skip_nonfinite,
+            )
             return
         kept = f"the last good checkpoint is {self._last}" if self._last.exists() else "no checkpoint was written before it"
-        raise NonFiniteLoss(f"{self.name} step {s.step + 1}: non-finite {what}; training stopped ({kept}; "
-                            f"lower optim.lr, or let trainer.skip_nonfinite skip such batches)")
+        raise NonFiniteLoss(
+            f"{self.name} step {s.step + 1}: non-finite {what}; training stopped ({kept}; "
+            f"lower optim.lr, or let trainer.skip_nonfinite skip such batches)"
+        )
 
     def _evaluate(self) -> None:
         """Rank 0 evaluates, keeps the best weights and decides early stopping for every rank."""
@@ -561,9 +595,16 @@ class Trainer:
         value = metrics[self.validation.main_metric]
         self.log(metrics, s.step)
         best = math.isfinite(value) and (s.best_metric is None or value > s.best_metric)  # NaN is never the best
-        log.info("%s evaluation at step %d/%d (epoch %.2f): %s %.4f%s", self.name, s.step, self.total_steps, self.epochs_run,
-                 self.validation.main_metric, value, " (best so far)" if best or s.best_metric is None
-                 else f" (best {s.best_metric:.4f} at step {s.best_step})")
+        log.info(
+            "%s evaluation at step %d/%d (epoch %.2f): %s %.4f%s",
+            self.name,
+            s.step,
+            self.total_steps,
+            self.epochs_run,
+            self.validation.main_metric,
+            value,
+            " (best so far)" if best or s.best_metric is None else f" (best {s.best_metric:.4f} at step {s.best_step})",
+        )
         if best:
             s.best_metric, s.best_step, s.evals_since_best = value, s.step, 0
             if self.config.keep_best:

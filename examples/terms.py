@@ -22,8 +22,10 @@ class HiddenStateMSE:
         student = out.student.hidden_states[self.student_layer].float()
         teacher = out.teacher.hidden_states[self.teacher_layer].float()
         if student.shape[-1] != teacher.shape[-1]:
-            raise ValueError(f"HiddenStateMSE compares outputs of equal width; the student's are {student.shape[-1]} wide, "
-                             f"the teacher's {teacher.shape[-1]}")
+            raise ValueError(
+                f"HiddenStateMSE compares outputs of equal width; the student's are {student.shape[-1]} wide, "
+                f"the teacher's {teacher.shape[-1]}"
+            )
         mask = out.attention_mask.to(student.dtype).unsqueeze(-1)
         mse = ((student - teacher) ** 2 * mask).sum() / (mask.sum() * student.shape[-1])
         with torch.no_grad():

@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 
-
 ROOT = Path(__file__).resolve().parents[1]
 GLUE = ROOT.parent / "shared" / "data" / "glue"  # real GLUE files, when this checkout has them
 
@@ -35,8 +34,9 @@ def run_cli(args: list[str], home: Path, timeout: int = 600, **env) -> subproces
     """``python run.py ARGS`` in a subprocess, with ``home`` as the project folder."""
     environment = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
     environment |= {"DIITO_HOME": str(home), "HF_HUB_OFFLINE": "1", **env}
-    return subprocess.run([sys.executable, str(ROOT / "run.py"), *args], cwd=home, env=environment,
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, str(ROOT / "run.py"), *args], cwd=home, env=environment, capture_output=True, text=True, timeout=timeout
+    )
 
 
 def free_port() -> int:
@@ -64,9 +64,26 @@ class MlflowServer:
         import urllib.request
 
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(self.port),
-             "--backend-store-uri", self.store, "--artifacts-destination", str(self.folder / "artifacts"),
-             "--workers", "1"], cwd=self.folder, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            [
+                sys.executable,
+                "-m",
+                "mlflow",
+                "server",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--backend-store-uri",
+                self.store,
+                "--artifacts-destination",
+                str(self.folder / "artifacts"),
+                "--workers",
+                "1",
+            ],
+            cwd=self.folder,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         for _ in range(240):
             try:
                 urllib.request.urlopen(f"{self.uri}/health", timeout=1)
@@ -123,11 +140,29 @@ class PostgreSQL:
             self.as_owner = ["runuser", "-u", "postgres", "--"]
         self.port = free_port()
         self.uri = f"postgresql://postgres@127.0.0.1:{self.port}"
-        subprocess.run([*self.as_owner, str(self.bin / "initdb"), "-D", str(self.folder / "data"), "-A", "trust", "-U", "postgres",
-                        "--no-sync"], check=True, capture_output=True)
-        self.proc = subprocess.Popen([*self.as_owner, str(self.bin / "postgres"), "-D", str(self.folder / "data"), "-h", "127.0.0.1",
-                                      "-p", str(self.port), "-k", str(self.folder), "-c", "fsync=off"],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        subprocess.run(
+            [*self.as_owner, str(self.bin / "initdb"), "-D", str(self.folder / "data"), "-A", "trust", "-U", "postgres", "--no-sync"],
+            check=True,
+            capture_output=True,
+        )
+        self.proc = subprocess.Popen(
+            [
+                *self.as_owner,
+                str(self.bin / "postgres"),
+                "-D",
+                str(self.folder / "data"),
+                "-h",
+                "127.0.0.1",
+                "-p",
+                str(self.port),
+                "-k",
+                str(self.folder),
+                "-c",
+                "fsync=off",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
 
     def create_database(self, name: str) -> str:
         """A new, empty database; returns its URI."""

@@ -21,8 +21,15 @@ from tests.conftest import compose_config
 
 def _models(layers: int = 3):
     torch.manual_seed(0)
-    config = BertConfig(vocab_size=60, hidden_size=16, num_hidden_layers=layers, num_attention_heads=2, intermediate_size=32,
-                        num_labels=3, initializer_range=0.6)  # 3 classes and large weights: predictions that vary
+    config = BertConfig(
+        vocab_size=60,
+        hidden_size=16,
+        num_hidden_layers=layers,
+        num_attention_heads=2,
+        intermediate_size=32,
+        num_labels=3,
+        initializer_range=0.6,
+    )  # 3 classes and large weights: predictions that vary
     teacher = AutoModelForSequenceClassification.from_config(config).eval()
     return teacher, build_student(teacher, [0, 2], copy_classifier=True).eval()
 
@@ -55,8 +62,13 @@ def test_every_cell_is_the_agreement_of_independently_computed_interventions(dim
         teacher_cf = [predicted(teacher, j) for j in range(3)]
         student_cf = [predicted(student, i) for i in range(2)]
         teacher_base = teacher(**batch).logits.argmax(-1)
-        joint = [(reference_counterfactual(student, batch, x, e.student).logits.argmax(-1),
-                  reference_counterfactual(teacher, batch, x, e.teacher).logits.argmax(-1)) for e in mapping]
+        joint = [
+            (
+                reference_counterfactual(student, batch, x, e.student).logits.argmax(-1),
+                reference_counterfactual(teacher, batch, x, e.teacher).logits.argmax(-1),
+            )
+            for e in mapping
+        ]
         student_base = student(**batch).logits.argmax(-1)
     expected = np.array([[float((s == t).float().mean()) for t in teacher_cf] for s in student_cf])
     np.testing.assert_allclose(m.iia, expected, atol=1e-9)
@@ -66,13 +78,18 @@ def test_every_cell_is_the_agreement_of_independently_computed_interventions(dim
     # each mapping entry with its teacher blocks swapped jointly, as training swaps them (not a single-block cell)
     assert list(m.mapped.values()) == pytest.approx([float((s == t).float().mean()) for s, t in joint], abs=1e-6)
     assert list(m.mapped_efficacy.values()) == pytest.approx([float((t != teacher_base).float().mean()) for _, t in joint], abs=1e-6)
-    assert list(m.mapped) == [f"{mapping[0].student[0]} <-> {mapping[0].teacher[0]}+{mapping[0].teacher[1]}", f"{mapping[1].student[0]} <-> {mapping[1].teacher[0]}"]
+    assert list(m.mapped) == [
+        f"{mapping[0].student[0]} <-> {mapping[0].teacher[0]}+{mapping[0].teacher[1]}",
+        f"{mapping[1].student[0]} <-> {mapping[1].teacher[0]}",
+    ]
 
 
 def test_several_runs_are_one_mean_with_the_spread_of_each_cell():
     teacher, student = _models()
     data, interchange = _data(), InterchangeConfig(interchange_prop=0.5)
-    maps = [alignment_map(student, teacher, data, 0, interchange, seed=seed, batch_size=64, device=torch.device("cpu")) for seed in (1, 2, 3)]
+    maps = [
+        alignment_map(student, teacher, data, 0, interchange, seed=seed, batch_size=64, device=torch.device("cpu")) for seed in (1, 2, 3)
+    ]
     mean = analyze.AlignmentMap.mean(maps)
     stacked = np.stack([m.iia for m in maps])
     np.testing.assert_allclose(mean.iia, stacked.mean(0))
@@ -85,16 +102,19 @@ def test_several_runs_are_one_mean_with_the_spread_of_each_cell():
 def test_a_student_that_is_its_teacher_agrees_on_the_diagonal():
     teacher, _ = _models()
     twin = build_student(teacher, [0, 1, 2], copy_classifier=True).eval()
-    m = alignment_map(twin, teacher, _data(40), 0, InterchangeConfig(interchange_prop=0.5), seed=1, batch_size=16,
-                      device=torch.device("cpu"))
+    m = alignment_map(
+        twin, teacher, _data(40), 0, InterchangeConfig(interchange_prop=0.5), seed=1, batch_size=16, device=torch.device("cpu")
+    )
     assert np.diag(m.iia).tolist() == [1.0, 1.0, 1.0]
     assert m.iia.min() < 1.0  # off the diagonal the same swap is another intervention
 
 
 def test_the_command_maps_logged_runs_and_logs_the_map_to_each(home, tmp_path, capsys):
     for loss, seed in (("kd", 1), ("diito", 1), ("diito", 2)):
-        job.run(compose_config(["teacher=tiny", "trainer=debug", f"loss={loss}", f"seed={seed}", "tracking.log_model=true"]),
-                output_dir=tmp_path / f"{loss}{seed}")
+        job.run(
+            compose_config(["teacher=tiny", "trainer=debug", f"loss={loss}", f"seed={seed}", "tracking.log_model=true"]),
+            output_dir=tmp_path / f"{loss}{seed}",
+        )
     client = MlflowClient(f"sqlite:///{home}/mlflow.db")
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()], filter_string="tags.`diito.role` = 'student'")
     ids = [r.info.run_id for r in runs]

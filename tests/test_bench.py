@@ -41,17 +41,46 @@ def test_the_ranks_figure_is_the_ratio_of_its_step_times(capsys):
 def test_the_jobs_figure_is_the_ratio_of_two_real_jobs_training_seconds(home):
     from diito.bench import measure_jobs
 
-    results = measure_jobs(["teacher=tiny", "trainer=debug", "trainer.max_train_examples=32", "trainer.min_steps=12", "trainer.max_steps=null",
-                            "trainer.epochs=1", "trainer.save_every=null"], 1, torch.device("cpu"), "fp32")
+    results = measure_jobs(
+        [
+            "teacher=tiny",
+            "trainer=debug",
+            "trainer.max_train_examples=32",
+            "trainer.min_steps=12",
+            "trainer.max_steps=null",
+            "trainer.epochs=1",
+            "trainer.save_every=null",
+        ],
+        1,
+        torch.device("cpu"),
+        "fp32",
+    )
     seconds = results["job_details"]["seconds"]
     assert results["job_diito_over_kd"] == pytest.approx(seconds["diito"]["train_seconds"] / seconds["kd"]["train_seconds"])
     for parts in seconds.values():
         assert parts["steps"] == 12  # 4 batches an epoch stretched to 12 steps: evaluated once, at the end
         assert 0 < parts["steps_seconds"] + parts["evaluation_seconds"] + parts["checkpoints_seconds"] <= parts["train_seconds"]
-    lines = report({**dict.fromkeys(TARGETS, 1.0), "diito_over_kd": results["job_diito_over_kd"], "separate_over_fast": 1.0,
-                    "details": {"ms_per_step": {}, "peak_step_memory_mb": {}, "diito_gflop_per_step": 1.0, "matmul_peak_gflops": 1.0,
-                                "device": "cpu", "precision": "fp32", "threads": 1, "steps": 1, "data": "x", "batch_size": 1, "rounds": 1},
-                    **results}).splitlines()
+    lines = report(
+        {
+            **dict.fromkeys(TARGETS, 1.0),
+            "diito_over_kd": results["job_diito_over_kd"],
+            "separate_over_fast": 1.0,
+            "details": {
+                "ms_per_step": {},
+                "peak_step_memory_mb": {},
+                "diito_gflop_per_step": 1.0,
+                "matmul_peak_gflops": 1.0,
+                "device": "cpu",
+                "precision": "fp32",
+                "threads": 1,
+                "steps": 1,
+                "data": "x",
+                "batch_size": 1,
+                "rounds": 1,
+            },
+            **results,
+        }
+    ).splitlines()
     (line,) = [line for line in lines if line.startswith("job_diito_over_kd ")]
     assert line.endswith("ok")  # the same figure on both sides of the comparison
 

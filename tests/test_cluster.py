@@ -65,7 +65,9 @@ def test_two_tasks_per_node_train_one_job_as_two_ranks(home):
     assert any("global_rank=1(2)" in text and "student step 4/4" in text for text in logs.values())  # rank 1 trained too
     _, _, (child,) = sweep_runs(home)
     assert child.info.status == "FINISHED" and "validation/accuracy" in child.data.metrics
-    one = run_cli([*SMOKE, "trainer.precision=fp32", "trainer.grad_accum=2", "hydra.run.dir=one", "tracking=none", "tracking.log_model=true"], home)
+    one = run_cli(
+        [*SMOKE, "trainer.precision=fp32", "trainer.grad_accum=2", "hydra.run.dir=one", "tracking=none", "tracking.log_model=true"], home
+    )
     assert one.returncode == 0, one.stderr[-3000:]
     assert_same_weights(weights(home / "sweep" / "0"), weights(home / "one"), atol=1e-6)
 
@@ -88,8 +90,14 @@ def test_a_preempted_job_is_requeued_and_continues_its_checkpoint_and_run(home):
     steps = 160  # long enough (a few seconds) that the signal always finds the job still training
     job = [*SMOKE, f"trainer.max_steps={steps}", "trainer.save_every=8", "trainer.log_every=1", "trainer.eval_every=40"]
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"} | {"DIITO_HOME": str(home), "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.Popen([sys.executable, str(ROOT / "run.py"), "-m", *job, *SUBMITIT], cwd=home, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "run.py"), "-m", *job, *SUBMITIT],
+        cwd=home,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     deadline = time.time() + 300
     while time.time() < deadline:  # wait until the job is past its checkpoint at step 8
         logs = "".join(p.read_text() for p in (home / "sweep" / ".submitit").rglob("*_log.out")) if (home / "sweep").exists() else ""
@@ -127,12 +135,32 @@ def test_the_slurm_preset_submits_what_a_cluster_expects(home, tmp_path):
     sbatch.chmod(0o755)
     (bin_dir / "srun").write_text("#!/bin/sh\nexit 1\n")  # submitit looks for it before submitting
     (bin_dir / "srun").chmod(0o755)
-    result = run_cli(["-m", *SMOKE, "hydra/launcher=slurm", "hydra.sweep.dir=sweep", "hydra.launcher.partition=gpu",
-                      "hydra.launcher.gpus_per_node=4", "hydra.launcher.tasks_per_node=4", "hydra.launcher.timeout_min=120",
-                      "loss.T=2,10"], home, PATH=f"{bin_dir}:{os.environ['PATH']}")
+    result = run_cli(
+        [
+            "-m",
+            *SMOKE,
+            "hydra/launcher=slurm",
+            "hydra.sweep.dir=sweep",
+            "hydra.launcher.partition=gpu",
+            "hydra.launcher.gpus_per_node=4",
+            "hydra.launcher.tasks_per_node=4",
+            "hydra.launcher.timeout_min=120",
+            "loss.T=2,10",
+        ],
+        home,
+        PATH=f"{bin_dir}:{os.environ['PATH']}",
+    )
     assert result.returncode != 0 and "no cluster here" in result.stderr
     script = (tmp_path / "submitted.sh").read_text()
-    for line in ["#SBATCH --partition=gpu", "#SBATCH --gpus-per-node=4", "#SBATCH --ntasks-per-node=4", "#SBATCH --time=120",
-                 "#SBATCH --cpus-per-task=8", "#SBATCH --mem=32GB", "#SBATCH --signal=USR2@120", "#SBATCH --array=0-1%2"]:
+    for line in [
+        "#SBATCH --partition=gpu",
+        "#SBATCH --gpus-per-node=4",
+        "#SBATCH --ntasks-per-node=4",
+        "#SBATCH --time=120",
+        "#SBATCH --cpus-per-task=8",
+        "#SBATCH --mem=32GB",
+        "#SBATCH --signal=USR2@120",
+        "#SBATCH --array=0-1%2",
+    ]:
         assert line in script.splitlines(), line
     assert "submitit.core._submit" in script  # each array task (both at once: fewer than 64) runs one job of the sweep

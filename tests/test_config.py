@@ -17,8 +17,20 @@ def test_default_config_composes_and_validates(home):
 
 
 def test_overrides_and_groups(home):
-    job = validate(compose_config(["teacher=tiny", "student.layers=2", "student.init=skip", "loss.T=10", "loss.alpha=0.9",
-                                   "trainer=debug", "tracking=none", "seed=7"]))
+    job = validate(
+        compose_config(
+            [
+                "teacher=tiny",
+                "student.layers=2",
+                "student.init=skip",
+                "loss.T=10",
+                "loss.alpha=0.9",
+                "trainer=debug",
+                "tracking=none",
+                "seed=7",
+            ]
+        )
+    )
     c = job.config
     assert (c.loss.T, c.loss.alpha, c.seed, c.trainer.max_steps) == (10.0, 0.9, 7, 4)
     assert job.student_blocks == [0, 3] and not c.tracking.enabled
@@ -36,7 +48,12 @@ def test_original_readme_experiment_preset(home):
     cfg = compose_config(["experiment=diito_xxs_sst2"])
     assert cfg.task.name == "sst2" and cfg.teacher.model == "bert-base-uncased" and cfg.mapping.name == "full_original"
     assert cfg.intervention.separate_passes and not cfg.trainer.shuffle and not cfg.trainer.length_grouped
-    assert (cfg.loss.gamma, cfg.loss.kl_reduction, cfg.intervention.pairing, cfg.intervention.interchange_min_token) == (1.0, "mean", "permutation", 0)
+    assert (cfg.loss.gamma, cfg.loss.kl_reduction, cfg.intervention.pairing, cfg.intervention.interchange_min_token) == (
+        1.0,
+        "mean",
+        "permutation",
+        0,
+    )
     assert (cfg.student.init, cfg.student.init_from, cfg.intervention.interchange_prop) == ("first_k", "pretrained", 0.3)
     assert compose_config(["experiment=kd_xxs_sst2"]).loss.gamma == 0
     assert (cfg.student.layers, cfg.loss.alpha, cfg.loss.T, cfg.optim.lr) == (6, 0.7, 20.0, 2e-5)
@@ -51,7 +68,11 @@ def test_sweep_presets(home):
     seeds = compose_config(["sweep=seeds"], hydra=True).hydra.sweeper.params
     assert dict(seeds) == {"seed": "1,2,3", "loss": "kd,diito"}
     ablation = compose_config(["sweep=ablation", "loss.alpha=0.9", "loss.T=10"], hydra=True)
-    assert dict(ablation.hydra.sweeper.params) == {"loss": "kd,diito", "trainer.max_train_examples": "500,1000", "seed": "1,2,3,4,5,6,7,8,9,10"}
+    assert dict(ablation.hydra.sweeper.params) == {
+        "loss": "kd,diito",
+        "trainer.max_train_examples": "500,1000",
+        "seed": "1,2,3,4,5,6,7,8,9,10",
+    }
     assert (ablation.loss.alpha, ablation.loss.T, ablation.tracking.experiment) == (0.9, 10, "rotten_tomatoes-ablation")
     tune = compose_config(["sweep=tune_seeds"], hydra=True)
     params = dict(tune.hydra.sweeper.params)
@@ -83,8 +104,10 @@ def test_sweep_presets(home):
         (["intervention.pairing=shuffle"], "intervention.pairing"),
         (["loss.gamma=-1"], "loss.gamma: Input should be greater than or equal to 0"),
         (["teacher=tiny", "mapping=explicit"], "mapping.entries[0].student.attention_heads: [0, 6] outside the model's 2 heads"),
-        (["mapping=explicit", "mapping.entries=[{student:{layers:[5]},teacher:{layers:[1]}}]"],
-         "mapping.entries[0].student.layers: 5 outside blocks 0..2"),
+        (
+            ["mapping=explicit", "mapping.entries=[{student:{layers:[5]},teacher:{layers:[1]}}]"],
+            "mapping.entries[0].student.layers: 5 outside blocks 0..2",
+        ),
     ],
 )
 def test_bad_values_are_refused_naming_the_key(home, overrides, message):
@@ -129,8 +152,10 @@ def test_cli_error_is_one_line_with_nonzero_exit_and_no_run(home):
 def test_cli_help_and_cfg_job(home):
     help_text = run_cli(["--help"], home, timeout=120).stdout
     assert "causal distillation" in help_text and "== Configuration groups ==" in help_text
-    assert ("teacher: bert-base-uncased, deberta-v3-base, distilbert-base-uncased, hub, minilm, modernbert-base, roberta-base, tiny, "
-            "xlm-roberta-base") in help_text
+    assert (
+        "teacher: bert-base-uncased, deberta-v3-base, distilbert-base-uncased, hub, minilm, modernbert-base, roberta-base, tiny, "
+        "xlm-roberta-base"
+    ) in help_text
     printed = run_cli(["--cfg", "job", "loss.T=7"], home, timeout=120)
     assert printed.returncode == 0 and "T: 7" in printed.stdout
 
@@ -156,7 +181,9 @@ def test_the_teacher_recipe_is_written_flat_and_read_as_a_loop_and_an_optimiser(
     assert dumped["lr"] == 0.01 and dumped["max_steps"] == 7 and "loop" not in dumped and "optim" not in dumped
     with pytest.raises(ConfigError, match=r"^teacher\.recipe\.lr: Input should be greater than 0 \(got -1\.0\)$"):
         validate(compose_config(["teacher=tiny", "teacher.recipe.lr=-1.0"]))
-    with pytest.raises(ConfigError, match=r"^teacher\.recipe\.weight_decay_typo: torch\.optim\.AdamW does not accept it \(it takes lr, betas"):
+    with pytest.raises(
+        ConfigError, match=r"^teacher\.recipe\.weight_decay_typo: torch\.optim\.AdamW does not accept it \(it takes lr, betas"
+    ):
         validate(compose_config(["teacher=tiny", "+teacher.recipe.weight_decay_typo=1"]))
 
 

@@ -24,7 +24,7 @@ def test_a_job_ends_with_its_scores_its_run_and_the_runs_table_link(home):
     assert experiment.name == "rotten_tomatoes-debug"  # a smoke configuration never lands among real runs
     (student,) = client.search_runs([experiment.experiment_id], filter_string="tags.`diito.role` = 'student'")
     m = student.data.metrics
-    block = result.stdout[result.stdout.index("result: "):].splitlines()
+    block = result.stdout[result.stdout.index("result: ") :].splitlines()
     assert block[0] == "result: rotten_tomatoes, DIITO student (3 layers, the weights of step 4 of 4), teacher tiny"
     assert block[1].split() == ["validation/accuracy", "test/accuracy"]
     assert block[2].split() == ["student", f"{m['validation/accuracy']:.4f}", f"{m['test/accuracy']:.4f}"]
@@ -33,7 +33,10 @@ def test_a_job_ends_with_its_scores_its_run_and_the_runs_table_link(home):
     assert block[4] == f"  MLflow run {student.info.run_id}: {link} (start the UI with: mlflow ui, in {home})"
     assert block[5] == f"  scores and where they came from: {home / 'outputs' / 'job' / 'metrics.json'}"
     saved = json.loads((home / "outputs" / "job" / "metrics.json").read_text())
-    assert saved["student"]["test/accuracy"] == m["test/accuracy"] and saved["teacher"]["validation/accuracy"] == m["teacher/validation/accuracy"]
+    assert (
+        saved["student"]["test/accuracy"] == m["test/accuracy"]
+        and saved["teacher"]["validation/accuracy"] == m["teacher/validation/accuracy"]
+    )
     assert saved["mlflow"] == {"run_id": student.info.run_id, "experiment_id": experiment.experiment_id, "link": link}
     assert saved["student_from"]["examples"] == {"validation": 32, "test": 32} and saved["teacher_from"]["source"] == "fine-tuned"
 
@@ -72,5 +75,6 @@ def test_links_never_carry_credentials_and_sweep_children_lead_with_what_varies(
     assert summary.ui_link("sqlite:////x/mlflow.db", "3").startswith("http://127.0.0.1:5000/#/experiments/3/runs?")
     overrides = "loss.T=4,student.blocks=[0,2],teacher=tiny,trainer.max_eval_examples=5"
     assert summary.run_name("rt", "kd", 3, overrides, varying=["trainer.max_eval_examples", "loss.T"]) == (
-        "loss.T=4,trainer.max_eval_examples=5,student.blocks=[0,2],teacher=tiny")
+        "loss.T=4,trainer.max_eval_examples=5,student.blocks=[0,2],teacher=tiny"
+    )
     assert summary.run_name("rt", "kd", 2, "default") == "rt-kd-2L"

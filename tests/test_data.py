@@ -302,9 +302,7 @@ def test_files_unknown_label_names_file_and_line(tmp_path):
 
 def test_files_bad_regression_label(tmp_path):
     rows = write(tmp_path / "t.tsv", [{"text": "a", "label": "1.5"}, {"text": "b", "label": "high"}])
-    s = files_spec(
-        files={"train": rows, "validation": rows}, regression=True, metrics=["pearson"], main_metric="pearson"
-    )
+    s = files_spec(files={"train": rows, "validation": rows}, regression=True, metrics=["pearson"], main_metric="pearson")
     with pytest.raises(DataError, match=r"t.tsv:3: label 'high' is not a number"):
         load_task(s)
 
@@ -504,7 +502,7 @@ def test_a_quoted_comma_is_text_and_an_unquoted_one_is_refused(tmp_path):
     assert data.splits["train"].texts == [("good, really good",), ('say "hi"',)]
     with pytest.raises(DataError, match=r"^.*train.csv:2: 3 fields, more than the 2 of the first line \(a comma inside an unquoted text\?"):
         load_task(two_files(tmp_path, "text,label\ngood, really good,pos\nbad, awful,neg\n", dev))
-    with pytest.raises(DataError, match=r'train.csv:2: not valid CSV .* its quotes doubled'):
+    with pytest.raises(DataError, match=r"train.csv:2: not valid CSV .* its quotes doubled"):
         load_task(two_files(tmp_path, 'text,label\n"good" film,pos\n', dev))
 
 
@@ -542,15 +540,20 @@ def test_a_test_file_is_labelled_on_every_line_or_none(tmp_path):
 
 def test_file_labels_are_names_never_class_ids(tmp_path):
     yelp = "text,label\ngreat,2\nawful,1\n"
-    with pytest.raises(DataError, match=r"dev.csv:2: label '0' \(and '3'\) is not a label of the training file .*train.csv \('1', '2'\); "
-                                        r"labels are matched by name, never read as class ids"):
+    with pytest.raises(
+        DataError,
+        match=r"dev.csv:2: label '0' \(and '3'\) is not a label of the training file .*train.csv \('1', '2'\); "
+        r"labels are matched by name, never read as class ids",
+    ):
         load_task(two_files(tmp_path, yelp, "text,label\nfine,0\nbad,1\nok,3\n"))
     data = load_task(two_files(tmp_path, yelp, "text,label\nfine,2\nbad,1\n"))
     assert data.label_names == ["1", "2"] and data.splits["validation"].labels.tolist() == [1, 0]
 
 
-@pytest.mark.parametrize("labels, line, spelt", [("1 0 1.0 0.0", 4, "'1.0' is line 2's '1'"), ("-1 1 +1", 4, "'+1' is line 3's '1'"),
-                                                 ("pos 01 1", 4, "'1' is line 3's '01'")])
+@pytest.mark.parametrize(
+    "labels, line, spelt",
+    [("1 0 1.0 0.0", 4, "'1.0' is line 2's '1'"), ("-1 1 +1", 4, "'+1' is line 3's '1'"), ("pos 01 1", 4, "'1' is line 3's '01'")],
+)
 def test_one_number_spelt_two_ways_is_refused(tmp_path, labels, line, spelt):
     train = "text,label\n" + "".join(f"t{i},{label}\n" for i, label in enumerate(labels.split()))
     with pytest.raises(DataError, match=re.escape(f"train.csv:{line}: label {spelt} spelt another way")):
@@ -559,8 +562,12 @@ def test_one_number_spelt_two_ways_is_refused(tmp_path, labels, line, spelt):
 
 def test_given_label_names_read_a_file_as_all_names_or_all_ids(tmp_path):
     given = {"label_names": ["neg", "pos"]}
-    assert load_task(two_files(tmp_path, "text,label\na,pos\nb,neg\n", "text,label\nc,1\nd,0\n", **given)).splits["validation"].labels.tolist() == [1, 0]
-    with pytest.raises(DataError, match=r"dev.csv:2: label '1' is a class id, but line 3's 'neg' is a name of label_names \['neg', 'pos'\]"):
+    assert load_task(two_files(tmp_path, "text,label\na,pos\nb,neg\n", "text,label\nc,1\nd,0\n", **given)).splits[
+        "validation"
+    ].labels.tolist() == [1, 0]
+    with pytest.raises(
+        DataError, match=r"dev.csv:2: label '1' is a class id, but line 3's 'neg' is a name of label_names \['neg', 'pos'\]"
+    ):
         load_task(two_files(tmp_path, "text,label\na,pos\nb,neg\n", "text,label\nc,1\nd,neg\n", **given))
     digits = {"label_names": ["1", "2"]}  # names that look like ids are names
     data = load_task(two_files(tmp_path, "text,label\na,1\nb,2\n", "text,label\nc,1\n", **digits))

@@ -95,8 +95,15 @@ def _train_kd(batch_size: int, folder: str) -> float:
 
     rank, size = distributed.rank_and_size()
     torch.manual_seed(0)
-    config = BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
-                        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    config = BertConfig(
+        vocab_size=50,
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=32,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
     teacher = AutoModelForSequenceClassification.from_config(config).eval()
     student = build_student(teacher, [1], copy_classifier=True)
     rng = np.random.default_rng(0)
@@ -107,8 +114,18 @@ def _train_kd(batch_size: int, folder: str) -> float:
     if size > 1:
         step = DistributedDataParallel(step)
     settings = TrainerConfig(epochs=2, device="cpu", precision="fp32", progress=False, save_every=None)
-    Trainer(student, step, loader, settings, OptimConfig(lr=1e-3), Path(folder) / f"c{size}",
-            Validation(lambda: {"m": 0.0}, "m"), log=lambda *a: None, name="train", device=torch.device("cpu")).fit()
+    Trainer(
+        student,
+        step,
+        loader,
+        settings,
+        OptimConfig(lr=1e-3),
+        Path(folder) / f"c{size}",
+        Validation(lambda: {"m": 0.0}, "m"),
+        log=lambda *a: None,
+        name="train",
+        device=torch.device("cpu"),
+    ).fit()
     torch.save(student.state_dict(), f"{folder}/rank{rank}-of-{size}.pt")
     return 0.0
 
@@ -127,8 +144,23 @@ def test_ranks_started_by_torchrun_train_one_job(home):
     """torchrun starts the ranks; the job reads them from the environment: one output folder, one
     MLflow student run, and the weights of one process accumulating 2 batches."""
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"} | {"DIITO_HOME": str(home), "HF_HUB_OFFLINE": "1"}
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(ROOT / "run.py"),
-                             *TINY, "hydra.run.dir=torchrun"], cwd=home, env=env, capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node=2",
+            str(ROOT / "run.py"),
+            *TINY,
+            "hydra.run.dir=torchrun",
+        ],
+        cwd=home,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     client = MlflowClient(f"sqlite:///{home}/mlflow.db")
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()], filter_string="tags.`diito.role` = 'student'")

@@ -50,8 +50,10 @@ def test_on_the_command_line_a_root_under_a_file_is_one_line(home):
     (home / "somefile").write_text("not a folder")
     result = run_cli([*TINY, f"paths.root={home}/somefile/x"], home, timeout=300)
     assert result.returncode == 2
-    assert result.stderr.strip().splitlines()[-1] == (f"error: paths.root: {home}/somefile is a file, so {home}/somefile/x cannot be "
-                                                      "a folder under it; set paths.root=<a writable folder>")
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"error: paths.root: {home}/somefile is a file, so {home}/somefile/x cannot be "
+        "a folder under it; set paths.root=<a writable folder>"
+    )
     assert "Traceback" not in result.stderr
 
 
@@ -110,8 +112,10 @@ def test_a_read_only_store_is_refused(home):
     (home / "mlflow.db").chmod(0o444)  # root could write it anyway; the permissions say not to
     before = (home / "mlflow.db").read_bytes()
     message = refused([], home)
-    assert message == (f"tracking.uri: {store(home)} is read-only ({home}/mlflow.db is read-only (permissions -r--r--r--)); "
-                       "make it writable or set tracking.uri=<another store>")
+    assert message == (
+        f"tracking.uri: {store(home)} is read-only ({home}/mlflow.db is read-only (permissions -r--r--r--)); "
+        "make it writable or set tracking.uri=<another store>"
+    )
     assert (home / "mlflow.db").read_bytes() == before
 
 
@@ -127,8 +131,10 @@ def test_a_deleted_experiment_is_refused_and_the_advice_restores_it(home):
     client.delete_experiment(experiment)  # what the MLflow UI's delete does
     message = refused([], home)
     command = f"MLFLOW_TRACKING_URI={store(home)} mlflow experiments restore --experiment-id {experiment}"
-    assert message == (f"tracking.experiment: '{EXPERIMENT}' is deleted; restore it ({command}, or in the UI's trash) "
-                       "or set tracking.experiment=<another name>")
+    assert message == (
+        f"tracking.experiment: '{EXPERIMENT}' is deleted; restore it ({command}, or in the UI's trash) "
+        "or set tracking.experiment=<another name>"
+    )
     assert not client.search_runs([experiment])
     # the advice works: restored, the same job validates
     environment = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
@@ -166,8 +172,9 @@ def test_a_full_disk_while_saving_a_checkpoint_is_one_line_and_keeps_the_old_one
     (tmp_path / ".last.pt.tmp").symlink_to("/dev/full")
     with pytest.raises(NoSpace) as error:
         atomic_write(last, lambda tmp: save({"step": 2, "weights": torch.zeros(1000)}, tmp))
-    assert re.fullmatch(rf"no space left on device writing {last} \([\d.]+ [kMGTP]?B free\); free space there and run the job again",
-                        str(error.value))
+    assert re.fullmatch(
+        rf"no space left on device writing {last} \([\d.]+ [kMGTP]?B free\); free space there and run the job again", str(error.value)
+    )
     assert torch.load(last) == {"step": 1}  # the old checkpoint is untouched
     assert not (tmp_path / ".last.pt.tmp").exists()
 
@@ -193,21 +200,25 @@ def in_namespace(script: str, home: Path) -> subprocess.CompletedProcess:
     """The shell ``script`` in a mount namespace of its own (what it mounts vanishes with it), with
     ``home`` as the project folder."""
     environment = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"} | {"DIITO_HOME": str(home), "HF_HUB_OFFLINE": "1"}
-    return subprocess.run(["unshare", "-rm", "sh", "-c", script], cwd=home, env=environment, capture_output=True, text=True, timeout=600,
-                          check=False)
+    return subprocess.run(
+        ["unshare", "-rm", "sh", "-c", script], cwd=home, env=environment, capture_output=True, text=True, timeout=600, check=False
+    )
 
 
 def read_only_mount(folder: Path) -> str:
     return f"mount --bind {folder} {folder} && mount -o remount,bind,ro {folder} || exit 99\n"
+
 
 @namespaces
 def test_a_cache_on_a_read_only_file_system_is_refused(home):
     (home / "cache").mkdir()
     result = in_namespace(read_only_mount(home / "cache") + job_line([*TINY, f"paths.cache={home}/cache"]), home)
     assert result.returncode == 2, result.stderr[-3000:]
-    assert result.stderr.strip().splitlines()[-1] == (f"error: paths.cache: {home}/cache is read-only (a read-only file system); "
-                                                      "set paths.cache=<a writable folder>")
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"error: paths.cache: {home}/cache is read-only (a read-only file system); set paths.cache=<a writable folder>"
+    )
     assert "Traceback" not in result.stderr and not any((home / "cache").iterdir())
+
 
 @namespaces
 def test_a_store_on_a_read_only_file_system_is_refused(home):
@@ -215,21 +226,33 @@ def test_a_store_on_a_read_only_file_system_is_refused(home):
     MlflowClient(f"sqlite:///{home}/store/mlflow.db").create_experiment(EXPERIMENT)
     result = in_namespace(read_only_mount(home / "store") + job_line([*TINY, f"tracking.uri=sqlite:///{home}/store/mlflow.db"]), home)
     assert result.returncode == 2, result.stderr[-3000:]
-    assert result.stderr.strip().splitlines()[-1].startswith(
-        f"error: tracking.uri: sqlite:///{home}/store/mlflow.db is read-only ({home}/store/mlflow.db is read-only (a read-only file system))")
+    assert (
+        result.stderr.strip()
+        .splitlines()[-1]
+        .startswith(
+            f"error: tracking.uri: sqlite:///{home}/store/mlflow.db is read-only ({home}/store/mlflow.db is read-only (a read-only file system))"
+        )
+    )
     assert "Traceback" not in result.stderr and not (home / ".cache").exists()
+
 
 @namespaces
 def test_a_disk_too_small_for_the_job_is_refused_before_compute(home):
     (home / "small").mkdir()
     command = job_line([*TINY, f"paths.cache={home}/small/cache"])
-    result = in_namespace(f"mount -t tmpfs -o size=16m tmpfs {home}/small || exit 99\n"
-                          f"{command}\nstatus=$?\nfind {home}/small -type f > {home}/written.txt\nexit $status", home)
+    result = in_namespace(
+        f"mount -t tmpfs -o size=16m tmpfs {home}/small || exit 99\n"
+        f"{command}\nstatus=$?\nfind {home}/small -type f > {home}/written.txt\nexit $status",
+        home,
+    )
     assert result.returncode == 2, result.stderr[-3000:]
     line = result.stderr.strip().splitlines()[-1]
-    assert re.fullmatch(rf"error: paths.cache: not enough free space: the job writes about ([\d.]+) MB \(the teacher's fine-tune and cache "
-                        rf"entry [\d.]+ MB in {home}/small/cache/teachers/\S+, the student's checkpoints [\d.]+ MB in {home}/small/cache/runs/\w+\) "
-                        r"and that disk has 16.8 MB free; free [\d.]+ MB there or move it \(paths.cache=<a folder on a larger disk>\)", line)
+    assert re.fullmatch(
+        rf"error: paths.cache: not enough free space: the job writes about ([\d.]+) MB \(the teacher's fine-tune and cache "
+        rf"entry [\d.]+ MB in {home}/small/cache/teachers/\S+, the student's checkpoints [\d.]+ MB in {home}/small/cache/runs/\w+\) "
+        r"and that disk has 16.8 MB free; free [\d.]+ MB there or move it \(paths.cache=<a folder on a larger disk>\)",
+        line,
+    )
     written = [f for f in (home / "written.txt").read_text().split() if not f.endswith("/.lock")]  # the job's empty lock file aside
     assert "Traceback" not in result.stderr and written == []  # nothing written
     assert not (home / "mlflow.db").exists()  # no run
@@ -254,15 +277,21 @@ exit $status
 def test_a_disk_that_fills_up_during_the_job_ends_it_in_one_line(home):
     (home / "small").mkdir()
     command = job_line([*TINY, "trainer.max_steps=400", f"paths.cache={home}/small/cache"])
-    result = in_namespace(f"mount -t tmpfs -o size=96m tmpfs {home}/small || exit 99\n" + FILL.format(job=command, small=f"{home}/small", home=home),
-                          home)
+    result = in_namespace(
+        f"mount -t tmpfs -o size=96m tmpfs {home}/small || exit 99\n" + FILL.format(job=command, small=f"{home}/small", home=home), home
+    )
     assert result.returncode == 1, result.stderr[-3000:]
     line = result.stderr.strip().splitlines()[-1]
-    assert re.fullmatch(rf"error: no space left on device writing {home}/small/cache/runs/\w+/checkpoint/(last|best)\.pt "
-                        r"\([\d.]+ [kMGTP]?B free\); free space there and run the job again", line)
+    assert re.fullmatch(
+        rf"error: no space left on device writing {home}/small/cache/runs/\w+/checkpoint/(last|best)\.pt "
+        r"\([\d.]+ [kMGTP]?B free\); free space there and run the job again",
+        line,
+    )
     assert "Traceback" not in result.stderr and "enforce fail" not in result.stderr
     client = MlflowClient(store(home))
-    (run,) = [r for r in client.search_runs([e.experiment_id for e in client.search_experiments()]) if r.data.tags["diito.role"] == "student"]
+    (run,) = [
+        r for r in client.search_runs([e.experiment_id for e in client.search_experiments()]) if r.data.tags["diito.role"] == "student"
+    ]
     assert run.info.status == "FAILED" and line.removeprefix("error: ") in run.data.tags["error"]
     # what was written before is kept: the teacher's cache entry, and a checkpoint the job resumes from
     assert len(list((home / "kept" / "teachers").glob("*/info.json"))) == 1

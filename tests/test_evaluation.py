@@ -25,8 +25,12 @@ def _probe_setting(pairs: int = 20):
     objective = DistillationObjective(LossConfig(gamma=1.0, eval_pairs=pairs), [], mapping)
     rng = np.random.default_rng(0)
     ids = [[1, *rng.integers(3, 100, size=int(n)).tolist(), 2] for n in rng.integers(2, 12, size=30)]
-    encoded = Encoded(ids, [[0] * len(x) for x in ids], np.zeros(30, dtype=np.int64), [str(i) for i in range(30)], np.array([len(x) for x in ids]))
-    spec = TaskSpec(name="t", source="rotten_tomatoes", text_fields=["text"], label_names=["a", "b"], metrics=["accuracy"], main_metric="accuracy")
+    encoded = Encoded(
+        ids, [[0] * len(x) for x in ids], np.zeros(30, dtype=np.int64), [str(i) for i in range(30)], np.array([len(x) for x in ids])
+    )
+    spec = TaskSpec(
+        name="t", source="rotten_tomatoes", text_fields=["text"], label_names=["a", "b"], metrics=["accuracy"], main_metric="accuracy"
+    )
     data = Prepared(spec, {"validation": encoded}, "x", 0, ["a", "b"], [])
     return teacher, student, objective, data, encoded.head(pairs)
 

@@ -15,14 +15,18 @@ from diito.trainer import NonFiniteLoss
 from tests.conftest import compose_config
 
 
-@pytest.mark.parametrize("error, code, line", [
-    (ConfigError("loss.alpha: too large"), 2, "error: loss.alpha: too large"),
-    (DataError("train.csv:3: the label is empty"), 2, "error: train.csv:3: the label is empty"),
-    (failures.Refused(ConfigError("paths.cache: read-only")), 2, "error: paths.cache: read-only"),
-    (JobRunning("an identical job is already running"), 75, "error: an identical job is already running"),
-    (RunFailed("0123", NonFiniteLoss("student step 3: non-finite kd=nan")), 1, "error: student step 3: non-finite kd=nan"),
-    (RuntimeError("http://alice:s3cret@host/ went away"), 1, None),
-], ids=["config", "data", "refused by a callback", "running", "in its run", "masked"])
+@pytest.mark.parametrize(
+    "error, code, line",
+    [
+        (ConfigError("loss.alpha: too large"), 2, "error: loss.alpha: too large"),
+        (DataError("train.csv:3: the label is empty"), 2, "error: train.csv:3: the label is empty"),
+        (failures.Refused(ConfigError("paths.cache: read-only")), 2, "error: paths.cache: read-only"),
+        (JobRunning("an identical job is already running"), 75, "error: an identical job is already running"),
+        (RunFailed("0123", NonFiniteLoss("student step 3: non-finite kd=nan")), 1, "error: student step 3: non-finite kd=nan"),
+        (RuntimeError("http://alice:s3cret@host/ went away"), 1, None),
+    ],
+    ids=["config", "data", "refused by a callback", "running", "in its run", "masked"],
+)
 def test_each_failure_ends_with_its_line_and_code(error, code, line, capsys):
     assert failures.end(error) == code
     said = capsys.readouterr().err

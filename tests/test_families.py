@@ -73,8 +73,12 @@ def test_a_student_saves_and_loads_whole(family, tmp_path):
     assert reloaded_tokenizer.model_input_names == tokenizer.model_input_names
     batch = _batch(reloaded_tokenizer)
     with torch.no_grad():
-        torch.testing.assert_close(loaded(**batch, output_hidden_states=True).hidden_states[-1],
-                                   student(**batch, output_hidden_states=True).hidden_states[-1], atol=0, rtol=0)
+        torch.testing.assert_close(
+            loaded(**batch, output_hidden_states=True).hidden_states[-1],
+            student(**batch, output_hidden_states=True).hidden_states[-1],
+            atol=0,
+            rtol=0,
+        )
 
 
 def test_tiny_tokenizers_give_what_the_family_reads():
@@ -93,8 +97,9 @@ def test_modernbert_hidden_states_end_with_the_last_block_output():
     with torch.no_grad():
         out = model(**batch, output_hidden_states=True)
         assert torch.equal(out.hidden_states[-1], last[0])
-        fresh = AutoModelForSequenceClassification.from_config(model.config.__class__.from_dict(
-            {**model.config.to_dict(), "tie_last_hidden_states": None}))
+        fresh = AutoModelForSequenceClassification.from_config(
+            model.config.__class__.from_dict({**model.config.to_dict(), "tie_last_hidden_states": None})
+        )
         fresh.load_state_dict(model.state_dict())
         assert not torch.equal(fresh.eval()(**batch, output_hidden_states=True).hidden_states[-1], last[0])  # what the check is for
 
@@ -105,8 +110,14 @@ def _other_vocabulary(folder):
     vocab = {w: i for i, w in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "a", "film", "dull", "plot"])}
     core = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
     core.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=core, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]", sep_token="[SEP]",
-                            model_input_names=["input_ids", "attention_mask"]).save_pretrained(folder)
+    PreTrainedTokenizerFast(
+        tokenizer_object=core,
+        pad_token="[PAD]",
+        unk_token="[UNK]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+        model_input_names=["input_ids", "attention_mask"],
+    ).save_pretrained(folder)
 
 
 def _checkpoint(tmp_path, family: str, tokenizer_of: str | None = None):
@@ -127,15 +138,27 @@ def test_unsupported_family_is_refused_before_compute(home, tmp_path):
     save_model(model, load_tokenizer("tiny"), folder)
     result = run_cli(["teacher=tiny", f"teacher.checkpoint={folder}", "trainer=debug"], home, timeout=120)
     assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert result.stderr.strip().splitlines()[-1].startswith("error: teacher.checkpoint: model family 'xlnet' is not supported (supported: bert, ")
+    assert (
+        result.stderr.strip()
+        .splitlines()[-1]
+        .startswith("error: teacher.checkpoint: model family 'xlnet' is not supported (supported: bert, ")
+    )
     assert not (home / "mlflow.db").exists() and not (home / ".cache").exists()
 
 
-@pytest.mark.parametrize("blocks, message", [
-    ("[1,3]", ("student.blocks: [1, 3] cannot build a modernbert student: ModernBERT's block 0 has no attention norm and every other "
-               "block has one, so the student's first block must be the teacher's block 0, and no later one")),
-    ("[2,0]", "student.blocks: [2, 0] is not in increasing order"),  # block 0 reused later: refused for every family
-])
+@pytest.mark.parametrize(
+    "blocks, message",
+    [
+        (
+            "[1,3]",
+            (
+                "student.blocks: [1, 3] cannot build a modernbert student: ModernBERT's block 0 has no attention norm and every other "
+                "block has one, so the student's first block must be the teacher's block 0, and no later one"
+            ),
+        ),
+        ("[2,0]", "student.blocks: [2, 0] is not in increasing order"),  # block 0 reused later: refused for every family
+    ],
+)
 def test_modernbert_students_start_with_block_0(home, blocks, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
         validate(compose_config(["teacher=tiny", "teacher.model=tiny:modernbert", "student.layers=2", f"student.blocks={blocks}"]))
@@ -146,28 +169,58 @@ def test_a_student_from_another_model_must_read_the_teachers_token_ids(home, tmp
     """init_from=pretrained builds the student from teacher.model: across families that works when
     both read the same token ids (tiny RoBERTa and XLM-R share a vocabulary), and is refused when not."""
     same = _checkpoint(tmp_path, "roberta")
-    job_ = validate(compose_config(["teacher=tiny", f"teacher.checkpoint={same}", "teacher.model=tiny:xlm-roberta",
-                                    "student.init_from=pretrained", "student.layers=2"]))
+    job_ = validate(
+        compose_config(
+            [
+                "teacher=tiny",
+                f"teacher.checkpoint={same}",
+                "teacher.model=tiny:xlm-roberta",
+                "student.init_from=pretrained",
+                "student.layers=2",
+            ]
+        )
+    )
     assert job_.student_blocks == [0, 1]
     other = _checkpoint(tmp_path / "other", "roberta", tokenizer_of="other")
-    with pytest.raises(ConfigError, match=r"student.init_from: pretrained builds the student from teacher.model 'tiny:xlm-roberta', which "
-                                          r"cannot read the teacher checkpoint's token ids: its tokenizer has another vocabulary \(30522 "
-                                          r"tokens; the teacher's 8\)"):
-        validate(compose_config(["teacher=tiny", f"teacher.checkpoint={other}", "teacher.model=tiny:xlm-roberta",
-                                 "student.init_from=pretrained", "student.layers=2"]))
-    with pytest.raises(ConfigError, match=r"it reads \['attention_mask', 'input_ids', 'token_type_ids'\]; the teacher's tokenizer gives "
-                                          r"\['attention_mask', 'input_ids'\]"):
-        validate(compose_config(["teacher=tiny", f"teacher.checkpoint={same}", "teacher.model=tiny",
-                                 "student.init_from=pretrained", "student.layers=2"]))
+    with pytest.raises(
+        ConfigError,
+        match=r"student.init_from: pretrained builds the student from teacher.model 'tiny:xlm-roberta', which "
+        r"cannot read the teacher checkpoint's token ids: its tokenizer has another vocabulary \(30522 "
+        r"tokens; the teacher's 8\)",
+    ):
+        validate(
+            compose_config(
+                [
+                    "teacher=tiny",
+                    f"teacher.checkpoint={other}",
+                    "teacher.model=tiny:xlm-roberta",
+                    "student.init_from=pretrained",
+                    "student.layers=2",
+                ]
+            )
+        )
+    with pytest.raises(
+        ConfigError,
+        match=r"it reads \['attention_mask', 'input_ids', 'token_type_ids'\]; the teacher's tokenizer gives "
+        r"\['attention_mask', 'input_ids'\]",
+    ):
+        validate(
+            compose_config(
+                ["teacher=tiny", f"teacher.checkpoint={same}", "teacher.model=tiny", "student.init_from=pretrained", "student.layers=2"]
+            )
+        )
     with pytest.raises(ConfigError, match="teacher.model: cannot load model 'tiny:xlnet': no tiny model of family 'xlnet'"):
         validate(compose_config(["teacher=tiny", "teacher.model=tiny:xlnet"]))
 
 
-@pytest.mark.parametrize("preset, model, lr", [
-    ("deberta-v3-base", "microsoft/deberta-v3-base", 1.5e-5),
-    ("modernbert-base", "answerdotai/ModernBERT-base", 8e-5),
-    ("xlm-roberta-base", "FacebookAI/xlm-roberta-base", 1e-5),
-])
+@pytest.mark.parametrize(
+    "preset, model, lr",
+    [
+        ("deberta-v3-base", "microsoft/deberta-v3-base", 1.5e-5),
+        ("modernbert-base", "answerdotai/ModernBERT-base", 8e-5),
+        ("xlm-roberta-base", "FacebookAI/xlm-roberta-base", 1e-5),
+    ],
+)
 def test_presets_name_their_hub_model_and_recipe(home, preset, model, lr):
     """The hub is out of reach here: a preset is checked as far as its settings go."""
     from omegaconf import OmegaConf
@@ -186,13 +239,19 @@ def test_the_alignment_map_keeps_head_sites_and_leaves_out_an_old_mapping(capsys
 
     teacher = load_pretrained("tiny:modernbert", num_labels=2, seed=0)
     student = build_student(teacher, [0, 2], copy_classifier=True)
-    new = MappingConfig(name="explicit", entries=[EntrySpec(student=SiteSpec(layers=[1], attention_heads=(0, 1)),
-                                                            teacher=SiteSpec(layers=[2, 3], dims=(16, 32)))])
+    new = MappingConfig(
+        name="explicit",
+        entries=[EntrySpec(student=SiteSpec(layers=[1], attention_heads=(0, 1)), teacher=SiteSpec(layers=[2, 3], dims=(16, 32)))],
+    )
     (entry,) = analyze._mapping(SimpleNamespace(mapping=new, run_id="r1"), teacher, student, (0, 16))
     assert entry.student == (Site(1, (0, 16), heads=(0, 1)),) and entry.teacher == (Site(2, (0, 16)), Site(3, (0, 16)))
-    old = MappingConfig(name="explicit", entries=[EntrySpec(student=SiteSpec(layers=[1], heads=(0, 1)), teacher=SiteSpec(layers=[2], heads=(0, 1)))])
+    old = MappingConfig(
+        name="explicit", entries=[EntrySpec(student=SiteSpec(layers=[1], heads=(0, 1)), teacher=SiteSpec(layers=[2], heads=(0, 1)))]
+    )
     assert analyze._mapping(SimpleNamespace(mapping=old, run_id="r2"), teacher, student, None) == []
-    assert "run r2: its mapping is left out (mapping.entries[0].student.heads: [0, 1] would slice the block output" in capsys.readouterr().out
+    assert (
+        "run r2: its mapping is left out (mapping.entries[0].student.heads: [0, 1] would slice the block output" in capsys.readouterr().out
+    )
 
 
 # -- jobs ------------------------------------------------------------------------------------------------------
@@ -210,8 +269,20 @@ def test_a_job_per_family_logs_a_usable_model_and_maps_its_alignment(home, tmp_p
     """The teacher fine-tuned, a DIITO student on attention-head sites trained, logged as an MLflow
     (transformers flavor) model that pyfunc loads and predicts with, and its alignment map."""
     heads = "'mapping.entries=[{student:{layers:[0]},teacher:{layers:[1]}},{student:{layers:[1],attention_heads:[0,1]},teacher:{layers:[3],attention_heads:[1,2]}}]'"
-    job.run(compose_config(["teacher=tiny", f"teacher.model=tiny:{family}", "trainer=debug", "student.layers=2", "loss=diito",
-                            "mapping=explicit", heads.strip("'")]), output_dir=tmp_path / "out")
+    job.run(
+        compose_config(
+            [
+                "teacher=tiny",
+                f"teacher.model=tiny:{family}",
+                "trainer=debug",
+                "student.layers=2",
+                "loss=diito",
+                "mapping=explicit",
+                heads.strip("'"),
+            ]
+        ),
+        output_dir=tmp_path / "out",
+    )
     client = MlflowClient(f"sqlite:///{home}/mlflow.db")
     (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()], filter_string="tags.`diito.role` = 'student'")
     mlflow.set_tracking_uri(client.tracking_uri)
@@ -230,9 +301,25 @@ def test_a_job_across_families(home, tmp_path):
     on attention heads and block outputs."""
     teacher = _checkpoint(tmp_path, "roberta")
     mapping = "mapping.entries=[{student:{layers:[1],attention_heads:[0,2]},teacher:{layers:[2,3],attention_heads:[0,2]}}]"
-    result = job.run(compose_config(["teacher=tiny", f"teacher.checkpoint={teacher}", "teacher.model=tiny:xlm-roberta",
-                                     "student.init_from=pretrained", "student.layers=2", "trainer=debug", "tracking=none", "tracking.log_model=true",
-                                     "loss=diito", "loss.cosine=0.5", "mapping=explicit", mapping]), output_dir=tmp_path / "out")
+    result = job.run(
+        compose_config(
+            [
+                "teacher=tiny",
+                f"teacher.checkpoint={teacher}",
+                "teacher.model=tiny:xlm-roberta",
+                "student.init_from=pretrained",
+                "student.layers=2",
+                "trainer=debug",
+                "tracking=none",
+                "tracking.log_model=true",
+                "loss=diito",
+                "loss.cosine=0.5",
+                "mapping=explicit",
+                mapping,
+            ]
+        ),
+        output_dir=tmp_path / "out",
+    )
     assert 0.0 <= result <= 1.0
     student = load_finetuned(tmp_path / "out" / "student")
     assert student.config.model_type == "xlm-roberta" and student.config.num_hidden_layers == 2

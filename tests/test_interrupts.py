@@ -25,8 +25,9 @@ SIGNALS = [signal.SIGINT, signal.SIGTERM]
 def stop_at(home, args: list[str], line: str, sig: signal.Signals) -> tuple[int, str]:
     """Start ``python run.py ARGS``, send it ``sig`` once its log shows ``line``; its exit code and output."""
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"} | {"DIITO_HOME": str(home), "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.Popen([sys.executable, str(ROOT / "run.py"), *args], cwd=home, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "run.py"), *args], cwd=home, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     lines = []
     try:
         for output in proc.stdout:
@@ -51,8 +52,12 @@ def runs(home) -> list:
 def test_a_stopped_job_is_killed_says_how_to_continue_and_the_same_command_continues(home, sig):
     code, output = stop_at(home, [*JOB, "hydra.run.dir=outputs/job"], "student step 15/", sig)
     assert code == 128 + sig, output[-3000:]  # 130 after Ctrl-C, 143 after SIGTERM, as a shell reports them
-    said = re.search(rf"^stopped by {sig.name} at student step (\d+); run the same command again to continue from its "
-                     r"checkpoint at step (\d+)$", output, re.MULTILINE)
+    said = re.search(
+        rf"^stopped by {sig.name} at student step (\d+); run the same command again to continue from its "
+        r"checkpoint at step (\d+)$",
+        output,
+        re.MULTILINE,
+    )
     assert said, output[-3000:]
     assert "Traceback" not in output
     stopped, checkpoint = int(said[1]), int(said[2])
@@ -73,6 +78,8 @@ def test_a_stopped_sweep_ends_its_parent_and_the_running_child_killed(home, sig)
     assert code == 128 + sig, output[-3000:]
     _, (parent,), (child,) = sweep_runs(home)
     assert parent.info.status == "KILLED" and child.info.status == "KILLED"
-    assert (f"sweep stopped by {sig.name}: its MLflow parent run {parent.info.run_id} ({parent.info.run_name}) is marked KILLED; "
-            "run the same command again to finish it") in output
+    assert (
+        f"sweep stopped by {sig.name}: its MLflow parent run {parent.info.run_id} ({parent.info.run_name}) is marked KILLED; "
+        "run the same command again to finish it"
+    ) in output
     assert f"stopped by {sig.name} at student step " in output and "Traceback" not in output

@@ -11,8 +11,22 @@ from transformers import AutoModelForSequenceClassification
 
 from diito import families
 from diito.intervention import (
-    EntrySpec, Interchange, InterchangeConfig, MappingConfig, Shape, Site, SiteSpec, block_list, build_mapping, counterfactual, mapping_table, pairing,
-    preset, reference_counterfactual, sample_interchange, swap_count,
+    EntrySpec,
+    Interchange,
+    InterchangeConfig,
+    MappingConfig,
+    Shape,
+    Site,
+    SiteSpec,
+    block_list,
+    build_mapping,
+    counterfactual,
+    mapping_table,
+    pairing,
+    preset,
+    reference_counterfactual,
+    sample_interchange,
+    swap_count,
 )
 from diito.models import build_student
 from diito.objective import DistillationObjective, LossConfig, causal_cosine_loss, intervention_diagnostics
@@ -48,8 +62,14 @@ def test_mapping_presets(teacher, student, name, expected):
 
 def test_explicit_mapping_with_slices_is_checked():
     teacher, student = Shape(6, 384, 12), Shape(3, 384, 12)
-    entries = build_mapping(MappingConfig(name="explicit", entries=[
-        EntrySpec(student=SiteSpec(layers=[1], attention_heads=(0, 6)), teacher=SiteSpec(layers=[2, 3], dims=(0, 192)))]), teacher, student)
+    entries = build_mapping(
+        MappingConfig(
+            name="explicit",
+            entries=[EntrySpec(student=SiteSpec(layers=[1], attention_heads=(0, 6)), teacher=SiteSpec(layers=[2, 3], dims=(0, 192)))],
+        ),
+        teacher,
+        student,
+    )
     assert entries[0].student[0] == Site(1, (0, 192), heads=(0, 6)) and entries[0].teacher == (Site(2, (0, 192)), Site(3, (0, 192)))
     assert "1.heads[0:6]" in mapping_table(entries) and "2[0:192], 3[0:192]" in mapping_table(entries)
     bad = [
@@ -57,11 +77,20 @@ def test_explicit_mapping_with_slices_is_checked():
         (SiteSpec(layers=[0], dims=(0, 500)), SiteSpec(layers=[0], dims=(0, 500)), "dims: [0, 500] outside the hidden size 384"),
         (SiteSpec(layers=[0], attention_heads=(10, 13)), SiteSpec(layers=[0]), "attention_heads: [10, 13] outside the model's 12 heads"),
         (SiteSpec(layers=[0], dims=(0, 10)), SiteSpec(layers=[0], dims=(0, 20)), "differ in width"),
-        (SiteSpec(layers=[0], dims=(0, 32), attention_heads=(0, 1)), SiteSpec(layers=[0], dims=(0, 32)), "give dims (a slice of the block output) or attention_heads, not both"),
+        (
+            SiteSpec(layers=[0], dims=(0, 32), attention_heads=(0, 1)),
+            SiteSpec(layers=[0], dims=(0, 32)),
+            "give dims (a slice of the block output) or attention_heads, not both",
+        ),
         # the old spelling sliced the block output in head-sized chunks: refused, naming what to write instead
-        (SiteSpec(layers=[0], heads=(0, 6)), SiteSpec(layers=[0], dims=(0, 192)),
-         ("student.heads: [0, 6] would slice the block output in head-sized chunks, which is not the heads' output; "
-          "write dims: [0, 192] for that slice, or attention_heads: [0, 6] for the attention heads' own outputs")),
+        (
+            SiteSpec(layers=[0], heads=(0, 6)),
+            SiteSpec(layers=[0], dims=(0, 192)),
+            (
+                "student.heads: [0, 6] would slice the block output in head-sized chunks, which is not the heads' output; "
+                "write dims: [0, 192] for that slice, or attention_heads: [0, 6] for the attention heads' own outputs"
+            ),
+        ),
     ]
     for s, t, message in bad:
         with pytest.raises(ValueError, match=re.escape(message)):
@@ -139,27 +168,44 @@ def _loss_and_grads(objective, student, teacher, batch, seed):
     torch.manual_seed(seed)
     total, terms = objective(student, teacher, batch)
     total.backward()
-    return total.detach(), {k: v.detach() for k, v in terms.items()}, {n: p.grad.clone() for n, p in student.named_parameters() if p.grad is not None}
+    return (
+        total.detach(),
+        {k: v.detach() for k, v in terms.items()},
+        {n: p.grad.clone() for n, p in student.named_parameters() if p.grad is not None},
+    )
 
 
 def _weighted_sum(config: LossConfig, terms) -> torch.Tensor:
     """alpha·KD + (1−alpha)·CE + gamma·DIITO + beta·patience + cosine·causal-cosine, written out."""
-    return (config.alpha * terms["kd"] + (1 - config.alpha) * terms["ce"] + config.gamma * terms["diito"]
-            + config.beta * terms["patience"] + config.cosine * terms["cosine"])
+    return (
+        config.alpha * terms["kd"]
+        + (1 - config.alpha) * terms["ce"]
+        + config.gamma * terms["diito"]
+        + config.beta * terms["patience"]
+        + config.cosine * terms["cosine"]
+    )
 
 
 MAPPINGS = {
     "full": MappingConfig(name="full"),
     "middle": MappingConfig(name="middle"),
     "late": MappingConfig(name="late"),
-    "slices": MappingConfig(name="explicit", entries=[
-        EntrySpec(student=SiteSpec(layers=[0], dims=(8, 24)), teacher=SiteSpec(layers=[1, 2], dims=(8, 24))),
-        EntrySpec(student=SiteSpec(layers=[1], dims=(4, 20)), teacher=SiteSpec(layers=[3], dims=(4, 20)))]),
-    "heads": MappingConfig(name="explicit", entries=[  # the attention heads' own outputs; several blocks; mixed with block slices
-        EntrySpec(student=SiteSpec(layers=[0], attention_heads=(1, 3)), teacher=SiteSpec(layers=[1, 2], attention_heads=(1, 3))),
-        EntrySpec(student=SiteSpec(layers=[0, 1], attention_heads=(0, 4)), teacher=SiteSpec(layers=[0, 3], attention_heads=(0, 4))),
-        EntrySpec(student=SiteSpec(layers=[1], attention_heads=(2, 4)), teacher=SiteSpec(layers=[2], dims=(0, 16))),
-        EntrySpec(student=SiteSpec(layers=[0], dims=(16, 32)), teacher=SiteSpec(layers=[1, 3], attention_heads=(0, 2)))]),
+    "slices": MappingConfig(
+        name="explicit",
+        entries=[
+            EntrySpec(student=SiteSpec(layers=[0], dims=(8, 24)), teacher=SiteSpec(layers=[1, 2], dims=(8, 24))),
+            EntrySpec(student=SiteSpec(layers=[1], dims=(4, 20)), teacher=SiteSpec(layers=[3], dims=(4, 20))),
+        ],
+    ),
+    "heads": MappingConfig(
+        name="explicit",
+        entries=[  # the attention heads' own outputs; several blocks; mixed with block slices
+            EntrySpec(student=SiteSpec(layers=[0], attention_heads=(1, 3)), teacher=SiteSpec(layers=[1, 2], attention_heads=(1, 3))),
+            EntrySpec(student=SiteSpec(layers=[0, 1], attention_heads=(0, 4)), teacher=SiteSpec(layers=[0, 3], attention_heads=(0, 4))),
+            EntrySpec(student=SiteSpec(layers=[1], attention_heads=(2, 4)), teacher=SiteSpec(layers=[2], dims=(0, 16))),
+            EntrySpec(student=SiteSpec(layers=[0], dims=(16, 32)), teacher=SiteSpec(layers=[1, 3], attention_heads=(0, 2))),
+        ],
+    ),
 }
 SETTINGS = {  # besides the defaults: the original's reduction, no minimum swap, one span per input
     "default": {},
@@ -168,11 +214,18 @@ SETTINGS = {  # besides the defaults: the original's reduction, no minimum swap,
 }
 
 
-@pytest.mark.parametrize("variant, mapping, settings", [
-    *[(variant, mapping, "default") for variant in VARIANTS for mapping in MAPPINGS],
-    *[(variant, mapping, settings) for variant in ("bert", "modernbert") for mapping in ("full", "heads")
-      for settings in ("original", "consecutive")],
-])
+@pytest.mark.parametrize(
+    "variant, mapping, settings",
+    [
+        *[(variant, mapping, "default") for variant in VARIANTS for mapping in MAPPINGS],
+        *[
+            (variant, mapping, settings)
+            for variant in ("bert", "modernbert")
+            for mapping in ("full", "heads")
+            for settings in ("original", "consecutive")
+        ],
+    ],
+)
 def test_fast_path_matches_the_three_pass_reference(variant, mapping, settings):
     teacher = _model(variant, initializer_range=0.2)  # weights large enough that every swap moves what is above it
     student = build_student(teacher, [0, 2], copy_classifier=False).eval()  # dropout off
@@ -180,8 +233,12 @@ def test_fast_path_matches_the_three_pass_reference(variant, mapping, settings):
     config = LossConfig(alpha=0.5, T=2.0, gamma=1.0, cosine=0.5, beta=0.3, kl_reduction="mean" if settings == "original" else "batchmean")
     interchange = InterchangeConfig(interchange_prop=0.4, **SETTINGS[settings])
     for entry in entries:  # every entry of the mapping, not one seeded draw
-        results = [_loss_and_grads(DistillationObjective(config, [1], [entry], fast=fast, interchange=interchange), student, teacher, _batch(), seed=3)
-                   for fast in (True, False)]
+        results = [
+            _loss_and_grads(
+                DistillationObjective(config, [1], [entry], fast=fast, interchange=interchange), student, teacher, _batch(), seed=3
+            )
+            for fast in (True, False)
+        ]
         (fast_total, fast_terms, fast_grads), (ref_total, ref_terms, ref_grads) = results
         assert {"kd", "ce", "patience", "diito", "cosine", "iia", "efficacy"} <= set(fast_terms)
         torch.testing.assert_close(fast_total, _weighted_sum(config, fast_terms), atol=1e-6, rtol=0)
@@ -212,6 +269,7 @@ def test_counterfactual_changes_the_output(variant):
 
 def _output_hook(module, row: int, q: int, value: torch.Tensor):
     """A plain forward hook: ``value`` into the module's output at (row, q), whether it returns a tensor or a tuple."""
+
     def hook(m, args, out):
         hidden = (out[0] if isinstance(out, tuple) else out).clone()
         hidden[row, q] = value
@@ -243,8 +301,10 @@ def test_counterfactual_against_a_hand_written_hook(variant, layer, q):
 
 
 HEADS_OUTPUT = {  # written out per family, apart from the family table: the attention output projection of a block
-    "bert": lambda block: block.attention.output.dense, "distilbert": lambda block: block.attention.out_lin,
-    "deberta-v2": lambda block: block.attention.output.dense, "modernbert": lambda block: block.attn.Wo,
+    "bert": lambda block: block.attention.output.dense,
+    "distilbert": lambda block: block.attention.out_lin,
+    "deberta-v2": lambda block: block.attention.output.dense,
+    "modernbert": lambda block: block.attn.Wo,
     "mpnet": lambda block: block.attention.attn.o,
 }
 
@@ -296,23 +356,33 @@ def test_diagnostics_and_causal_cosine_by_hand():
     assert causal_cosine_loss(s, t, mask).item() == pytest.approx(((1 - 0.0) + (1 - 1.0)) / 2)
 
 
-@pytest.mark.parametrize("teacher_variant, student_variant", [
-    *[(variant, variant) for variant in VARIANTS],
-    ("roberta", "xlm-roberta"), ("modernbert", "deberta-v2"), ("bert", "mpnet"),  # pairs across families (one tokenizer)
-])
+@pytest.mark.parametrize(
+    "teacher_variant, student_variant",
+    [
+        *[(variant, variant) for variant in VARIANTS],
+        ("roberta", "xlm-roberta"),
+        ("modernbert", "deberta-v2"),
+        ("bert", "mpnet"),  # pairs across families (one tokenizer)
+    ],
+)
 def test_fast_path_exact_when_teacher_and_student_differ_in_width_and_depth(teacher_variant, student_variant):
     teacher = _model(teacher_variant, hidden=32, layers=4, initializer_range=0.2)
     student = _model(student_variant, hidden=16, layers=2, seed=1, initializer_range=0.2)
-    mapping = MappingConfig(name="explicit", entries=[
-        EntrySpec(student=SiteSpec(layers=[0]), teacher=SiteSpec(layers=[1], dims=(0, 16))),
-        EntrySpec(student=SiteSpec(layers=[1], dims=(8, 16)), teacher=SiteSpec(layers=[2, 3], attention_heads=(2, 3))),
-        EntrySpec(student=SiteSpec(layers=[0, 1], attention_heads=(1, 3)), teacher=SiteSpec(layers=[3], attention_heads=(0, 1)))])
+    mapping = MappingConfig(
+        name="explicit",
+        entries=[
+            EntrySpec(student=SiteSpec(layers=[0]), teacher=SiteSpec(layers=[1], dims=(0, 16))),
+            EntrySpec(student=SiteSpec(layers=[1], dims=(8, 16)), teacher=SiteSpec(layers=[2, 3], attention_heads=(2, 3))),
+            EntrySpec(student=SiteSpec(layers=[0, 1], attention_heads=(1, 3)), teacher=SiteSpec(layers=[3], attention_heads=(0, 1))),
+        ],
+    )
     entries = build_mapping(mapping, Shape.of(teacher.config), Shape.of(student.config))
     config, interchange = LossConfig(alpha=0.5, gamma=1.0), InterchangeConfig(interchange_prop=0.5)
     for entry in entries:
-        (ft, _, fg), (rt, _, rg) = [_loss_and_grads(DistillationObjective(config, [], [entry], fast=f, interchange=interchange), student, teacher,
-                                                    _batch(1), 1)
-                                    for f in (True, False)]
+        (ft, _, fg), (rt, _, rg) = [
+            _loss_and_grads(DistillationObjective(config, [], [entry], fast=f, interchange=interchange), student, teacher, _batch(1), 1)
+            for f in (True, False)
+        ]
         torch.testing.assert_close(ft, rt, atol=1e-5, rtol=0)
         assert fg.keys() == rg.keys() and len(fg) == len(list(student.parameters()))
         for name in rg:
@@ -356,8 +426,9 @@ def test_interventions_against_independent_answers(variant):
         for layer in range(4):
             got = counterfactual(model, inputs, base.hidden_states, everything, (Site(layer),)).logits
             torch.testing.assert_close(got, base.logits[everything.source], atol=1e-5, rtol=0)
-            torch.testing.assert_close(counterfactual(model, inputs, base.hidden_states, nothing, (Site(layer),)).logits, base.logits,
-                                       atol=1e-6, rtol=0)
+            torch.testing.assert_close(
+                counterfactual(model, inputs, base.hidden_states, nothing, (Site(layer),)).logits, base.logits, atol=1e-6, rtol=0
+            )
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -375,8 +446,10 @@ def test_counterfactuals_read_real_tokens_only(variant):
             torch.testing.assert_close(got[1], got[0], atol=1e-5, rtol=0)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available() or importlib.util.find_spec("flash_attn") is None,
-                    reason="ModernBERT's unpadded attention path needs CUDA and the flash-attn kernels")
+@pytest.mark.skipif(
+    not torch.cuda.is_available() or importlib.util.find_spec("flash_attn") is None,
+    reason="ModernBERT's unpadded attention path needs CUDA and the flash-attn kernels",
+)
 def test_modernbert_unpadded_attention_path():
     """flash_attention_2 drops the padding inside attention: the counterfactual on it matches the
     three-pass one, and the padded path's (bf16, so to bf16's precision)."""

@@ -64,8 +64,10 @@ def test_end_to_end_run_logs_params_metrics_tags_and_artifacts(home):
     # the data it read, as MLflow run inputs (the Dataset column): 4 training steps of 64 examples, 32 to evaluate
     inputs = {d.dataset.name: (d.dataset.profile, [t.value for t in d.tags], d.dataset.digest) for d in student.inputs.dataset_inputs}
     assert {name: (profile, context) for name, (profile, context, _) in inputs.items()} == {
-        "rotten_tomatoes/train": ('{"num_rows": 64}', ["training"]), "rotten_tomatoes/validation": ('{"num_rows": 32}', ["validation"]),
-        "rotten_tomatoes/test": ('{"num_rows": 32}', ["test"])}
+        "rotten_tomatoes/train": ('{"num_rows": 64}', ["training"]),
+        "rotten_tomatoes/validation": ('{"num_rows": 32}', ["validation"]),
+        "rotten_tomatoes/test": ('{"num_rows": 32}', ["test"]),
+    }
     assert len({digest for _, _, digest in inputs.values()}) == 3
 
     history = client.get_metric_history(student.info.run_id, "train/kd")
@@ -84,12 +86,18 @@ def test_end_to_end_run_logs_params_metrics_tags_and_artifacts(home):
     # the teacher's run is a tracked stage like the student's: its config, its data, its time and size
     teacher = client.get_run(teacher.info.run_id)
     assert "config.yaml" in {a.path for a in client.list_artifacts(teacher.info.run_id)}
-    teacher_config = open(download_artifacts(run_id=teacher.info.run_id, artifact_path="config.yaml", tracking_uri=client.tracking_uri)).read()
+    teacher_config = open(
+        download_artifacts(run_id=teacher.info.run_id, artifact_path="config.yaml", tracking_uri=client.tracking_uri)
+    ).read()
     assert "recipe:" in teacher_config and "rotten_tomatoes" in teacher_config and "student" not in teacher_config
     assert {d.dataset.name: [t.value for t in d.tags] for d in teacher.inputs.dataset_inputs} == {
-        "rotten_tomatoes/train": ["training"], "rotten_tomatoes/validation": ["validation"], "rotten_tomatoes/test": ["test"]}
+        "rotten_tomatoes/train": ["training"],
+        "rotten_tomatoes/validation": ["validation"],
+        "rotten_tomatoes/test": ["test"],
+    }
     assert {"time/train_seconds", "model/teacher_params", "model/teacher_mb", "best_step", "steps", "epochs", "test/accuracy"} <= set(
-        teacher.data.metrics)
+        teacher.data.metrics
+    )
     assert teacher.data.tags["task"] == "rotten_tomatoes" and teacher.data.tags["teacher"] == "tiny"
     assert ".hydra/overrides.yaml" in {a.path for a in client.list_artifacts(student.info.run_id, ".hydra")}
     predictions = download_artifacts(run_id=student.info.run_id, artifact_path="predictions/test.tsv", tracking_uri=client.tracking_uri)
@@ -183,16 +191,25 @@ def test_regression_task_from_files_with_a_given_teacher_checkpoint(home, tmp_pa
     for split, n in (("train", 48), ("dev", 16)):
         rows = ["text,score"] + [f"{' '.join(rng.choices(words, k=5))},{rng.uniform(0, 5):.2f}" for _ in range(n)]
         (tmp_path / f"{split}.csv").write_text("\n".join(rows) + "\n")
-    task = ["task=files", "task.name=scores", f"task.files.train={tmp_path / 'train.csv'}",
-            f"task.files.validation={tmp_path / 'dev.csv'}", "task.label_field=score", "task.regression=true",
-            "task.metrics=[pearson,spearman]", "task.main_metric=pearson"]
+    task = [
+        "task=files",
+        "task.name=scores",
+        f"task.files.train={tmp_path / 'train.csv'}",
+        f"task.files.validation={tmp_path / 'dev.csv'}",
+        "task.label_field=score",
+        "task.regression=true",
+        "task.metrics=[pearson,spearman]",
+        "task.main_metric=pearson",
+    ]
     job.run(compose_config([*SMOKE, *task, "stage=teacher"]), output_dir=tmp_path / "t")
     _, (teacher,) = runs_by_role(home, "teacher")
     folder = next((home / ".cache" / "teachers").glob("scores-*/model"))
     assert AutoModelForSequenceClassification.from_pretrained(folder).config.num_labels == 1
 
-    pearson = job.run(compose_config([*SMOKE, *task, f"teacher.checkpoint={folder}", "student.layers=2",
-                                           "student.init_from=pretrained"]), output_dir=tmp_path / "s")
+    pearson = job.run(
+        compose_config([*SMOKE, *task, f"teacher.checkpoint={folder}", "student.layers=2", "student.init_from=pretrained"]),
+        output_dir=tmp_path / "s",
+    )
     client, (student,) = runs_by_role(home, "student")
     assert -1.0 <= pearson <= 1.0 and student.data.metrics["validation/pearson"] == pytest.approx(pearson)
     assert "diito.teacher_run_id" not in student.data.tags  # a given checkpoint has no teacher run
@@ -206,7 +223,12 @@ def test_a_files_task_s_label_names_reach_the_saved_teacher_and_student(home, tm
     for split, n in (("train", 24), ("dev", 8)):
         rows = ["text,label"] + [f"{'great' if i % 2 else 'awful'} film {i},{'pos' if i % 2 else 'neg'}" for i in range(n)]
         (tmp_path / f"{split}.csv").write_text("\n".join(rows) + "\n")
-    task = ["task=files", "task.name=reviews", f"task.files.train={tmp_path / 'train.csv'}", f"task.files.validation={tmp_path / 'dev.csv'}"]
+    task = [
+        "task=files",
+        "task.name=reviews",
+        f"task.files.train={tmp_path / 'train.csv'}",
+        f"task.files.validation={tmp_path / 'dev.csv'}",
+    ]
     job.run(compose_config([*SMOKE, *task, "tracking=none", "tracking.log_model=true"]), output_dir=tmp_path / "out")
     teacher = next((home / ".cache" / "teachers").glob("reviews-*/model"))
     for folder in (tmp_path / "out" / "student", teacher):
@@ -220,8 +242,12 @@ def test_student_settings_never_reach_the_teacher(home, tmp_path, caplog):
     """The teacher is its own stage: student-side keys reuse the one teacher; only teacher.recipe changes it."""
     caplog.set_level("INFO", logger="diito")
     job.run(compose_config([*SMOKE, "stage=teacher"]))
-    student_side = [["trainer.max_train_examples=16"], ["trainer.max_steps=2", "trainer.grad_accum=2"],
-                    ["seed=7", "optim.lr=0.5", "optim.warmup_ratio=0"], ["trainer.precision=fp32", "trainer.max_eval_examples=8"]]
+    student_side = [
+        ["trainer.max_train_examples=16"],
+        ["trainer.max_steps=2", "trainer.grad_accum=2"],
+        ["seed=7", "optim.lr=0.5", "optim.warmup_ratio=0"],
+        ["trainer.precision=fp32", "trainer.max_eval_examples=8"],
+    ]
     for i, overrides in enumerate(student_side):
         job.run(compose_config([*SMOKE, *overrides]), output_dir=tmp_path / str(i))
     client, (teacher,) = runs_by_role(home, "teacher")
@@ -272,8 +298,17 @@ def test_a_diverging_job_fails_naming_step_and_term_and_keeps_its_checkpoint(hom
 
 def test_resume_under_hard_conditions_repeats_every_metric_history(home, tmp_path, monkeypatch):
     """Several epochs, keep-best, early stopping, evaluations and logs that do not line up with checkpoints."""
-    overrides = [*SMOKE, "trainer.max_steps=null", "trainer.epochs=3", "trainer.min_steps=0", "trainer.early_stopping=3",
-                 "trainer.eval_every=3", "trainer.save_every=5", "trainer.log_every=2", "trainer.keep_best=true"]
+    overrides = [
+        *SMOKE,
+        "trainer.max_steps=null",
+        "trainer.epochs=3",
+        "trainer.min_steps=0",
+        "trainer.early_stopping=3",
+        "trainer.eval_every=3",
+        "trainer.save_every=5",
+        "trainer.log_every=2",
+        "trainer.keep_best=true",
+    ]
     cfg = compose_config(overrides)
     uninterrupted = job.run(cfg, output_dir=tmp_path / "a")
     undo = kill_after_checkpoint(monkeypatch, 5)
@@ -284,8 +319,10 @@ def test_resume_under_hard_conditions_repeats_every_metric_history(home, tmp_pat
     client, (first, second) = runs_by_role(home, "student")
     assert set(first.data.metrics) == set(second.data.metrics)
     for key in (k for k in first.data.metrics if not k.startswith(TIMINGS)):
-        histories = [[(m.step, m.value) for m in sorted(client.get_metric_history(r.info.run_id, key), key=lambda m: (m.step, m.timestamp))]
-                     for r in (first, second)]
+        histories = [
+            [(m.step, m.value) for m in sorted(client.get_metric_history(r.info.run_id, key), key=lambda m: (m.step, m.timestamp))]
+            for r in (first, second)
+        ]
         assert histories[0] == histories[1], key
     evaluations = [m.step for m in client.get_metric_history(first.info.run_id, "validation/accuracy")]
     assert len(evaluations) >= 4 and max(evaluations) > 5  # evaluations on both sides of the kill
@@ -308,10 +345,13 @@ def test_the_logged_student_reproduces_the_logged_numbers(home, tmp_path):
     folder = Path(download_artifacts(run_id=student.info.run_id, artifact_path="student", tracking_uri=client.tracking_uri))
     model = load_finetuned(folder / "model")
     c = job.validate(cfg).config
-    data = Prepared.from_task(load_task(c.task), load_tokenizer(str(folder / "components" / "tokenizer"))).limited(c.trainer.max_train_examples, c.trainer.max_eval_examples)
+    data = Prepared.from_task(load_task(c.task), load_tokenizer(str(folder / "components" / "tokenizer"))).limited(
+        c.trainer.max_train_examples, c.trainer.max_eval_examples
+    )
     evaluator = Evaluator(data, c.trainer.eval_batch_size, c.trainer.precision, torch.device("cpu"))
-    assert evaluator.metrics(model) == {k: v for k, v in student.data.metrics.items() if k.startswith("validation/") and "ii" not in k
-                                        and "efficacy" not in k}
+    assert evaluator.metrics(model) == {
+        k: v for k, v in student.data.metrics.items() if k.startswith("validation/") and "ii" not in k and "efficacy" not in k
+    }
     predicted = evaluator.predict(model, ["test"])["test"]
     logged = download_artifacts(run_id=student.info.run_id, artifact_path="predictions/test.tsv", tracking_uri=client.tracking_uri)
     rows = [line.split("\t") for line in open(logged).read().splitlines()[1:]]
@@ -334,8 +374,9 @@ def test_a_long_param_is_logged_whole_as_an_artifact(home, tmp_path):
     client, (student,) = runs_by_role(home, "student")
     param = student.data.params["mapping.entries"]
     assert len(param) <= 6000 and param.endswith("(truncated: the whole value is in the artifact params/mapping.entries.txt)")
-    whole = open(download_artifacts(run_id=student.info.run_id, artifact_path="params/mapping.entries.txt",
-                                    tracking_uri=client.tracking_uri)).read()
+    whole = open(
+        download_artifacts(run_id=student.info.run_id, artifact_path="params/mapping.entries.txt", tracking_uri=client.tracking_uri)
+    ).read()
     assert len(whole) > 6000 and whole.count("'student'") == 150 and whole.startswith(param[:100])
 
 
@@ -428,7 +469,8 @@ def test_a_second_identical_job_is_refused_in_one_line_before_compute(home):
         result = run_cli(SMOKE, home)
     assert result.returncode == 75, result.stderr[-3000:]
     assert result.stderr.strip().splitlines()[-1] == (
-        f"error: an identical job is already running (its state: {folder}); wait for it to end, or change a setting to run another job")
+        f"error: an identical job is already running (its state: {folder}); wait for it to end, or change a setting to run another job"
+    )
     assert "Traceback" not in result.stderr
     assert not (home / ".cache" / "teachers").exists()  # nothing computed: not even the teacher
     _, students = runs_by_role(home, "student")
@@ -439,6 +481,7 @@ def test_a_second_identical_job_is_refused_in_one_line_before_compute(home):
 def test_the_identity_holds_a_digest_of_the_data_read_before_compute(home, tmp_path):
     """The same settings on changed data are another job: known at validation, without reading a
     row (a hub dataset is known by its id: it is not downloaded before compute)."""
+
     def identity(overrides: list[str]) -> tuple[str, str]:
         validated = job.validate(compose_config([*SMOKE, *overrides]))
         return validated.hash, validated.data_digest
@@ -477,4 +520,7 @@ def test_a_job_with_a_selection_split_chooses_on_it_and_reports_the_dev_set_unto
     assert student.data.metrics["best_step"] == min(m.step for m in history if m.value == best)
     from diito.report import compared_metrics
 
-    assert compared_metrics([student], "validation/accuracy") == (["test/accuracy", "validation/accuracy", "selection/accuracy"], "selection")
+    assert compared_metrics([student], "validation/accuracy") == (
+        ["test/accuracy", "validation/accuracy", "selection/accuracy"],
+        "selection",
+    )

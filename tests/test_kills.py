@@ -16,9 +16,18 @@ from tests.conftest import ROOT, TIMINGS
 
 pytestmark = pytest.mark.slow
 
-JOB = ["teacher=tiny", "trainer=debug", "teacher.recipe.max_steps=8", "trainer.max_steps=12", "trainer.save_every=5",
-       "hydra.job_logging.root.level=DEBUG",  # checkpoint writes are logged at debug level
-       "trainer.eval_every=4", "trainer.log_every=1", "trainer.keep_best=true", "hydra.run.dir=outputs/job"]
+JOB = [
+    "teacher=tiny",
+    "trainer=debug",
+    "teacher.recipe.max_steps=8",
+    "trainer.max_steps=12",
+    "trainer.save_every=5",
+    "hydra.job_logging.root.level=DEBUG",  # checkpoint writes are logged at debug level
+    "trainer.eval_every=4",
+    "trainer.log_every=1",
+    "trainer.keep_best=true",
+    "hydra.run.dir=outputs/job",
+]
 KILL_POINTS = {  # a line of the job's log, and the moment it stands for
     "teacher step 3/": "during the teacher fine-tune",
     "student step 7/": "between checkpoints",
@@ -65,8 +74,13 @@ def outcome(home) -> dict:
         assert role not in histories, f"more than one {role} run"
         histories[role] = {
             "status": run.info.status,
-            "metrics": {key: [(m.step, m.value) for m in sorted(client.get_metric_history(run.info.run_id, key), key=lambda m: (m.step, m.timestamp))]
-                        for key in run.data.metrics if not key.startswith(TIMINGS)},
+            "metrics": {
+                key: [
+                    (m.step, m.value) for m in sorted(client.get_metric_history(run.info.run_id, key), key=lambda m: (m.step, m.timestamp))
+                ]
+                for key in run.data.metrics
+                if not key.startswith(TIMINGS)
+            },
         }
     return {"weights": load_file(home / "outputs" / "job" / "student" / "model.safetensors"), "runs": histories}
 

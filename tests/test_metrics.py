@@ -40,9 +40,7 @@ def test_shape_mismatch_is_an_error():
 
 
 def test_submission_with_label_names(tmp_path):
-    path = write_glue_predictions(
-        tmp_path / "sub" / "RTE.tsv", ["0", "1", "2"], [1, 0, 1], label_names=["entailment", "not_entailment"]
-    )
+    path = write_glue_predictions(tmp_path / "sub" / "RTE.tsv", ["0", "1", "2"], [1, 0, 1], label_names=["entailment", "not_entailment"])
     assert path.read_text() == "index\tprediction\n0\tnot_entailment\n1\tentailment\n2\tnot_entailment\n"
 
 

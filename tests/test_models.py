@@ -28,7 +28,9 @@ def test_select_blocks_strategies():
 def test_max_positions_leaves_out_robertas_padding_offset():
     assert max_positions(BertConfig(max_position_embeddings=512)) == (512, "max_position_embeddings 512")
     assert max_positions(RobertaConfig(max_position_embeddings=514, pad_token_id=1)) == (
-        512, "max_position_embeddings 514, less 2 for roberta's padding offset")
+        512,
+        "max_position_embeddings 514, less 2 for roberta's padding offset",
+    )
     assert max_positions(XLNetConfig()) is None  # relative positions: no limit in the config
 
 

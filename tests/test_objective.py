@@ -1,11 +1,17 @@
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
-from types import SimpleNamespace
 
 from diito.objective import (
-    DistillationObjective, LossConfig, Outputs, default_patience_layers, kd_loss, patience_loss, task_loss,
+    DistillationObjective,
+    LossConfig,
+    Outputs,
+    default_patience_layers,
+    kd_loss,
+    patience_loss,
+    task_loss,
 )
 
 

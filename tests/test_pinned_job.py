@@ -25,11 +25,29 @@ from safetensors.torch import load_file
 from tests.conftest import TIMINGS
 
 PIN = Path(__file__).parent / "data" / "pinned_job.json"
-OVERRIDES = ["teacher=tiny", "teacher.recipe.max_steps=80", "teacher.recipe.batch_size=32", "teacher.recipe.max_train_examples=null",
-             "teacher.recipe.max_eval_examples=128", "teacher.recipe.precision=fp32", "trainer=debug", "trainer.max_steps=30",
-             "trainer.batch_size=16", "trainer.max_train_examples=256", "trainer.max_eval_examples=128", "trainer.save_every=10",
-             "trainer.eval_every=10", "trainer.log_every=5", "trainer.precision=fp32", "trainer.num_threads=1", "optim.lr=1e-3",
-             "loss=diito", "loss.beta=0.5", "loss.cosine=0.5", "seed=3"]
+OVERRIDES = [
+    "teacher=tiny",
+    "teacher.recipe.max_steps=80",
+    "teacher.recipe.batch_size=32",
+    "teacher.recipe.max_train_examples=null",
+    "teacher.recipe.max_eval_examples=128",
+    "teacher.recipe.precision=fp32",
+    "trainer=debug",
+    "trainer.max_steps=30",
+    "trainer.batch_size=16",
+    "trainer.max_train_examples=256",
+    "trainer.max_eval_examples=128",
+    "trainer.save_every=10",
+    "trainer.eval_every=10",
+    "trainer.log_every=5",
+    "trainer.precision=fp32",
+    "trainer.num_threads=1",
+    "optim.lr=1e-3",
+    "loss=diito",
+    "loss.beta=0.5",
+    "loss.cosine=0.5",
+    "seed=3",
+]
 
 
 def numerics_signature() -> str:
@@ -57,10 +75,14 @@ def run_pinned_job(home: Path) -> dict:
     for name in sorted(weights):
         digest.update(name.encode() + weights[name].numpy().tobytes())
     client = MlflowClient(f"sqlite:///{home}/mlflow.db")
-    (run,) = [r for r in client.search_runs([e.experiment_id for e in client.search_experiments()])
-              if r.data.tags.get("diito.role") == "student"]
-    histories = {key: [[m.step, m.value] for m in sorted(client.get_metric_history(run.info.run_id, key), key=lambda m: (m.step, m.timestamp))]
-                 for key in sorted(run.data.metrics) if not key.startswith(TIMINGS)}
+    (run,) = [
+        r for r in client.search_runs([e.experiment_id for e in client.search_experiments()]) if r.data.tags.get("diito.role") == "student"
+    ]
+    histories = {
+        key: [[m.step, m.value] for m in sorted(client.get_metric_history(run.info.run_id, key), key=lambda m: (m.step, m.timestamp))]
+        for key in sorted(run.data.metrics)
+        if not key.startswith(TIMINGS)
+    }
     return {
         "signature": numerics_signature(),
         "weights_sha256": digest.hexdigest(),

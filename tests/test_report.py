@@ -10,8 +10,14 @@ import pytest
 from diito import report
 
 VALUES = {  # (method, size, seed) -> validation accuracy
-    ("kd", "500", "1"): 0.70, ("kd", "500", "2"): 0.72, ("kd", "None", "1"): 0.80, ("kd", "None", "2"): 0.82,
-    ("diito", "500", "1"): 0.73, ("diito", "500", "2"): 0.71, ("diito", "None", "1"): 0.85, ("diito", "None", "2"): 0.86,
+    ("kd", "500", "1"): 0.70,
+    ("kd", "500", "2"): 0.72,
+    ("kd", "None", "1"): 0.80,
+    ("kd", "None", "2"): 0.82,
+    ("diito", "500", "1"): 0.73,
+    ("diito", "500", "2"): 0.71,
+    ("diito", "None", "1"): 0.85,
+    ("diito", "None", "2"): 0.86,
     ("diito", "1000", "1"): 0.77,  # a size only one method ran: in the curve, not in the comparison
 }
 
@@ -19,21 +25,40 @@ VALUES = {  # (method, size, seed) -> validation accuracy
 def _runs():
     runs = []
     for i, ((method, size, seed), value) in enumerate(VALUES.items()):
-        params = {"loss.gamma": "1.0" if method == "diito" else "0.0", "trainer.max_train_examples": size, "seed": seed,
-                  "loss.alpha": "0.5", "student.init_from": "teacher"}
-        runs.append(SimpleNamespace(info=SimpleNamespace(run_id=f"r{i}", run_name=f"task.data_dir=/data/glue/SST-2,seed={seed}", start_time=i * 10**6,
-                                                             end_time=i * 10**6 + (200_000 if method == "diito" else 100_000)),
-                                    data=SimpleNamespace(params=params, metrics={"validation/accuracy": value}, tags={"loss": method})))
+        params = {
+            "loss.gamma": "1.0" if method == "diito" else "0.0",
+            "trainer.max_train_examples": size,
+            "seed": seed,
+            "loss.alpha": "0.5",
+            "student.init_from": "teacher",
+        }
+        runs.append(
+            SimpleNamespace(
+                info=SimpleNamespace(
+                    run_id=f"r{i}",
+                    run_name=f"task.data_dir=/data/glue/SST-2,seed={seed}",
+                    start_time=i * 10**6,
+                    end_time=i * 10**6 + (200_000 if method == "diito" else 100_000),
+                ),
+                data=SimpleNamespace(params=params, metrics={"validation/accuracy": value}, tags={"loss": method}),
+            )
+        )
     return runs
 
 
 def test_curves_pair_the_same_seeds_against_kd_and_put_the_whole_set_last():
     curves = report.curves(_runs(), "validation/accuracy")
-    assert curves == {"": {"kd": {"500": {"1": 0.70, "2": 0.72}, "None": {"1": 0.80, "2": 0.82}},
-                           "diito": {"500": {"1": 0.73, "2": 0.71}, "None": {"1": 0.85, "2": 0.86}, "1000": {"1": 0.77}}}}
+    assert curves == {
+        "": {
+            "kd": {"500": {"1": 0.70, "2": 0.72}, "None": {"1": 0.80, "2": 0.82}},
+            "diito": {"500": {"1": 0.73, "2": 0.71}, "None": {"1": 0.85, "2": 0.86}, "1000": {"1": 0.77}},
+        }
+    }
     rows = report.with_verdicts(report.paired(curves, "validation/accuracy"))
     assert [(r["method"], r["baseline"], r["size"], r["n"], r["wins"], r["ties"], r["losses"]) for r in rows] == [
-        ("diito", "kd", "500", 2, 1, 0, 1), ("diito", "kd", "all", 2, 2, 0, 0)]
+        ("diito", "kd", "500", 2, 1, 0, 1),
+        ("diito", "kd", "all", 2, 2, 0, 0),
+    ]
     assert rows[0]["mean_diff"] == pytest.approx(0.01) and rows[0]["std_diff"] == pytest.approx(0.0282842712)  # +0.03 and -0.01
     assert rows[1]["mean_diff"] == pytest.approx(0.045)
     assert report.format_curves(curves, "validation/accuracy").splitlines()[1].split() == ["method", "500", "1000", "all"]
@@ -61,8 +86,11 @@ def test_the_statistics_match_values_computed_by_hand():
     # Holm: sorted 0.01, 0.03, 0.04 times 3, 2, 1, kept monotone: 0.03, 0.06, 0.06; NaN (one seed) is left out
     assert report.holm([0.01, 0.04, 0.03, math.nan])[:3] == pytest.approx([0.03, 0.06, 0.06])
     rows = [{"p_holm": 0.03, "mean_diff": -0.01}, {"p_holm": 0.06, "mean_diff": 0.02}, {"p_holm": math.nan, "mean_diff": 0.0}]
-    assert [report.verdict(r) for r in rows] == ["supported at 0.05 after correction (worse)", "not supported at 0.05 after correction",
-                                                 "too few seeds to test"]
+    assert [report.verdict(r) for r in rows] == [
+        "supported at 0.05 after correction (worse)",
+        "not supported at 0.05 after correction",
+        "too few seeds to test",
+    ]
 
 
 def test_the_report_leads_with_the_split_that_chose_nothing_and_reads_its_own_export(tmp_path, capsys):
@@ -73,7 +101,8 @@ def test_the_report_leads_with_the_split_that_chose_nothing_and_reads_its_own_ex
     path = report.export_csv(runs, tmp_path / "runs.csv")
     again = report.runs_from_csv(path)
     assert [(r.data.tags["loss"], r.data.params["seed"], r.data.metrics["test/accuracy"]) for r in again] == [
-        (r.data.tags["loss"], r.data.params["seed"], pytest.approx(r.data.metrics["test/accuracy"])) for r in runs]
+        (r.data.tags["loss"], r.data.params["seed"], pytest.approx(r.data.metrics["test/accuracy"])) for r in runs
+    ]
     report.main([str(path), "--out", str(tmp_path / "out")])
     printed = capsys.readouterr().out
     assert printed.index("test/accuracy (chose nothing)") < printed.index("validation/accuracy (chose the checkpoints")
@@ -152,19 +181,31 @@ def test_report_and_analyze_open_the_store_jobs_log_to(home, tmp_path, monkeypat
 
 
 def _plain(params: dict, value: float, method: str = "diito"):
-    return SimpleNamespace(info=SimpleNamespace(run_id=str(value), start_time=0, end_time=1000),
-                           data=SimpleNamespace(params=params, metrics={"validation/accuracy": value}, tags={"loss": method}))
+    return SimpleNamespace(
+        info=SimpleNamespace(run_id=str(value), start_time=0, end_time=1000),
+        data=SimpleNamespace(params=params, metrics={"validation/accuracy": value}, tags={"loss": method}),
+    )
 
 
 def test_runs_of_other_teachers_or_limits_are_never_averaged_into_one_cell(tmp_path, capsys):
     """An unset data limit logs no param (the whole set), a KD run no interchange settings: the first
     is another configuration, the second is not; runs of another teacher get heatmaps of their own."""
-    runs = [_plain({"teacher.name": teacher, "loss.alpha": alpha, "loss.T": T, "seed": "1", "loss.interchange_prop": "0.3"}, value)
-            for teacher, base in (("minilm", 0.8), ("tiny", 0.5)) for alpha in ("0.5", "0.9") for T, value in (("2", base), ("4", base + 0.01))]
-    runs += [_plain({"teacher.name": "minilm", "loss.alpha": "0.5", "loss.T": "2", "seed": "1", "trainer.max_train_examples": "500"}, 0.7, "kd")]
+    runs = [
+        _plain({"teacher.name": teacher, "loss.alpha": alpha, "loss.T": T, "seed": "1", "loss.interchange_prop": "0.3"}, value)
+        for teacher, base in (("minilm", 0.8), ("tiny", 0.5))
+        for alpha in ("0.5", "0.9")
+        for T, value in (("2", base), ("4", base + 0.01))
+    ]
+    runs += [
+        _plain({"teacher.name": "minilm", "loss.alpha": "0.5", "loss.T": "2", "seed": "1", "trainer.max_train_examples": "500"}, 0.7, "kd")
+    ]
     assert report.varying_keys(runs) == ["loss.T", "loss.alpha", "teacher.name", "trainer.max_train_examples"]
     keys, rows = report.table(runs, "validation/accuracy")
-    assert {(row["teacher.name"], row["trainer.max_train_examples"]) for row in rows} == {("minilm", "None"), ("tiny", "None"), ("minilm", "500")}
+    assert {(row["teacher.name"], row["trainer.max_train_examples"]) for row in rows} == {
+        ("minilm", "None"),
+        ("tiny", "None"),
+        ("minilm", "500"),
+    }
     csv_file = tmp_path / "runs.csv"
     report.export_csv(runs, csv_file)
     report.main([str(csv_file), "--x", "loss.alpha", "--y", "loss.T", "--out", str(tmp_path / "out")])

@@ -56,8 +56,9 @@ print(experiment_id(TrackingConfig(uri=sys.argv[1], experiment="shared")))
 def test_jobs_starting_together_on_a_fresh_database_prepare_its_schema_once(postgres):
     """Without the database lock, all but one of these processes fail with duplicate tables."""
     uri = postgres.create_database("race")
-    processes = [subprocess.Popen([sys.executable, "-c", PREPARE, uri], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-                 for _ in range(4)]
+    processes = [
+        subprocess.Popen([sys.executable, "-c", PREPARE, uri], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(4)
+    ]
     outputs = [p.communicate(timeout=300) for p in processes]
     assert all(p.returncode == 0 for p in processes), [err[-2000:] for _, err in outputs]
     assert len({out.strip() for out, _ in outputs}) == 1  # one experiment, the same id for every job
@@ -66,7 +67,9 @@ def test_jobs_starting_together_on_a_fresh_database_prepare_its_schema_once(post
 def test_an_unreachable_database_stops_the_job_before_any_compute(home, postgres):
     result = run_cli(["teacher=tiny", "trainer=debug", f"tracking.uri={postgres.uri}/missing"], home)
     assert result.returncode == 2
-    assert 'error: tracking.uri: cannot reach the tracking database' in result.stderr and 'database "missing" does not exist' in result.stderr
+    assert (
+        "error: tracking.uri: cannot reach the tracking database" in result.stderr and 'database "missing" does not exist' in result.stderr
+    )
     assert not (home / ".cache").exists()
 
 
@@ -79,6 +82,7 @@ def test_an_experiment_deleted_in_the_database_stops_the_job_before_any_compute(
     assert result.returncode == 2, result.stderr[-3000:]
     assert result.stderr.strip().splitlines()[-1] == (
         f"error: tracking.experiment: 'rotten_tomatoes-debug' is deleted; restore it (MLFLOW_TRACKING_URI={uri} mlflow experiments restore "
-        f"--experiment-id {experiment}, or in the UI's trash) or set tracking.experiment=<another name>")
+        f"--experiment-id {experiment}, or in the UI's trash) or set tracking.experiment=<another name>"
+    )
     assert "Traceback" not in result.stderr and not (home / ".cache").exists()
     assert not client.search_runs([experiment])

@@ -32,7 +32,11 @@ def check_grid(home, parents, children, client):
     assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parent.info.run_id}
     assert {c.data.tags["diito.sweep_id"] for c in children} == {parent.data.tags["diito.sweep_id"]}
     assert {(c.data.params["loss.alpha"], c.data.params["trainer.max_eval_examples"]) for c in children} == {
-        ("0.3", "5"), ("0.3", "7"), ("0.7", "5"), ("0.7", "7")}
+        ("0.3", "5"),
+        ("0.3", "7"),
+        ("0.7", "5"),
+        ("0.7", "7"),
+    }
     assert all("loss.alpha=" in c.info.run_name and "trainer.max_eval_examples=" in c.info.run_name for c in children)
     assert all("validation/accuracy" in c.data.metrics and "train/diito" in c.data.metrics for c in children)
     assert parent.data.params["sweep.loss.alpha"] == "0.3,0.7"
@@ -53,19 +57,40 @@ def test_grid_sweep_makes_a_parent_with_children(home, launcher):
     client, parents, children = sweep_runs(home)
     check_grid(home, parents, children, client)
     assert len({t for t in (home / ".cache" / "teachers").glob("*/info.json")}) == 1  # one teacher for the sweep
-    assert len([r for r in client.search_runs([e.experiment_id for e in client.search_experiments()])
-                if r.data.tags.get("diito.role") == "teacher"]) == 1
+    assert (
+        len(
+            [
+                r
+                for r in client.search_runs([e.experiment_id for e in client.search_experiments()])
+                if r.data.tags.get("diito.role") == "teacher"
+            ]
+        )
+        == 1
+    )
     assert "sweep: 4/4 jobs finished" in result.stdout and "database is locked" not in result.stdout + result.stderr
     if launcher:  # the joblib launcher really ran jobs side by side: some children's runs overlap in time
         spans = sorted((c.info.start_time, c.info.end_time) for c in children)
         assert any(later[0] < earlier[1] for earlier, later in zip(spans, spans[1:]))
 
     sweep_id = parents[0].data.tags["diito.sweep_id"]
-    report.main([sweep_id, "--x", "loss.alpha", "--y", "trainer.max_eval_examples", "--out", str(home / "report"),
-                 "--tracking-uri", f"sqlite:///{home}/mlflow.db"])
+    report.main(
+        [
+            sweep_id,
+            "--x",
+            "loss.alpha",
+            "--y",
+            "trainer.max_eval_examples",
+            "--out",
+            str(home / "report"),
+            "--tracking-uri",
+            f"sqlite:///{home}/mlflow.db",
+        ]
+    )
     lines = (home / "report" / "report.txt").read_text().splitlines()
     assert lines[0].split()[:2] == ["loss.alpha", "trainer.max_eval_examples"] and len(lines) == 1 + 4 + 3
-    assert lines[-2].startswith("wall time: 4 runs, ") and lines[-1].startswith("training time (time/train_seconds, without stops): 4 runs, ")
+    assert lines[-2].startswith("wall time: 4 runs, ") and lines[-1].startswith(
+        "training time (time/train_seconds, without stops): 4 runs, "
+    )
     assert (home / "report" / "heatmap.png").read_bytes()[:4] == b"\x89PNG"
     logged = {a.path for a in client.list_artifacts(parents[0].info.run_id, "report")}
     assert logged == {"report/report.txt", "report/heatmap.png", "report/runs.csv"}
@@ -118,7 +143,7 @@ def test_overlapping_sweeps_reuse_finished_runs_without_taking_them_and_both_rep
     assert {k.removeprefix("diito.reused.") for k in parent_b.data.tags if k.startswith("diito.reused.")} == set(tags_before)
     # the second sweep's closing lines: every job (reused ones too) in the report's table, ties named as ties
     assert "sweep: 3/3 jobs finished" in again.stdout
-    closing = again.stdout[again.stdout.index("sweep: 3/3 jobs finished"):].splitlines()
+    closing = again.stdout[again.stdout.index("sweep: 3/3 jobs finished") :].splitlines()
     assert closing[1].split() == ["loss.alpha", "n", "validation/accuracy"] and len(closing) == 1 + 1 + 3 + 1
     scores = sorted((c.data.metrics["validation/accuracy"] for c in children), reverse=True)
     if scores[0] == scores[1]:
@@ -140,8 +165,12 @@ def _run(params: dict, value: float):
 
 
 def test_report_table_groups_seeds_best_first():
-    runs = [_run({"seed": "1", "loss.T": "2.0", "loss.alpha": "0.5"}, 0.80), _run({"seed": "2", "loss.T": "2.0", "loss.alpha": "0.5"}, 0.84),
-            _run({"seed": "1", "loss.T": "10.0", "loss.alpha": "0.5"}, 0.90), _run({"seed": "2", "loss.T": "10.0", "loss.alpha": "0.5"}, 0.86)]
+    runs = [
+        _run({"seed": "1", "loss.T": "2.0", "loss.alpha": "0.5"}, 0.80),
+        _run({"seed": "2", "loss.T": "2.0", "loss.alpha": "0.5"}, 0.84),
+        _run({"seed": "1", "loss.T": "10.0", "loss.alpha": "0.5"}, 0.90),
+        _run({"seed": "2", "loss.T": "10.0", "loss.alpha": "0.5"}, 0.86),
+    ]
     keys, rows = report.table(runs, "validation/accuracy")
     assert keys == ["loss.T"]  # the seed and the constant alpha are not configurations
     assert [(r["loss.T"], r["n"]) for r in rows] == [("10.0", 2), ("2.0", 2)]
@@ -165,8 +194,18 @@ def test_sweep_against_a_real_tracking_server(home, mlflow_server):
 
 
 def test_optuna_search_with_current_optuna(home):
-    result = run_cli(["-m", "hydra/sweeper=optuna", "hydra.sweeper.n_trials=3", "hydra.sweeper.seed=0", *SMOKE,
-                      "loss.alpha=interval(0.5,0.9)", "loss.T=choice(2,10)"], home)
+    result = run_cli(
+        [
+            "-m",
+            "hydra/sweeper=optuna",
+            "hydra.sweeper.n_trials=3",
+            "hydra.sweeper.seed=0",
+            *SMOKE,
+            "loss.alpha=interval(0.5,0.9)",
+            "loss.T=choice(2,10)",
+        ],
+        home,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     (results_file,) = home.glob("multirun/*/*/optimization_results.yaml")
     results = OmegaConf.to_container(OmegaConf.load(results_file))
@@ -183,7 +222,9 @@ def test_a_sweep_that_hydra_stops_with_an_error_ends_its_parent_failed(home):
     _, (parent,), children = sweep_runs(home)
     assert parent.info.status == "FAILED" and "Could not find 'loss/dito'" in parent.data.tags["error"]
     assert all(c.info.status != "RUNNING" for c in children)
-    assert f"sweep stopped by an error: its MLflow parent run {parent.info.run_id} ({parent.info.run_name}) is marked FAILED" in result.stderr
+    assert (
+        f"sweep stopped by an error: its MLflow parent run {parent.info.run_id} ({parent.info.run_name}) is marked FAILED" in result.stderr
+    )
 
 
 def test_the_job_name_leaves_out_every_tracking_setting():
@@ -201,17 +242,28 @@ def test_a_sweep_run_again_on_changed_files_is_a_new_job(home, tmp_path):
     re-run sweep; the same files with their labels fixed are a new job (and a new teacher)."""
     words = ["good", "bad", "fine", "great", "awful", "okay", "nice", "poor"]
     rng = __import__("random").Random(0)
-    rows = {split: [(" ".join(rng.choices(words, k=4)), rng.choice(["neg", "pos"])) for _ in range(n)]
-            for split, n in (("train", 24), ("dev", 8))}
+    rows = {
+        split: [(" ".join(rng.choices(words, k=4)), rng.choice(["neg", "pos"])) for _ in range(n)]
+        for split, n in (("train", 24), ("dev", 8))
+    }
 
     def write(flip: int) -> None:  # the first ``flip`` training labels wrong, as a user's first draft
         for split, examples in rows.items():
-            lines = ["text,label"] + [f"{text},{({'neg': 'pos', 'pos': 'neg'}[label] if split == 'train' and i < flip else label)}"
-                                      for i, (text, label) in enumerate(examples)]
+            lines = ["text,label"] + [
+                f"{text},{ ({'neg': 'pos', 'pos': 'neg'}[label] if split == 'train' and i < flip else label) }"
+                for i, (text, label) in enumerate(examples)
+            ]
             (tmp_path / f"{split}.csv").write_text("\n".join(lines) + "\n")
 
-    sweep = ["-m", *SMOKE, "task=files", "task.name=mine", f"task.files.train={tmp_path / 'train.csv'}",
-             f"task.files.validation={tmp_path / 'dev.csv'}", "loss.alpha=0.5"]
+    sweep = [
+        "-m",
+        *SMOKE,
+        "task=files",
+        "task.name=mine",
+        f"task.files.train={tmp_path / 'train.csv'}",
+        f"task.files.validation={tmp_path / 'dev.csv'}",
+        "loss.alpha=0.5",
+    ]
     write(flip=6)
     assert run_cli(sweep, home).returncode == 0
     unchanged = run_cli(sweep, home)

@@ -31,17 +31,34 @@ from diito.objective import DistillationObjective, LossConfig
 from diito.trainer import autocast
 
 CPU = torch.device("cpu")
-TEXTS = ["a gripping , moving film", "dull and far too long", "the best film of the year , by far , and the most moving", "meh",
-         "an utterly forgettable sequel that nobody asked for", "it works", "a quiet , patient drama about grief and its long shadow",
-         "fun", "not once did it surprise me", "warm , funny and wise"] * 2
+TEXTS = [
+    "a gripping , moving film",
+    "dull and far too long",
+    "the best film of the year , by far , and the most moving",
+    "meh",
+    "an utterly forgettable sequel that nobody asked for",
+    "it works",
+    "a quiet , patient drama about grief and its long shadow",
+    "fun",
+    "not once did it surprise me",
+    "warm , funny and wise",
+] * 2
 MAPPINGS = {
-    "full": MappingConfig(name="full"), "full_original": MappingConfig(name="full_original"), "middle": MappingConfig(name="middle"),
+    "full": MappingConfig(name="full"),
+    "full_original": MappingConfig(name="full_original"),
+    "middle": MappingConfig(name="middle"),
     "late": MappingConfig(name="late"),
-    "slices": MappingConfig(name="explicit", entries=[
-        EntrySpec(student=SiteSpec(layers=[0], dims=(8, 24)), teacher=SiteSpec(layers=[1, 2], dims=(8, 24))),
-        EntrySpec(student=SiteSpec(layers=[1], dims=(4, 20)), teacher=SiteSpec(layers=[3], dims=(4, 20)))]),
-    "heads": MappingConfig(name="explicit", entries=[
-        EntrySpec(student=SiteSpec(layers=[0], attention_heads=(0, 1)), teacher=SiteSpec(layers=[1, 2], attention_heads=(1, 2)))]),
+    "slices": MappingConfig(
+        name="explicit",
+        entries=[
+            EntrySpec(student=SiteSpec(layers=[0], dims=(8, 24)), teacher=SiteSpec(layers=[1, 2], dims=(8, 24))),
+            EntrySpec(student=SiteSpec(layers=[1], dims=(4, 20)), teacher=SiteSpec(layers=[3], dims=(4, 20))),
+        ],
+    ),
+    "heads": MappingConfig(
+        name="explicit",
+        entries=[EntrySpec(student=SiteSpec(layers=[0], attention_heads=(0, 1)), teacher=SiteSpec(layers=[1, 2], attention_heads=(1, 2)))],
+    ),
 }
 CASES = {  # (loss settings, mapping, patience layers)
     "kd": ({"alpha": 0.5}, None, None),
@@ -56,7 +73,9 @@ def setup():
     tokenizer = load_tokenizer("tiny")
     enc = tokenizer(TEXTS, truncation=True, max_length=64)
     ids = enc["input_ids"]
-    encoded = Encoded(ids, enc["token_type_ids"], np.arange(len(ids)) % 2, [str(i) for i in range(len(ids))], np.array([len(x) for x in ids]))
+    encoded = Encoded(
+        ids, enc["token_type_ids"], np.arange(len(ids)) % 2, [str(i) for i in range(len(ids))], np.array([len(x) for x in ids])
+    )
     teacher = load_pretrained("tiny", 2, 0).eval()
     teacher.config.hidden_dropout_prob = 0.1
     return tokenizer, encoded, teacher
@@ -105,7 +124,9 @@ def test_cached_teacher_gives_the_live_losses_and_gradients(case, setup, tmp_pat
     config, mapping, patience = _cases(case, teacher, student)
     stored = teacher_outputs.Stored.of(mapping if config.intervenes else None, patience if config.beta else None, ("train",))
     # built in batches of 3, sorted by length: each example at another padded length than in training
-    outputs = teacher_outputs.obtain(tmp_path / "entry", teacher, {"train": encoded}, tokenizer.pad_token_id, stored, "fp32", CPU, batch_size=3)
+    outputs = teacher_outputs.obtain(
+        tmp_path / "entry", teacher, {"train": encoded}, tokenizer.pad_token_id, stored, "fp32", CPU, batch_size=3
+    )
     interchange = InterchangeConfig(separate_passes=case == "diito_separate_passes")
     live = DistillationObjective(config, patience or [], mapping, interchange=interchange)
     cached = live.reading(outputs.reader("train"))
@@ -124,7 +145,9 @@ def test_in_bf16_the_cache_differs_from_the_live_step_by_less_than_bf16_itself(c
     student = build_student(teacher, [0, 2], copy_classifier=True).train()
     config, mapping, patience = _cases(case, teacher, student)
     stored = teacher_outputs.Stored.of(mapping if config.intervenes else None, patience if config.beta else None, ("train",))
-    outputs = teacher_outputs.obtain(tmp_path / "entry", teacher, {"train": encoded}, tokenizer.pad_token_id, stored, "bf16", CPU, batch_size=3)
+    outputs = teacher_outputs.obtain(
+        tmp_path / "entry", teacher, {"train": encoded}, tokenizer.pad_token_id, stored, "bf16", CPU, batch_size=3
+    )
     assert outputs.info["dtype"] == "bfloat16"
     live = DistillationObjective(config, patience or [], mapping)
     cached = live.reading(outputs.reader("train"))
@@ -139,13 +162,22 @@ def test_in_bf16_the_cache_differs_from_the_live_step_by_less_than_bf16_itself(c
 
 def test_stored_block_outputs_are_those_the_mapping_reads():
     teacher, student = Shape(6, 384, 12), Shape(3, 384, 12)
-    of = lambda name, patience=None: teacher_outputs.Stored.of(build_mapping(MappingConfig(name=name), teacher, student), patience, ("train",))
+
+    def of(name, patience=None):
+        return teacher_outputs.Stored.of(build_mapping(MappingConfig(name=name), teacher, student), patience, ("train",))
+
     assert of("full").layers == (1, 2, 3, 4, 5, 6)  # every block's output: the top entry swaps blocks 4 and 5
     assert of("middle").layers == (1, 2, 3, 4)  # block 3 swapped: its output and those below it
     assert of("middle", [1, 4]).cls_layers == (5,)  # patience block 4's [CLS] alone; block 1's output is stored whole
     assert teacher_outputs.Stored.of(None, None, ("train",)) == teacher_outputs.Stored(("train",), (), ())  # KD: the logits
-    heads = build_mapping(MappingConfig(name="explicit", entries=[
-        EntrySpec(student=SiteSpec(layers=[1], attention_heads=(0, 6)), teacher=SiteSpec(layers=[2], attention_heads=(0, 6)))]), teacher, student)
+    heads = build_mapping(
+        MappingConfig(
+            name="explicit",
+            entries=[EntrySpec(student=SiteSpec(layers=[1], attention_heads=(0, 6)), teacher=SiteSpec(layers=[2], attention_heads=(0, 6)))],
+        ),
+        teacher,
+        student,
+    )
     assert teacher_outputs.Stored.of(heads, None, ("train",)).layers == (1, 2)  # block 2 reruns from its input, block 1's output
 
 
@@ -179,12 +211,22 @@ def test_a_damaged_or_partly_written_entry_is_built_again_never_read(damage, set
 
 def test_the_key_covers_what_changes_the_outputs(setup):
     _, encoded, _ = setup
-    base = {"teacher": "w", "splits": {"train": encoded}, "stored": teacher_outputs.Stored(("train",), (1,), ()), "dtype": torch.float32,
-            "device": CPU}
+    base = {
+        "teacher": "w",
+        "splits": {"train": encoded},
+        "stored": teacher_outputs.Stored(("train",), (1,), ()),
+        "dtype": torch.float32,
+        "device": CPU,
+    }
     key = teacher_outputs.entry_key(**base)
     other_tokens = Encoded([row[:-2] + row[-1:] for row in encoded.input_ids], None, encoded.labels, encoded.ids, encoded.lengths - 1)
-    changes = [{"teacher": "v"}, {"splits": {"train": other_tokens}}, {"stored": teacher_outputs.Stored(("train",), (1, 2), ())},
-               {"dtype": torch.bfloat16}, {"device": torch.device("cuda")}]
+    changes = [
+        {"teacher": "v"},
+        {"splits": {"train": other_tokens}},
+        {"stored": teacher_outputs.Stored(("train",), (1, 2), ())},
+        {"dtype": torch.bfloat16},
+        {"device": torch.device("cuda")},
+    ]
     assert len({key} | {teacher_outputs.entry_key(**(base | change)) for change in changes}) == 1 + len(changes)
 
 
@@ -201,14 +243,23 @@ def test_disk_cost_is_what_is_written(setup, tmp_path):
 # -- in a job ------------------------------------------------------------------------------------------
 def _files_task(folder: Path) -> list[str]:
     for split, n in (("train", 40), ("dev", 12)):
-        rows = ["text,label"] + [f"{'a great' if i % 2 else 'an awful'} film{' and really' * (i % 5)} {i},{'pos' if i % 2 else 'neg'}"
-                                 for i in range(n)]
+        rows = ["text,label"] + [
+            f"{'a great' if i % 2 else 'an awful'} film{' and really' * (i % 5)} {i},{'pos' if i % 2 else 'neg'}" for i in range(n)
+        ]
         (folder / f"{split}.csv").write_text("\n".join(rows) + "\n")
     return ["task=files", "task.name=reviews", f"task.files.train={folder / 'train.csv'}", f"task.files.validation={folder / 'dev.csv'}"]
 
 
-JOB = ["teacher=tiny", "trainer=debug", "trainer.precision=fp32", "trainer.max_train_examples=24", "loss.beta=0.5", "loss.cosine=0.5",
-       "trainer.batch_size=8", "intervention.eval_pairs=12"]
+JOB = [
+    "teacher=tiny",
+    "trainer=debug",
+    "trainer.precision=fp32",
+    "trainer.max_train_examples=24",
+    "loss.beta=0.5",
+    "loss.cosine=0.5",
+    "trainer.batch_size=8",
+    "intervention.eval_pairs=12",
+]
 
 
 def test_a_job_builds_the_cache_once_reads_it_after_and_learns_what_it_learns_live(home, tmp_path, caplog):
@@ -222,12 +273,17 @@ def test_a_job_builds_the_cache_once_reads_it_after_and_learns_what_it_learns_li
     task = _files_task(tmp_path)
     weights = {}
     for name, cached in (("live", "false"), ("built", "true"), ("cache", "true")):
-        job.run(compose_config([*JOB, *task, f"teacher.cache_outputs={cached}", f"seed={1 + (name == 'cache')}"]), output_dir=tmp_path / name)
+        job.run(
+            compose_config([*JOB, *task, f"teacher.cache_outputs={cached}", f"seed={1 + (name == 'cache')}"]), output_dir=tmp_path / name
+        )
         weights[name] = load_file(tmp_path / name / "student" / "model.safetensors")
     assert caplog.text.count("teacher outputs: computed now") == 1 and caplog.text.count("teacher outputs: from the cache") == 1
     client = MlflowClient(f"sqlite:///{home}/mlflow.db")
-    runs = client.search_runs([e.experiment_id for e in client.search_experiments()], filter_string="tags.`diito.role` = 'student'",
-                              order_by=["attributes.start_time ASC"])
+    runs = client.search_runs(
+        [e.experiment_id for e in client.search_experiments()],
+        filter_string="tags.`diito.role` = 'student'",
+        order_by=["attributes.start_time ASC"],
+    )
     assert [r.data.tags[tags.TEACHER_OUTPUTS] for r in runs] == ["live", "built", "cache"]
     assert [r.data.params["teacher.cache_outputs"] for r in runs] == ["False", "True", "True"]
     (entry,) = [p for p in (home / ".cache" / "teacher_outputs").iterdir() if p.is_dir()]
@@ -270,8 +326,10 @@ def test_with_the_cache_the_teacher_runs_only_the_blocks_above_the_intervened_on
     hooks = [block.attention.register_forward_hook(lambda *args: calls.append(1)) for block in teacher.bert.encoder.layer]
     batch = _batches(encoded, tokenizer)[0]
     counts = {}
-    for name, objective in (("live", DistillationObjective(config, patience or [], mapping)),
-                            ("cached", DistillationObjective(config, patience or [], mapping, teacher_outputs=outputs.reader("train")))):
+    for name, objective in (
+        ("live", DistillationObjective(config, patience or [], mapping)),
+        ("cached", DistillationObjective(config, patience or [], mapping, teacher_outputs=outputs.reader("train"))),
+    ):
         calls.clear()
         _step(objective, student, teacher, batch, "fp32")
         counts[name] = len(calls)
@@ -294,7 +352,10 @@ def test_two_ranks_reading_the_cache_learn_what_two_live_ranks_learn(home, tmp_p
     weights = {}
     for name in ("live", "cached"):
         overrides = ["trainer.devices=2", f"teacher.cache_outputs={name == 'cached'}"]
-        job.run(compose_config([*JOB, *task, "trainer.num_threads=1", "tracking=none", "tracking.log_model=true", *overrides]), output_dir=tmp_path / name)
+        job.run(
+            compose_config([*JOB, *task, "trainer.num_threads=1", "tracking=none", "tracking.log_model=true", *overrides]),
+            output_dir=tmp_path / name,
+        )
         weights[name] = load_file(tmp_path / name / "student" / "model.safetensors")
     assert caplog.text.count("teacher outputs: computed now") == 1
     for key in weights["live"]:

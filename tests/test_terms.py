@@ -59,24 +59,52 @@ def test_what_the_terms_need_decides_what_runs():
     assert LossConfig(gamma=1.0).intervenes and LossConfig(alpha=0.0).needs == frozenset()  # CE alone: no teacher run
 
 
-@pytest.mark.parametrize("overrides, message", [
-    (["+loss.terms.x._target_=examples.terms.Nope", "+loss.terms.x.weight=1"],
-     "^loss.terms.x._target_: cannot import 'examples.terms.Nope': module 'examples.terms' has no 'Nope'$"),
-    (["+loss.terms.x._target_=no_such_package.Term", "+loss.terms.x.weight=1"], "^loss.terms.x._target_: cannot import 'no_such_package.Term'"),
-    (["+loss.terms.x._target_=tests.test_terms.NoNeeds", "+loss.terms.x.weight=1"], r"^loss.terms.x._target_: tests.test_terms.NoNeeds.needs is None"),
-    (["+loss.terms.x._target_=torch.nn.functional.mse_loss", "+loss.terms.x.weight=1"], "^loss.terms.x._target_: .* is not a loss term"),
-    (["+loss/terms=hidden_mse", "+loss.terms.hidden_mse.layer=2"],
-     r"^loss.terms.hidden_mse.layer: examples.terms.HiddenStateMSE does not accept it \(it takes student_layer, teacher_layer\)$"),
-    (["+loss.terms.kd._target_=tests.test_terms.ConstantTerm", "+loss.terms.kd.weight=1"], "^loss.terms.kd: the name of a built-in term"),
-    (["+loss.terms.x._target_=tests.test_terms.ConstantTerm"], "^loss.terms.x.weight: Field required"),
-    (["optim._target_=torch.optim.Nadamx"], "^optim._target_: cannot import 'torch.optim.Nadamx': module 'torch.optim' has no 'Nadamx'$"),
-    (["optim._target_=torch.nn.Linear"], r"^optim._target_: torch.nn.Linear is not an optimizer"),
-    (["optim._target_=torch.optim.SGD"], r"^optim.betas: torch.optim.SGD does not accept it \(it takes lr, momentum"),
-    (["+optim.momentun=0.9"], "^optim.momentun: torch.optim.AdamW does not accept it"),
-    (["optim.schedule._target_=torch.optim.lr_scheduler.StepLR"], "^optim.schedule.num_warmup_steps: torch.optim.lr_scheduler.StepLR does not accept it"),
-    (["optim.schedule._target_=torch.optim.SGD"], "^optim.schedule._target_: torch.optim.SGD did not return a learning-rate scheduler|^optim.schedule"),
-    (["+teacher.recipe.momentum=0.9"], "^teacher.recipe.momentum: torch.optim.AdamW does not accept it"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (
+            ["+loss.terms.x._target_=examples.terms.Nope", "+loss.terms.x.weight=1"],
+            "^loss.terms.x._target_: cannot import 'examples.terms.Nope': module 'examples.terms' has no 'Nope'$",
+        ),
+        (
+            ["+loss.terms.x._target_=no_such_package.Term", "+loss.terms.x.weight=1"],
+            "^loss.terms.x._target_: cannot import 'no_such_package.Term'",
+        ),
+        (
+            ["+loss.terms.x._target_=tests.test_terms.NoNeeds", "+loss.terms.x.weight=1"],
+            r"^loss.terms.x._target_: tests.test_terms.NoNeeds.needs is None",
+        ),
+        (
+            ["+loss.terms.x._target_=torch.nn.functional.mse_loss", "+loss.terms.x.weight=1"],
+            "^loss.terms.x._target_: .* is not a loss term",
+        ),
+        (
+            ["+loss/terms=hidden_mse", "+loss.terms.hidden_mse.layer=2"],
+            r"^loss.terms.hidden_mse.layer: examples.terms.HiddenStateMSE does not accept it \(it takes student_layer, teacher_layer\)$",
+        ),
+        (
+            ["+loss.terms.kd._target_=tests.test_terms.ConstantTerm", "+loss.terms.kd.weight=1"],
+            "^loss.terms.kd: the name of a built-in term",
+        ),
+        (["+loss.terms.x._target_=tests.test_terms.ConstantTerm"], "^loss.terms.x.weight: Field required"),
+        (
+            ["optim._target_=torch.optim.Nadamx"],
+            "^optim._target_: cannot import 'torch.optim.Nadamx': module 'torch.optim' has no 'Nadamx'$",
+        ),
+        (["optim._target_=torch.nn.Linear"], r"^optim._target_: torch.nn.Linear is not an optimizer"),
+        (["optim._target_=torch.optim.SGD"], r"^optim.betas: torch.optim.SGD does not accept it \(it takes lr, momentum"),
+        (["+optim.momentun=0.9"], "^optim.momentun: torch.optim.AdamW does not accept it"),
+        (
+            ["optim.schedule._target_=torch.optim.lr_scheduler.StepLR"],
+            "^optim.schedule.num_warmup_steps: torch.optim.lr_scheduler.StepLR does not accept it",
+        ),
+        (
+            ["optim.schedule._target_=torch.optim.SGD"],
+            "^optim.schedule._target_: torch.optim.SGD did not return a learning-rate scheduler|^optim.schedule",
+        ),
+        (["+teacher.recipe.momentum=0.9"], "^teacher.recipe.momentum: torch.optim.AdamW does not accept it"),
+    ],
+)
 def test_a_wrong_target_is_refused_naming_the_key(home, overrides, message):
     with pytest.raises(ConfigError, match=message):
         validate(compose_config([*TINY, *overrides]), overrides=[])
@@ -86,7 +114,8 @@ def test_a_wrong_target_stops_the_command_in_one_line_before_compute(home):
     result = run_cli([*SMOKE, "+loss/terms=hidden_mse", "loss.terms.hidden_mse._target_=examples.terms.HiddenMSE"], home)
     assert result.returncode == 2, result.stderr
     assert result.stderr.strip().splitlines() == [
-        "error: loss.terms.hidden_mse._target_: cannot import 'examples.terms.HiddenMSE': module 'examples.terms' has no 'HiddenMSE'"]
+        "error: loss.terms.hidden_mse._target_: cannot import 'examples.terms.HiddenMSE': module 'examples.terms' has no 'HiddenMSE'"
+    ]
     assert not (home / "mlflow.db").exists() and not (home / ".cache").exists()
 
 
@@ -114,22 +143,32 @@ def test_the_default_optimizer_is_todays_adamw_with_its_schedule():
 
 
 # -- settings that cannot act -------------------------------------------------------------------------
-@pytest.mark.parametrize("overrides", [
-    ["loss=kd"], ["loss=kd", "trainer=debug"], ["loss.gamma=0"], ["loss=kd", "+loss/terms=hidden_mse"], ["sweep=seeds", "loss=kd"],
-])
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["loss=kd"],
+        ["loss=kd", "trainer=debug"],
+        ["loss.gamma=0"],
+        ["loss=kd", "+loss/terms=hidden_mse"],
+        ["sweep=seeds", "loss=kd"],
+    ],
+)
 def test_defaults_that_were_not_chosen_do_not_trip_the_refusal(home, overrides):
     cfg = compose_config([*TINY, *overrides])
     job = validate(cfg, overrides=[o for o in overrides if not o.startswith(("experiment", "sweep"))])
     assert job.mapping is None and {"intervention.interchange_prop", "mapping.name"} <= job.unused_settings
 
 
-@pytest.mark.parametrize("overrides, given, message", [
-    (["loss=kd", "mapping=late"], None, "^mapping=late: cannot act: nothing intervenes"),
-    (["loss=kd", "mapping=full"], None, "^mapping=full: cannot act"),  # the default, but chosen
-    (["loss=kd", "intervention.interchange_prop=0.3"], None, "^intervention.interchange_prop=0.3: cannot act"),
-    (["loss.gamma=0", "intervention.pairing=permutation"], None, "^intervention.pairing=permutation: cannot act"),
-    (["loss=kd", "intervention.eval_pairs=16"], [], "^intervention.eval_pairs: 16 cannot act"),  # set by a preset, not the command line
-])
+@pytest.mark.parametrize(
+    "overrides, given, message",
+    [
+        (["loss=kd", "mapping=late"], None, "^mapping=late: cannot act: nothing intervenes"),
+        (["loss=kd", "mapping=full"], None, "^mapping=full: cannot act"),  # the default, but chosen
+        (["loss=kd", "intervention.interchange_prop=0.3"], None, "^intervention.interchange_prop=0.3: cannot act"),
+        (["loss.gamma=0", "intervention.pairing=permutation"], None, "^intervention.pairing=permutation: cannot act"),
+        (["loss=kd", "intervention.eval_pairs=16"], [], "^intervention.eval_pairs: 16 cannot act"),  # set by a preset, not the command line
+    ],
+)
 def test_settings_that_cannot_act_are_refused(home, overrides, given, message):
     with pytest.raises(ConfigError, match=message):
         validate(compose_config([*TINY, *overrides]), overrides=overrides if given is None else given)
@@ -141,7 +180,8 @@ def test_a_chosen_mapping_with_kd_stops_the_command_in_one_line(home):
         assert result.returncode == 2
         assert result.stderr.strip().splitlines() == [
             f"error: {args[1]}: cannot act: nothing intervenes (loss.gamma and loss.cosine are 0 and no loss term needs the counterfactual "
-            "pair); leave it out, or choose loss=diito"]
+            "pair); leave it out, or choose loss=diito"
+        ]
     assert not (home / "mlflow.db").exists()
 
 
@@ -151,15 +191,17 @@ def test_the_old_spellings_name_the_new_one(home, args):
     key = args[-1].lstrip("+").split("=")[0]
     new = key.replace("loss.", "intervention.")
     assert result.returncode == 2 and result.stderr.strip().splitlines() == [
-        f"error: {key}: moved to {new} (the interchange settings are the intervention group's now); write {new}=..."]
+        f"error: {key}: moved to {new} (the interchange settings are the intervention group's now); write {new}=..."
+    ]
     with pytest.raises(ConfigError, match=f"^{key}: moved to {new}"):  # in a preset of your own, too
         validate(compose_config([*TINY, "+" + key + "=" + args[-1].split("=")[1].split(",")[0]]), overrides=[])
 
 
 # -- from the command line into MLflow and the report -----------------------------------------------------
 def test_a_term_and_an_optimizer_of_your_own_swept_into_mlflow_and_the_report(home):
-    result = run_cli(["-m", *SMOKE, "+loss/terms=hidden_mse", "loss.terms.hidden_mse.weight=0.1,0.3", "optim=sgd",
-                      "tracking.experiment=own"], home)
+    result = run_cli(
+        ["-m", *SMOKE, "+loss/terms=hidden_mse", "loss.terms.hidden_mse.weight=0.1,0.3", "optim=sgd", "tracking.experiment=own"], home
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     client = MlflowClient(f"sqlite:///{home}/mlflow.db")
     experiment = client.get_experiment_by_name("own")
@@ -172,7 +214,12 @@ def test_a_term_and_an_optimizer_of_your_own_swept_into_mlflow_and_the_report(ho
         assert run.data.params["optim._target_"] == "torch.optim.SGD" and run.data.params["optim.momentum"] == "0.9"
         assert "optim.betas" not in run.data.params
     assert sorted(r.data.params["loss.terms.hidden_mse.weight"] for r in runs) == ["0.1", "0.3"]
-    report = subprocess.run([sys.executable, "-m", "diito.report", "own", "--out", str(home / "report"),
-                             "--tracking-uri", f"sqlite:///{home}/mlflow.db"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    report = subprocess.run(
+        [sys.executable, "-m", "diito.report", "own", "--out", str(home / "report"), "--tracking-uri", f"sqlite:///{home}/mlflow.db"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert report.returncode == 0, report.stderr[-3000:]
     assert "loss.terms.hidden_mse.weight" in report.stdout

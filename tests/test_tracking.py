@@ -15,8 +15,19 @@ pytestmark = pytest.mark.slow
 
 
 def test_training_goes_on_while_the_server_is_away_and_nothing_is_lost(home, mlflow_server):
-    command = [sys.executable, str(ROOT / "run.py"), "teacher=tiny", "trainer=debug", "trainer.max_steps=60", "trainer.log_every=1",
-               "trainer.eval_every=10", "tracking=server", f"tracking.uri={mlflow_server.uri}", "tracking.retries=1", "tracking.timeout=2"]
+    command = [
+        sys.executable,
+        str(ROOT / "run.py"),
+        "teacher=tiny",
+        "trainer=debug",
+        "trainer.max_steps=60",
+        "trainer.log_every=1",
+        "trainer.eval_every=10",
+        "tracking=server",
+        f"tracking.uri={mlflow_server.uri}",
+        "tracking.retries=1",
+        "tracking.timeout=2",
+    ]
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"} | {"DIITO_HOME": str(home), "HF_HUB_OFFLINE": "1"}
     proc = subprocess.Popen(command, cwd=home, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines, away = [], False
@@ -38,8 +49,9 @@ def test_training_goes_on_while_the_server_is_away_and_nothing_is_lost(home, mlf
     assert proc.returncode == 0, log[-3000:]
     assert "cannot log" in log and "training goes on and logging is retried" in log
     client = MlflowClient(mlflow_server.uri)
-    (run,) = [r for r in client.search_runs([e.experiment_id for e in client.search_experiments()])
-              if r.data.tags.get("diito.role") == "student"]
+    (run,) = [
+        r for r in client.search_runs([e.experiment_id for e in client.search_experiments()]) if r.data.tags.get("diito.role") == "student"
+    ]
     assert run.info.status == "FINISHED"
     assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "train/loss")) == list(range(1, 61))
     evaluations = sorted(m.step for m in client.get_metric_history(run.info.run_id, "validation/accuracy"))
@@ -47,8 +59,19 @@ def test_training_goes_on_while_the_server_is_away_and_nothing_is_lost(home, mlf
 
 
 def test_a_server_that_never_comes_back_is_reported_and_the_outputs_are_kept(home, mlflow_server):
-    command = [sys.executable, str(ROOT / "run.py"), "teacher=tiny", "trainer=debug", "trainer.max_steps=8", "trainer.log_every=1",
-               "tracking=server", f"tracking.uri={mlflow_server.uri}", "tracking.retries=0", "tracking.timeout=1", "hydra.run.dir=outputs/job"]
+    command = [
+        sys.executable,
+        str(ROOT / "run.py"),
+        "teacher=tiny",
+        "trainer=debug",
+        "trainer.max_steps=8",
+        "trainer.log_every=1",
+        "tracking=server",
+        f"tracking.uri={mlflow_server.uri}",
+        "tracking.retries=0",
+        "tracking.timeout=1",
+        "hydra.run.dir=outputs/job",
+    ]
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"} | {"DIITO_HOME": str(home), "HF_HUB_OFFLINE": "1"}
     proc = subprocess.Popen(command, cwd=home, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines = []
@@ -69,8 +92,10 @@ def test_credentials_and_environment_values_never_reach_mlflow(home, mlflow_serv
 
     secret_uri = mlflow_server.uri.replace("http://", "http://alice:s3cret@")  # a server without auth ignores them
     monkeypatch.setenv("DIITO_T", "3")
-    job.run(compose_config(["teacher=tiny", "trainer=debug", "tracking=server", f"tracking.uri={secret_uri}", "loss.T=${oc.env:DIITO_T}"]),
-            output_dir=home / "out")
+    job.run(
+        compose_config(["teacher=tiny", "trainer=debug", "tracking=server", f"tracking.uri={secret_uri}", "loss.T=${oc.env:DIITO_T}"]),
+        output_dir=home / "out",
+    )
     client = MlflowClient(mlflow_server.uri)
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
     assert {r.data.tags["diito.role"] for r in runs} == {"teacher", "student"}
@@ -95,8 +120,11 @@ def test_a_sweep_never_prints_or_stores_the_password_of_its_tracking_uri(home, m
     secret_uri = mlflow_server.uri.replace("http://", f"http://alice:{password}@")
     where = {"override": ([f"tracking.uri={secret_uri}"], {}), "environment": ([], {"MLFLOW_TRACKING_URI": secret_uri})}
     overrides, env = where[given]
-    result = run_cli(["-m", "teacher=tiny", "trainer=debug", "trainer.max_steps=2", "loss.T=2,4", "loss.alpha=0.5,1.5",
-                      "tracking=server", *overrides], home, **env)
+    result = run_cli(
+        ["-m", "teacher=tiny", "trainer=debug", "trainer.max_steps=2", "loss.T=2,4", "loss.alpha=0.5,1.5", "tracking=server", *overrides],
+        home,
+        **env,
+    )
     assert result.returncode == 1 and "sweep: 2/4 jobs finished" in result.stderr, result.stderr[-3000:]  # alpha=1.5 fails
     assert password not in result.stdout + result.stderr
 
@@ -138,11 +166,23 @@ def test_an_error_that_quotes_the_uri_is_printed_masked(home):
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), DropsRequests)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
-        result = run_cli(["teacher=tiny", "trainer=debug", "tracking=server", f"tracking.uri=http://alice:s3cret@127.0.0.1:{server.server_port}",
-                          "tracking.retries=0", "tracking.timeout=1"], home, timeout=300)
+        result = run_cli(
+            [
+                "teacher=tiny",
+                "trainer=debug",
+                "tracking=server",
+                f"tracking.uri=http://alice:s3cret@127.0.0.1:{server.server_port}",
+                "tracking.retries=0",
+                "tracking.timeout=1",
+            ],
+            home,
+            timeout=300,
+        )
     finally:
         server.shutdown()
     # The store's check before compute meets the error first: one line, masked, exit 2 (no traceback to mask)
-    assert result.returncode == 2 and f"API request to http://alice:***@127.0.0.1:{server.server_port}/api/" in result.stderr, result.stderr[-3000:]
+    assert result.returncode == 2 and f"API request to http://alice:***@127.0.0.1:{server.server_port}/api/" in result.stderr, (
+        result.stderr[-3000:]
+    )
     assert result.stderr.strip().splitlines()[-1].startswith("error: tracking.uri: cannot open the store http://alice:***@")
     assert "s3cret" not in result.stdout + result.stderr

@@ -37,8 +37,18 @@ def make_trainer(tmp_path, scores: list[float], **config):
         return {"validation/score": scores[len(snapshots) - 1]}
 
     logged: list[tuple[dict, int]] = []
-    trainer = Trainer(model, loss_fn, toy_loader(), TrainerConfig(progress=False, device="cpu", **config), OPTIM, tmp_path / "ckpt",
-                      Validation(evaluate, "validation/score"), log=lambda metrics, step: logged.append((metrics, step)), name="train", device=CPU)
+    trainer = Trainer(
+        model,
+        loss_fn,
+        toy_loader(),
+        TrainerConfig(progress=False, device="cpu", **config),
+        OPTIM,
+        tmp_path / "ckpt",
+        Validation(evaluate, "validation/score"),
+        log=lambda metrics, step: logged.append((metrics, step)),
+        name="train",
+        device=CPU,
+    )
     return trainer, model, snapshots, logged
 
 
@@ -106,8 +116,18 @@ def test_a_stretched_fit_resumed_after_an_evaluation_at_an_epoch_end_is_the_unin
             evaluations.append(model.weight.item())
             return {"m": -abs(model.weight.item())}
 
-        trainer = Trainer(model, loss_fn, toy_loader(), TrainerConfig(progress=False, device="cpu", epochs=2, min_steps=16, save_every=None),
-                          OPTIM, folder, Validation(score, "m"), log=lambda *a: None, name="train", device=CPU)
+        trainer = Trainer(
+            model,
+            loss_fn,
+            toy_loader(),
+            TrainerConfig(progress=False, device="cpu", epochs=2, min_steps=16, save_every=None),
+            OPTIM,
+            folder,
+            Validation(score, "m"),
+            log=lambda *a: None,
+            name="train",
+            device=CPU,
+        )
         trainer.fit()
         return model, evaluations
 
@@ -129,8 +149,9 @@ def test_the_fit_logs_where_its_time_went(tmp_path):
 
 
 def test_early_stopping_and_keep_best(tmp_path):
-    trainer, model, snapshots, _ = make_trainer(tmp_path, [0.5, 0.6, 0.55, 0.54, 0.9], epochs=10,
-                                                eval_every=1, early_stopping=2, keep_best=True)
+    trainer, model, snapshots, _ = make_trainer(
+        tmp_path, [0.5, 0.6, 0.55, 0.54, 0.9], epochs=10, eval_every=1, early_stopping=2, keep_best=True
+    )
     state = trainer.fit()
     assert state.stopped_early and state.step == 4 and state.best_step == 2
     assert torch.equal(model.weight, snapshots[1])  # the weights of the best evaluation
@@ -162,8 +183,18 @@ def test_bf16_training_really_runs_in_bf16_on_cpu(tmp_path):
         dtypes.append(out.dtype)  # the autocast region's matmul output
         return out.float().pow(2).mean(), {}
 
-    trainer = Trainer(model, loss_fn, toy_loader(), TrainerConfig(progress=False, device="cpu", epochs=1, precision="bf16"), OPTIM,
-                      tmp_path / "c", Validation(lambda: {"m": 0.0}, "m"), log=lambda *a: None, name="train", device=CPU)
+    trainer = Trainer(
+        model,
+        loss_fn,
+        toy_loader(),
+        TrainerConfig(progress=False, device="cpu", epochs=1, precision="bf16"),
+        OPTIM,
+        tmp_path / "c",
+        Validation(lambda: {"m": 0.0}, "m"),
+        log=lambda *a: None,
+        name="train",
+        device=CPU,
+    )
     assert trainer.fit().step == 4 and set(dtypes) == {torch.bfloat16}
     assert model.weight.dtype == torch.float32  # the weights stay fp32
 
@@ -181,8 +212,18 @@ def test_dropout_is_back_on_for_training_after_every_evaluation(tmp_path):
         events.append(("eval", model.training))
         return {"m": 0.0}
 
-    trainer = Trainer(model, loss_fn, toy_loader(), TrainerConfig(progress=False, epochs=3, device="cpu", eval_every=1), OPTIM,
-                      tmp_path / "c", Validation(evaluate, "m"), log=lambda *a: None, name="train", device=CPU)
+    trainer = Trainer(
+        model,
+        loss_fn,
+        toy_loader(),
+        TrainerConfig(progress=False, epochs=3, device="cpu", eval_every=1),
+        OPTIM,
+        tmp_path / "c",
+        Validation(evaluate, "m"),
+        log=lambda *a: None,
+        name="train",
+        device=CPU,
+    )
     trainer.fit()
     after_eval = [events[i + 1] for i, (phase, _) in enumerate(events[:-1]) if phase == "eval" and events[i + 1][0] == "train"]
     assert len(after_eval) >= 3 and all(training for _, training in after_eval)
@@ -202,8 +243,18 @@ def _linear_fit(tmp_path, batch_size: int, **config):
     loader = toy_loader(batch_size=batch_size)
     loader.batch_sampler.shuffle = False  # the same examples in the same order for both
     logged = []
-    trainer = Trainer(model, loss_fn, loader, TrainerConfig(progress=False, device="cpu", precision="fp32", log_every=1, **config), OPTIM, tmp_path,
-                      Validation(lambda: {"m": 0.0}, "m"), log=lambda m, s: logged.append((m, s)), name="train", device=CPU)
+    trainer = Trainer(
+        model,
+        loss_fn,
+        loader,
+        TrainerConfig(progress=False, device="cpu", precision="fp32", log_every=1, **config),
+        OPTIM,
+        tmp_path,
+        Validation(lambda: {"m": 0.0}, "m"),
+        log=lambda m, s: logged.append((m, s)),
+        name="train",
+        device=CPU,
+    )
     return trainer, model, logged
 
 
@@ -242,8 +293,18 @@ def test_logged_learning_rates_follow_warm_up_and_linear_decay(tmp_path):
     model, loss_fn = torch.nn.Linear(1, 1), lambda batch: (model(batch["labels"].unsqueeze(1)).pow(2).mean(), {})
     logged = []
     optim = OptimConfig(lr=0.1, warmup_ratio=0.25)  # 8 steps: 2 of warm-up, then down to 0
-    trainer = Trainer(model, loss_fn, toy_loader(), TrainerConfig(progress=False, device="cpu", epochs=2, log_every=1), optim,
-                      tmp_path, Validation(lambda: {"m": 0.0}, "m"), log=lambda m, s: logged.append((m, s)), name="train", device=CPU)
+    trainer = Trainer(
+        model,
+        loss_fn,
+        toy_loader(),
+        TrainerConfig(progress=False, device="cpu", epochs=2, log_every=1),
+        optim,
+        tmp_path,
+        Validation(lambda: {"m": 0.0}, "m"),
+        log=lambda m, s: logged.append((m, s)),
+        name="train",
+        device=CPU,
+    )
     trainer.fit()
     rates = [m["train/lr"] for m, _ in logged if "train/lr" in m]
     assert rates == pytest.approx([0.1 * f for f in (1 / 2, 1, 5 / 6, 4 / 6, 3 / 6, 2 / 6, 1 / 6, 0)])
@@ -266,8 +327,18 @@ def nan_at(step_of_nan: int, calls: list[int]):
 
 def test_a_non_finite_loss_stops_training_naming_the_step_and_the_term(tmp_path):
     model, loss_fn = nan_at(3, [])
-    trainer = Trainer(model, loss_fn, toy_loader(), TrainerConfig(progress=False, device="cpu", epochs=3, save_every=1), OPTIM,
-                      tmp_path / "c", Validation(lambda: {"m": 0.0}, "m"), log=lambda *a: None, name="student", device=CPU)
+    trainer = Trainer(
+        model,
+        loss_fn,
+        toy_loader(),
+        TrainerConfig(progress=False, device="cpu", epochs=3, save_every=1),
+        OPTIM,
+        tmp_path / "c",
+        Validation(lambda: {"m": 0.0}, "m"),
+        log=lambda *a: None,
+        name="student",
+        device=CPU,
+    )
     with pytest.raises(NonFiniteLoss, match=r"student step 3: non-finite kd=nan; training stopped \(the last good checkpoint is .*last.pt"):
         trainer.fit()
     kept = torch.load(tmp_path / "c" / "last.pt", weights_only=True)
@@ -277,9 +348,18 @@ def test_a_non_finite_loss_stops_training_naming_the_step_and_the_term(tmp_path)
 def test_skip_nonfinite_skips_that_many_batches(tmp_path, caplog):
     logged = []
     model, loss_fn = nan_at(3, [])
-    trainer = Trainer(model, loss_fn, toy_loader(), TrainerConfig(progress=False, device="cpu", epochs=1, skip_nonfinite=1, log_every=1),
-                      OPTIM, tmp_path / "c", Validation(lambda: {"m": 0.0}, "m"), log=lambda m, s: logged.append((m, s)), name="train",
-                      device=CPU)
+    trainer = Trainer(
+        model,
+        loss_fn,
+        toy_loader(),
+        TrainerConfig(progress=False, device="cpu", epochs=1, skip_nonfinite=1, log_every=1),
+        OPTIM,
+        tmp_path / "c",
+        Validation(lambda: {"m": 0.0}, "m"),
+        log=lambda m, s: logged.append((m, s)),
+        name="train",
+        device=CPU,
+    )
     state = trainer.fit()
     assert state.step == 4 and state.skipped_nonfinite == 1 and state.epoch == 1  # 5 batches for 4 steps: one skipped
     assert "step 3: non-finite kd=nan; batch skipped (1 of trainer.skip_nonfinite=1)" in caplog.text
@@ -305,6 +385,7 @@ def test_training_time_survives_a_resume_and_leaves_out_the_stop(tmp_path, monke
             if len(calls) == crash_at:
                 raise KeyboardInterrupt  # the process dies during its second evaluation, after one checkpoint
             return {"m": 0.0}
+
         return score
 
     def trainer(crash_at):
@@ -313,8 +394,19 @@ def test_training_time_survives_a_resume_and_leaves_out_the_stop(tmp_path, monke
         def loss_fn(batch):
             loss = model(batch["input_ids"].float().mean(1, keepdim=True)).pow(2).mean()
             return loss, {"mse": loss}
-        return Trainer(model, loss_fn, toy_loader(), TrainerConfig(progress=False, device="cpu", epochs=3), OPTIM, tmp_path / "c",
-                       Validation(evaluate(crash_at, []), "m"), log=lambda *a: None, name="train", device=CPU)
+
+        return Trainer(
+            model,
+            loss_fn,
+            toy_loader(),
+            TrainerConfig(progress=False, device="cpu", epochs=3),
+            OPTIM,
+            tmp_path / "c",
+            Validation(evaluate(crash_at, []), "m"),
+            log=lambda *a: None,
+            name="train",
+            device=CPU,
+        )
 
     with pytest.raises(KeyboardInterrupt):
         trainer(crash_at=2).fit()
@@ -326,18 +418,38 @@ def test_training_time_survives_a_resume_and_leaves_out_the_stop(tmp_path, monke
 
 def _stamped(folder, model: torch.nn.Module, owner: str = "job-a") -> Trainer:
     """A one-epoch fit of ``model`` whose checkpoints go to ``folder``, stamped ``owner``."""
-    return Trainer(model, lambda batch: (model(batch["labels"].unsqueeze(1)).pow(2).mean(), {}), toy_loader(),
-                   TrainerConfig(progress=False, device="cpu", epochs=1), OPTIM, folder, Validation(lambda: {"m": 0.0}, "m"),
-                   log=lambda *a: None, name="train", device=CPU, owner=owner)
+    return Trainer(
+        model,
+        lambda batch: (model(batch["labels"].unsqueeze(1)).pow(2).mean(), {}),
+        toy_loader(),
+        TrainerConfig(progress=False, device="cpu", epochs=1),
+        OPTIM,
+        folder,
+        Validation(lambda: {"m": 0.0}, "m"),
+        log=lambda *a: None,
+        name="train",
+        device=CPU,
+        owner=owner,
+    )
 
 
-@pytest.mark.parametrize("change, says", [
-    (lambda ckpt: ckpt | {"owner": "job-b"}, "belongs to another job (job-b, this one is job-a)"),
-    (lambda ckpt: {k: v for k, v in ckpt.items() if k != "owner"}, "lacks owner (an older version's, or incomplete)"),
-    (lambda ckpt: {k: v for k, v in ckpt.items() if k != "running"}, "lacks running (an older version's, or incomplete)"),
-    (lambda ckpt: ckpt | {"model": ckpt["model"] | {"weight": torch.zeros(2, 1)}}, "does not fit the model (weight is [2, 1], the model's [1, 1])"),
-    (lambda ckpt: ckpt | {"model": {**ckpt["model"], "extra": torch.zeros(1)}}, "does not fit the model (1 tensor(s) the model lacks, such as extra)"),
-], ids=["another owner", "no stamp", "an entry missing", "another shape", "another tensor"])
+@pytest.mark.parametrize(
+    "change, says",
+    [
+        (lambda ckpt: ckpt | {"owner": "job-b"}, "belongs to another job (job-b, this one is job-a)"),
+        (lambda ckpt: {k: v for k, v in ckpt.items() if k != "owner"}, "lacks owner (an older version's, or incomplete)"),
+        (lambda ckpt: {k: v for k, v in ckpt.items() if k != "running"}, "lacks running (an older version's, or incomplete)"),
+        (
+            lambda ckpt: ckpt | {"model": ckpt["model"] | {"weight": torch.zeros(2, 1)}},
+            "does not fit the model (weight is [2, 1], the model's [1, 1])",
+        ),
+        (
+            lambda ckpt: ckpt | {"model": {**ckpt["model"], "extra": torch.zeros(1)}},
+            "does not fit the model (1 tensor(s) the model lacks, such as extra)",
+        ),
+    ],
+    ids=["another owner", "no stamp", "an entry missing", "another shape", "another tensor"],
+)
 def test_a_checkpoint_that_is_not_this_fits_is_never_loaded_not_even_in_part(tmp_path, caplog, change, says):
     trained = _stamped(tmp_path, torch.nn.Linear(1, 1))
     trained.fit()
@@ -358,7 +470,16 @@ def test_the_loop_computes_on_the_device_it_is_given_never_the_one_the_config_na
     """A rank's device comes from its rank (with trainer.device=cuda:0 and 2 ranks, rank 1 is on
     cuda:1), so the loop never re-reads trainer.device: here it names a GPU this machine lacks."""
     model = torch.nn.Linear(1, 1)
-    trainer = Trainer(model, lambda batch: (model(batch["labels"].unsqueeze(1)).pow(2).mean(), {}), toy_loader(),
-                      TrainerConfig(progress=False, device="cuda:7", epochs=1), OPTIM, tmp_path, Validation(lambda: {"m": 0.0}, "m"),
-                      log=lambda *a: None, name="train", device=CPU)
+    trainer = Trainer(
+        model,
+        lambda batch: (model(batch["labels"].unsqueeze(1)).pow(2).mean(), {}),
+        toy_loader(),
+        TrainerConfig(progress=False, device="cuda:7", epochs=1),
+        OPTIM,
+        tmp_path,
+        Validation(lambda: {"m": 0.0}, "m"),
+        log=lambda *a: None,
+        name="train",
+        device=CPU,
+    )
     assert trainer.device == CPU and trainer.fit().step == 4

@@ -60,9 +60,29 @@ def test_the_logged_student_predicts_through_pyfunc_and_the_cli_and_is_registere
     csv = tmp_path / "sentences.csv"
     pd.DataFrame({"text": sentences}).to_csv(csv, index=False)
     env = {**os.environ, "MLFLOW_TRACKING_URI": client.tracking_uri, "HF_HUB_OFFLINE": "1"}
-    result = subprocess.run([sys.executable, "-m", "mlflow", "models", "predict", "-m", f"runs:/{run.info.run_id}/student", "-i", str(csv),
-                             "-t", "csv", "--env-manager", "local", "-o", str(tmp_path / "predicted.json")],
-                            env=env, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "models",
+            "predict",
+            "-m",
+            f"runs:/{run.info.run_id}/student",
+            "-i",
+            str(csv),
+            "-t",
+            "csv",
+            "--env-manager",
+            "local",
+            "-o",
+            str(tmp_path / "predicted.json"),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     predicted = json.loads((tmp_path / "predicted.json").read_text())["predictions"]
     assert [p["label"] for p in predicted] == answers["label"].tolist()
@@ -81,7 +101,10 @@ def test_when_the_flavor_fails_the_plain_folder_is_logged_with_a_warning(home, t
 
 
 def test_system_metrics_are_sampled_while_training_on_request(home, tmp_path):
-    job.run(compose_config([*TINY, "trainer.max_steps=40", "tracking.system_metrics=0.2", "tracking.log_model=false"]), output_dir=tmp_path / "out")
+    job.run(
+        compose_config([*TINY, "trainer.max_steps=40", "tracking.system_metrics=0.2", "tracking.log_model=false"]),
+        output_dir=tmp_path / "out",
+    )
     client, run = _student(home)
     system = {k for k in run.data.metrics if k.startswith("system/")}
     assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= system

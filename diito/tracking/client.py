@@ -61,8 +61,10 @@ def check_experiment(config: TrackingConfig) -> None:
 
 def _deleted(config: TrackingConfig, experiment: str) -> store.StoreError:
     uri = f"MLFLOW_TRACKING_URI={mask(config.uri)} " if config.uri else ""
-    return store.StoreError(f"tracking.experiment: {config.experiment!r} is deleted; restore it ({uri}mlflow experiments restore "
-                            f"--experiment-id {experiment}, or in the UI's trash) or set tracking.experiment=<another name>")
+    return store.StoreError(
+        f"tracking.experiment: {config.experiment!r} is deleted; restore it ({uri}mlflow experiments restore "
+        f"--experiment-id {experiment}, or in the UI's trash) or set tracking.experiment=<another name>"
+    )
 
 
 def experiment_id(config: TrackingConfig) -> str:

@@ -53,7 +53,6 @@ def git_tags() -> dict[str, str]:
         return source
 
 
-
 @contextlib.contextmanager
 def open_run(config: TrackingConfig, run_name: str | None, tags: Mapping[str, Any], run_id: str | None = None) -> Iterator[Run | NullRun]:
     """Start a run (or continue ``run_id``) and end it FINISHED; an error marks it FAILED and comes
@@ -137,8 +136,13 @@ def resumable_run(state: ResumeState, config: TrackingConfig, run_name: str | No
 def finished_run(config: TrackingConfig, config_hash: str) -> tuple[Run, dict[str, float]] | None:
     """A FINISHED student run of exactly this job, with its metrics, if there is one."""
     mlflow_client = client(config)
-    found = mlflow_client.search_runs([experiment_id(config)], max_results=1, filter_string=(
-        f"tags.{tag.CONFIG_HASH} = '{config_hash}' and tags.`{tag.ROLE}` = '{tag.STUDENT_ROLE}' and attributes.status = 'FINISHED'"))
+    found = mlflow_client.search_runs(
+        [experiment_id(config)],
+        max_results=1,
+        filter_string=(
+            f"tags.{tag.CONFIG_HASH} = '{config_hash}' and tags.`{tag.ROLE}` = '{tag.STUDENT_ROLE}' and attributes.status = 'FINISHED'"
+        ),
+    )
     return (Run(mlflow_client, found[0].info.run_id), found[0].data.metrics) if found else None
 
 
@@ -150,4 +154,3 @@ def record_failure(config: TrackingConfig, run_name: str, tags: Mapping[str, Any
     run_id = mlflow_client.create_run(experiment_id(config), run_name=mask(run_name), tags=tags).info.run_id
     Run(mlflow_client, run_id).log_params(params)
     mlflow_client.set_terminated(run_id, status="FAILED")
-

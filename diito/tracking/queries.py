@@ -18,9 +18,15 @@ def find_student_runs(config: TrackingConfig, target: str) -> tuple[list[Any], s
     name), and the sweep's parent run id (None for an experiment)."""
     mlflow_client = client(config)
     experiments = [e.experiment_id for e in mlflow_client.search_experiments()]
-    parents = mlflow_client.search_runs(experiments, filter_string=f"tags.`{tag.ROLE}` = '{tag.SWEEP_ROLE}' and tags.`{tag.SWEEP_ID}` = '{target}'")
+    parents = mlflow_client.search_runs(
+        experiments, filter_string=f"tags.`{tag.ROLE}` = '{tag.SWEEP_ROLE}' and tags.`{tag.SWEEP_ID}` = '{target}'"
+    )
     if not parents:
-        parents = [r for r in mlflow_client.search_runs(experiments, filter_string=f"tags.`{tag.ROLE}` = '{tag.SWEEP_ROLE}'") if r.info.run_id == target]
+        parents = [
+            r
+            for r in mlflow_client.search_runs(experiments, filter_string=f"tags.`{tag.ROLE}` = '{tag.SWEEP_ROLE}'")
+            if r.info.run_id == target
+        ]
     students = f"tags.`{tag.ROLE}` = '{tag.STUDENT_ROLE}' and attributes.status = 'FINISHED'"
     if parents:
         parent = parents[0]

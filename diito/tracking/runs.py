@@ -64,8 +64,12 @@ class Run:
             return True
         except (MlflowException, OSError) as e:  # requests' errors are OSErrors
             if not self._warned:
-                log.warning("tracking: cannot log %s to %s (%s); training goes on and logging is retried", what,
-                            mask(self.client.tracking_uri), mask(str(e).splitlines()[0] if str(e) else type(e).__name__))
+                log.warning(
+                    "tracking: cannot log %s to %s (%s); training goes on and logging is retried",
+                    what,
+                    mask(self.client.tracking_uri),
+                    mask(str(e).splitlines()[0] if str(e) else type(e).__name__),
+                )
                 self._warned = True
             return False
 
@@ -97,7 +101,7 @@ class Run:
         """Send the metric values the store has not taken yet; True when none is left."""
         while self._pending:
             batch = self._pending[:1000]  # MLflow takes at most 1000 metrics per call
-            if not self._send(f"{len(self._pending)} metric values", lambda: self.client.log_batch(self.run_id, metrics=batch)):
+            if not self._send(f"{len(self._pending)} metric values", lambda batch=batch: self.client.log_batch(self.run_id, metrics=batch)):
                 return False
             del self._pending[: len(batch)]
         return True
@@ -120,9 +124,19 @@ class Run:
 
     def log_datasets(self, datasets: list[DatasetRecord]) -> None:
         """The data a run read, as MLflow run inputs (the runs table's Dataset column)."""
-        inputs = [DatasetInput(Dataset(d.name, d.digest, "local" if Path(d.source).exists() else "code", json.dumps({"uri": d.source}),
-                                       profile=json.dumps({"num_rows": d.rows})), [InputTag("mlflow.data.context", d.context)])
-                  for d in datasets]
+        inputs = [
+            DatasetInput(
+                Dataset(
+                    d.name,
+                    d.digest,
+                    "local" if Path(d.source).exists() else "code",
+                    json.dumps({"uri": d.source}),
+                    profile=json.dumps({"num_rows": d.rows}),
+                ),
+                [InputTag("mlflow.data.context", d.context)],
+            )
+            for d in datasets
+        ]
         if not self._send("datasets", lambda: self.client.log_inputs(self.run_id, datasets=inputs)):
             self._failed.append("datasets")
 

@@ -49,10 +49,12 @@ def start_sweep(config: TrackingConfig, sweep_dir: Path, overrides: list[str]) -
     sweep_id = uuid.uuid4().hex[:12]
     mlflow_client = client(config)
     name = f"sweep {sweep_dir.parent.name}/{sweep_dir.name}"
-    run = mlflow_client.create_run(experiment_id(config), run_name=name, tags={tag.ROLE: tag.SWEEP_ROLE, tag.SWEEP_ID: sweep_id,
-                                                                                tag.SWEEP_DIR: str(sweep_dir)})
-    Run(mlflow_client, run.info.run_id).log_params({"sweep.overrides": " ".join(overrides)} | {
-        f"sweep.{o.split('=', 1)[0]}": o.split("=", 1)[1] for o in overrides if "=" in o})
+    run = mlflow_client.create_run(
+        experiment_id(config), run_name=name, tags={tag.ROLE: tag.SWEEP_ROLE, tag.SWEEP_ID: sweep_id, tag.SWEEP_DIR: str(sweep_dir)}
+    )
+    Run(mlflow_client, run.info.run_id).log_params(
+        {"sweep.overrides": " ".join(overrides)} | {f"sweep.{o.split('=', 1)[0]}": o.split("=", 1)[1] for o in overrides if "=" in o}
+    )
     return {"parent_run_id": run.info.run_id, "sweep_id": sweep_id, "name": name}
 
 
@@ -62,12 +64,20 @@ def finish_sweep(config: TrackingConfig, sweep: Mapping[str, str], metric: str) 
     that joined from an older store may hold them unmasked."""
     mlflow_client = client(config)
     parent = mlflow_client.get_run(sweep["parent_run_id"])
-    children = mlflow_client.search_runs([parent.info.experiment_id], filter_string=f"tags.`{tag.SWEEP_ID}` = '{sweep['sweep_id']}' and tags.`{tag.ROLE}` != '{tag.SWEEP_ROLE}'")
+    children = mlflow_client.search_runs(
+        [parent.info.experiment_id],
+        filter_string=f"tags.`{tag.SWEEP_ID}` = '{sweep['sweep_id']}' and tags.`{tag.ROLE}` != '{tag.SWEEP_ROLE}'",
+    )
     children += reused_runs(mlflow_client, parent)  # jobs this sweep found finished in another
     failed = [r for r in children if r.info.status != "FINISHED"]
     scored = [r for r in children if r.info.status == "FINISHED" and math.isfinite(r.data.metrics.get(metric, math.nan))]
-    summary = {"jobs": len(children), "finished": len(children) - len(failed), "failed": len(failed), "metric": metric,
-               "failures": [{"run": mask(r.info.run_name), "error": mask(r.data.tags.get(tag.ERROR, ""))} for r in failed]}
+    summary = {
+        "jobs": len(children),
+        "finished": len(children) - len(failed),
+        "failed": len(failed),
+        "metric": metric,
+        "failures": [{"run": mask(r.info.run_name), "error": mask(r.data.tags.get(tag.ERROR, ""))} for r in failed],
+    }
     run = Run(mlflow_client, parent.info.run_id)
     if scored:
         best = max(scored, key=lambda r: r.data.metrics[metric])
@@ -84,4 +94,3 @@ def stop_sweep(config: TrackingConfig, sweep: Mapping[str, str], status: str, er
     """End the parent run of a sweep that stopped before its summary: KILLED when it was interrupted,
     FAILED (with the ``error`` tag) when an error stopped it."""
     _end(Run(client(config), sweep["parent_run_id"]), status, error)
-

@@ -17,7 +17,7 @@ import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional  # noqa: UP035 - OmegaConf reads these annotations of the structured config
 
 import optuna
 from hydra.core.config_store import ConfigStore
