@@ -48,9 +48,24 @@ def run_record(config: TrackingConfig, run_id: str) -> Any:
 
 
 def download(config: TrackingConfig, run_id: str, artifact_path: str, folder: Path) -> Path:
-    """One of a run's artifacts (a file or a folder), copied into ``folder``."""
+    """One of a run's artifacts (a file or a folder), or else the run's logged model of that name
+    (MLflow 3 keeps a logged model's files with the model, not with the run), copied into ``folder``."""
+    import mlflow.artifacts
+
+    mlflow_client = client(config)
     folder.mkdir(parents=True, exist_ok=True)
-    return Path(client(config).download_artifacts(run_id, artifact_path, str(folder)))
+    try:
+        return Path(mlflow_client.download_artifacts(run_id, artifact_path, str(folder)))
+    except (MlflowException, OSError):
+        run = mlflow_client.get_run(run_id)
+        models = [
+            m
+            for m in mlflow_client.search_logged_models([run.info.experiment_id], filter_string=f"source_run_id = '{run_id}'")
+            if m.name == artifact_path
+        ]
+        if not models:
+            raise
+        return Path(mlflow.artifacts.download_artifacts(artifact_uri=models[0].artifact_location, dst_path=str(folder / artifact_path)))
 
 
 def log_files(config: TrackingConfig, run_id: str, files: list[Path], artifact_path: str) -> None:
