@@ -427,7 +427,9 @@ def measure_cached(
     spec = task(sst2_dir)
     loader = training_loader(spec, batch_size)
     data = batches(loader, steps)
-    used = loader.collate_fn.encoded.take(np.unique(np.concatenate([b["index"].numpy() for b in data])))  # cache the examples the batches hold
+    used = loader.collate_fn.encoded.take(
+        np.unique(np.concatenate([b["index"].numpy() for b in data]))
+    )  # cache the examples the batches hold
     on_device = [{k: v.to(device) for k, v in b.items()} for b in data]
     methods: dict[str, Step] = {}
     with tempfile.TemporaryDirectory() as folder:
