@@ -50,9 +50,16 @@ def test_submitit_sweep_isolates_failures_shares_the_teacher_and_skips_finished_
     assert "skipped (rerun=true runs it again)" in logs  # said by the job, in its submitit log
     _, parents, children = sweep_runs(home)
     newest = max(parents, key=lambda p: p.info.start_time)
-    assert len(children) == 2 and {c.data.tags["mlflow.parentRunId"] for c in children} == {newest.info.run_id}
-    assert client.get_run(finished.info.run_id).info.status == "FINISHED"  # the same run, joined to the new sweep
-    assert json.loads(open(client.download_artifacts(newest.info.run_id, "summary.json")).read())["failed"] == 1
+    # the finished run is reused, not run again, and keeps its own tags: the new sweep records the reuse
+    kept = client.get_run(finished.info.run_id)
+    assert (
+        kept.info.status == "FINISHED"
+        and kept.data.tags["mlflow.parentRunId"] == finished.data.tags["mlflow.parentRunId"] != newest.info.run_id
+    )
+    assert f"diito.reused.{finished.info.run_id}" in newest.data.tags
+    assert len([c for c in children if c.data.tags["mlflow.parentRunId"] == newest.info.run_id]) == 1  # only the failing job ran again
+    summary = json.loads(open(client.download_artifacts(newest.info.run_id, "summary.json")).read())
+    assert (summary["jobs"], summary["failed"]) == (2, 1)
 
 
 def test_two_tasks_per_node_train_one_job_as_two_ranks(home):
