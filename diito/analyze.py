@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from omegaconf import OmegaConf
 
-from diito import tracking
+from diito import logged_model, tracking
 from diito.batching import Encoded, Prepared, make_loader
 from diito.intervention import (InterchangeConfig, Interchange, MappingConfig, MappingEntry, Shape, Site, block_list, build_mapping,
                                 counterfactual, sample_interchange)
@@ -184,7 +184,7 @@ def trained_run(tracking_uri: str, run_id: str, folder: Path) -> TrainedRun:
     if tracking.TEACHER_PATH not in info.data.tags or not teacher_dir.is_dir():
         raise LookupError(f"run {run_id}: its teacher {str(teacher_dir) or '(no diito.teacher_path tag)'} is not on this machine")
     try:
-        student_dir = tracking.download(tracking_uri, run_id, "student", folder)
+        student_dir = logged_model.download(tracking_uri, run_id, folder)
     except Exception as e:  # noqa: BLE001 - MLflow raises several kinds for a missing artifact
         raise LookupError(f"run {run_id} has no logged student (tracking.log_model was off?): {e}") from None
     if (teacher_dir / "model").is_dir():  # a teacher cache entry keeps the model beside its record
