@@ -9,6 +9,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
+import mlflow
 import pytest
 import torch
 from filelock import FileLock
@@ -82,7 +83,7 @@ def test_end_to_end_run_logs_params_metrics_tags_and_artifacts(home):
     assert client.get_metric_history(teacher.info.run_id, "train/ce")
 
     artifacts = {a.path for a in client.list_artifacts(student.info.run_id)}
-    assert {"config.yaml", ".hydra", "predictions", "student"} <= artifacts
+    assert {"config.yaml", ".hydra", "predictions"} <= artifacts and "student" not in artifacts  # the student is a logged model
     # the teacher's run is a tracked stage like the student's: its config, its data, its time and size
     teacher = client.get_run(teacher.info.run_id)
     assert "config.yaml" in {a.path for a in client.list_artifacts(teacher.info.run_id)}
@@ -103,8 +104,9 @@ def test_end_to_end_run_logs_params_metrics_tags_and_artifacts(home):
     predictions = download_artifacts(run_id=student.info.run_id, artifact_path="predictions/test.tsv", tracking_uri=client.tracking_uri)
     lines = open(predictions).read().splitlines()
     assert lines[0] == "index\tprediction" and len(lines) == 1 + 32
-    # the student is an MLflow model (transformers flavor) holding a plain Hugging Face folder and its tokenizer
-    folder = Path(download_artifacts(run_id=student.info.run_id, artifact_path="student", tracking_uri=client.tracking_uri))
+    # the student is an MLflow model (transformers flavor), runs:/<id>/student, holding a plain Hugging Face folder and its tokenizer
+    mlflow.set_tracking_uri(client.tracking_uri)  # MLflow finds a run's logged model through the process's tracking URI
+    folder = Path(download_artifacts(run_id=student.info.run_id, artifact_path="student"))
     model = AutoModelForSequenceClassification.from_pretrained(folder / "model")
     assert model.config.num_hidden_layers == 3 and model.config.id2label == {0: "negative", 1: "positive"}
     tokenizer = AutoTokenizer.from_pretrained(folder / "components" / "tokenizer")
@@ -342,7 +344,8 @@ def test_the_logged_student_reproduces_the_logged_numbers(home, tmp_path):
     assert {f.name: f.read_bytes() for f in teacher_folder.iterdir()} == before  # the cached teacher is untouched
 
     client, (student,) = runs_by_role(home, "student")
-    folder = Path(download_artifacts(run_id=student.info.run_id, artifact_path="student", tracking_uri=client.tracking_uri))
+    mlflow.set_tracking_uri(client.tracking_uri)  # MLflow finds a run's logged model through the process's tracking URI
+    folder = Path(download_artifacts(run_id=student.info.run_id, artifact_path="student"))
     model = load_finetuned(folder / "model")
     c = job.validate(cfg).config
     data = Prepared.from_task(load_task(c.task), load_tokenizer(str(folder / "components" / "tokenizer"))).limited(

@@ -110,7 +110,11 @@ def test_a_job_failing_inside_its_run_is_one_failed_child_and_runs_again(home):
     newest = max(parents, key=lambda p: p.info.start_time)
     summary = json.loads(open(client.download_artifacts(newest.info.run_id, "summary.json")).read())
     assert (summary["failed"], summary["finished"]) == (1, 1)  # the failed job ran again, in its own run, now in this sweep
-    assert len(children) == 2 and {c.data.tags["mlflow.parentRunId"] for c in children} == {newest.info.run_id}
+    # the finished job is reused, not taken: it stays the first sweep's child, and the new sweep records it
+    assert len(children) == 2
+    (finished,), (rerun,) = [[c for c in children if (c.info.status == "FINISHED") == done] for done in (True, False)]
+    assert finished.data.tags["mlflow.parentRunId"] == parent.info.run_id and f"diito.reused.{finished.info.run_id}" in newest.data.tags
+    assert rerun.data.tags["mlflow.parentRunId"] == newest.info.run_id  # an unfinished run continues in the sweep that runs it
 
 
 def test_failing_job_is_recorded_and_the_others_finish(home):
@@ -161,7 +165,7 @@ def test_overlapping_sweeps_reuse_finished_runs_without_taking_them_and_both_rep
 
 
 def _run(params: dict, value: float):
-    return SimpleNamespace(data=SimpleNamespace(params=params, metrics={"validation/accuracy": value}))
+    return SimpleNamespace(data=SimpleNamespace(params=params, metrics={"validation/accuracy": value}, tags={"loss": "diito"}))
 
 
 def test_report_table_groups_seeds_best_first():
@@ -183,7 +187,7 @@ def test_sweep_against_a_real_tracking_server(home, mlflow_server):
     assert result.returncode == 0, result.stderr[-3000:]
     assert not (home / "mlflow.db").exists()  # everything went to the server
     client = MlflowClient(mlflow_server.uri)
-    experiment = client.get_experiment_by_name("rotten_tomatoes")
+    experiment = client.get_experiment_by_name("rotten_tomatoes-debug")  # a smoke configuration's experiment
     runs = client.search_runs([experiment.experiment_id])
     (parent,) = [r for r in runs if r.data.tags.get("diito.role") == "sweep"]
     children = [r for r in runs if r.data.tags.get("diito.role") == "student"]
