@@ -8,8 +8,8 @@ import sys
 from pathlib import Path
 from types import SimpleNamespace
 
-import numpy as np
 import mlflow
+import numpy as np
 import pytest
 import torch
 from filelock import FileLock
