@@ -126,14 +126,3 @@ def _new_version(run: Run, name: str, model_id: str) -> None:
         pass
     version = run.client.create_model_version(name, f"models:/{model_id}", run_id=run.run_id, model_id=model_id)
     log.info("tracking: registered the student as %s version %s", name, version.version)
-
-
-def download(tracking_uri: str, run_id: str, folder: Path) -> Path:
-    """The run's logged student (its MLflow model folder) copied into ``folder``; a run whose
-    flavor failed, or one logged before the student was a logged model, has it as an artifact."""
-    import mlflow.artifacts
-    from mlflow.tracking._tracking_service.utils import _use_tracking_uri
-
-    folder.mkdir(parents=True, exist_ok=True)
-    with _use_tracking_uri(tracking_uri):  # MLflow finds a run's logged model through the process's tracking URI
-        return Path(mlflow.artifacts.download_artifacts(f"runs:/{run_id}/{NAME}", dst_path=str(folder)))
