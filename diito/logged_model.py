@@ -16,6 +16,7 @@ from mlflow.entities import LoggedModelOutput, Metric
 from mlflow.exceptions import MlflowException
 
 from diito.tracking import DatasetRecord, Run
+from diito.tracking.client import fluent_uri
 
 log = logging.getLogger(__name__)
 
@@ -87,8 +88,6 @@ def _log(run: Run, model, tokenizer, examples: list) -> str:
     import mlflow.transformers
     import torch
     import transformers
-    from mlflow.tracking._tracking_service.utils import _use_tracking_uri
-
     client = run.client
     record = client.get_run(run.run_id)
     logged = client.create_logged_model(
@@ -103,7 +102,7 @@ def _log(run: Run, model, tokenizer, examples: list) -> str:
     level = flavor_log.level
     flavor_log.setLevel(logging.ERROR)
     try:
-        with _use_tracking_uri(client.tracking_uri):  # the fluent API reads the process's tracking URI
+        with fluent_uri(client.tracking_uri):  # the fluent API reads the process's tracking URI
             mlflow.transformers.log_model(
                 classifier, name=NAME, model_id=logged.model_id, input_example=examples, pip_requirements=requirements
             )
@@ -113,9 +112,7 @@ def _log(run: Run, model, tokenizer, examples: list) -> str:
 
 
 def _register(run: Run, name: str, model_id: str) -> None:
-    from mlflow.tracking._tracking_service.utils import _use_tracking_uri
-
-    with _use_tracking_uri(run.client.tracking_uri):  # a models:/ source is looked up through the process's tracking URI
+    with fluent_uri(run.client.tracking_uri):  # a models:/ source is looked up through the process's tracking URI
         _new_version(run, name, model_id)
 
 

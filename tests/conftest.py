@@ -17,6 +17,21 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach the hub
 TIMINGS = ("latency/", "speedup/", "time/")  # metrics that time this machine: identical runs differ in them
 
 
+@pytest.fixture(autouse=True)
+def _mlflow_uri_restored():
+    """A test that points MLflow's fluent API at its store (``mlflow.set_tracking_uri``, which also
+    sets MLFLOW_TRACKING_URI) leaves the next test's jobs logging where they would without it."""
+    from mlflow.tracking._tracking_service import utils
+
+    variable, previous = os.environ.get("MLFLOW_TRACKING_URI"), utils._tracking_uri
+    yield
+    utils._tracking_uri = previous
+    if variable is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = variable
+
+
 @pytest.fixture
 def home(tmp_path, monkeypatch) -> Path:
     """An isolated project folder: DIITO_HOME points at it and no outside MLflow URI leaks in."""

@@ -9,7 +9,7 @@ from transformers import AutoModelForSequenceClassification
 from diito import families
 from diito.batching import Encoded, Prepared, make_loader
 from diito.evaluation import intervention_probe
-from diito.intervention import MappingConfig, Shape, build_mapping
+from diito.intervention import InterchangeConfig, MappingConfig, Shape, build_mapping
 from diito.models import build_student
 from diito.objective import DistillationObjective, LossConfig, intervention_diagnostics
 from diito.tasks import TaskSpec
@@ -22,7 +22,7 @@ def _probe_setting(pairs: int = 20):
     teacher = families.prepare(AutoModelForSequenceClassification.from_config(config)).eval()
     student = build_student(teacher, [0, 1], copy_classifier=True)
     mapping = build_mapping(MappingConfig(name="full"), Shape.of(teacher.config), Shape.of(student.config))
-    objective = DistillationObjective(LossConfig(gamma=1.0, eval_pairs=pairs), [], mapping)
+    objective = DistillationObjective(LossConfig(gamma=1.0), [], mapping, interchange=InterchangeConfig(eval_pairs=pairs))
     rng = np.random.default_rng(0)
     ids = [[1, *rng.integers(3, 100, size=int(n)).tolist(), 2] for n in rng.integers(2, 12, size=30)]
     encoded = Encoded(

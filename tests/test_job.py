@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -113,6 +114,20 @@ def test_end_to_end_run_logs_params_metrics_tags_and_artifacts(home):
     assert model(**tokenizer(["a fine film"], return_tensors="pt")).logits.shape == (1, 2)
     # artifacts live in the project folder, never in the job's working directory
     assert (home / "mlartifacts").is_dir()
+
+
+def test_a_job_leaves_the_process_tracking_uri_as_it_found_it(home, tmp_path, monkeypatch):
+    """Logging the student points MLflow's fluent API at the job's store; the next job of an
+    in-process sweep must still log where MLFLOW_TRACKING_URI (or its absence) says."""
+    elsewhere = f"sqlite:///{tmp_path}/elsewhere.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", elsewhere)
+    job.run(compose_config(SMOKE), output_dir=tmp_path / "a")
+    assert os.environ["MLFLOW_TRACKING_URI"] == elsewhere and mlflow.get_tracking_uri() == elsewhere
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    job.run(compose_config([*SMOKE, "seed=2"]), output_dir=tmp_path / "b")
+    assert "MLFLOW_TRACKING_URI" not in os.environ
+    _, students = runs_by_role(home, "student")
+    assert [s.data.params["seed"] for s in students] == ["2"]
 
 
 def test_second_job_reuses_the_cached_teacher(home):

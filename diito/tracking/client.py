@@ -5,7 +5,9 @@ outside a job (report, analyze) opens: the one a job with the same environment w
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 from mlflow import MlflowClient
@@ -41,6 +43,27 @@ def client(config: TrackingConfig) -> MlflowClient:
     if mask(config.uri or "") != (config.uri or ""):  # MLflow's "View run at <uri>" lines would print the password
         os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
     return MlflowClient(tracking_uri=config.uri)
+
+
+@contextlib.contextmanager
+def fluent_uri(uri: str) -> Iterator[None]:
+    """MLflow's fluent API (``mlflow.transformers.log_model``, ``models:/`` lookups) pointed at
+    ``uri`` for the block, and the process left exactly as it was: MLflow's own helper restores the
+    previous URI through ``set_tracking_uri``, which also writes (or removes) MLFLOW_TRACKING_URI, so
+    the next job of an in-process sweep would log to another store."""
+    import mlflow
+    from mlflow.tracking._tracking_service import utils
+
+    variable, previous = os.environ.get("MLFLOW_TRACKING_URI"), utils._tracking_uri
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        utils._tracking_uri = previous
+        if variable is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = variable
 
 
 def check_experiment(config: TrackingConfig) -> None:
