@@ -88,6 +88,7 @@ def _log(run: Run, model, tokenizer, examples: list) -> str:
     import mlflow.transformers
     import torch
     import transformers
+
     client = run.client
     record = client.get_run(run.run_id)
     logged = client.create_logged_model(
