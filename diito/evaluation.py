@@ -25,11 +25,16 @@ PROGRESS_BATCHES = 8  # a split of at least this many batches is evaluated under
 
 
 @torch.no_grad()
-def predict(model: torch.nn.Module, loader: torch.utils.data.DataLoader, precision: str, device: torch.device) -> np.ndarray:
-    """Logits for every example of ``loader``, in the loader's order; dropout off."""
+def predict(
+    model: torch.nn.Module, loader: torch.utils.data.DataLoader, precision: str, device: torch.device, progress: bool = True
+) -> np.ndarray:
+    """Logits for every example of ``loader``, in the loader's order; dropout off. With ``progress``,
+    a split of :data:`PROGRESS_BATCHES` batches or more shows a bar, on a terminal only (tqdm's
+    ``disable=None``), and leaves nothing behind."""
     model.eval()
     outputs = []
-    for batch in tqdm(loader, desc="evaluating", leave=False, disable=True if len(loader) < PROGRESS_BATCHES else None):
+    shown = progress and len(loader) >= PROGRESS_BATCHES
+    for batch in tqdm(loader, desc="evaluating", leave=False, disable=None if shown else True):
         inputs = {k: v.to(device) for k, v in model_inputs(batch).items()}
         with autocast(precision, device):
             outputs.append(model(**inputs).logits.float().cpu())
@@ -39,14 +44,14 @@ def predict(model: torch.nn.Module, loader: torch.utils.data.DataLoader, precisi
 class Evaluator:
     """Predicts and scores a model on the splits of ``data``."""
 
-    def __init__(self, data: Prepared, batch_size: int, precision: str, device: torch.device):
-        self.data, self.batch_size, self.precision, self.device = data, batch_size, precision, device
+    def __init__(self, data: Prepared, batch_size: int, precision: str, device: torch.device, progress: bool = True):
+        self.data, self.batch_size, self.precision, self.device, self.progress = data, batch_size, precision, device, progress
 
     def predict(self, model: torch.nn.Module, splits: list[str]) -> dict[str, np.ndarray]:
         """Predicted class ids (or scores, for regression) for each split."""
         out = {}
         for split in splits:
-            logits = predict(model, self.data.loader(split, self.batch_size), self.precision, self.device)
+            logits = predict(model, self.data.loader(split, self.batch_size), self.precision, self.device, self.progress)
             out[split] = logits[:, 0] if self.data.spec.regression else logits.argmax(-1)
         return out
 
@@ -108,11 +113,19 @@ class Evaluator:
 
 
 def intervention_probe(
-    objective: DistillationObjective, student, teacher, data: Prepared, batch_size: int, seed: int, device: torch.device
+    objective: DistillationObjective,
+    student,
+    teacher,
+    data: Prepared,
+    batch_size: int,
+    seed: int,
+    device: torch.device,
+    precision: str = "fp32",
 ) -> Callable[[], dict[str, float]] | None:
     """Interchange-intervention accuracy and efficacy on fixed pairs: the first ``eval_pairs``
     examples of the first evaluation split, with entries, pairs and positions drawn from ``seed``, so
-    every evaluation measures the same interventions. None when there is nothing to measure.
+    every evaluation measures the same interventions. None when there is nothing to measure. Run in
+    the job's ``precision``, as its evaluation is.
 
     The frozen teacher's runs on those fixed interventions are the same at every evaluation: they are
     computed at the first and kept, so later evaluations run only the student's."""
@@ -126,6 +139,10 @@ def intervention_probe(
 
     @torch.no_grad()
     def probe() -> dict[str, float]:
+        with autocast(precision, device):
+            return measured()
+
+    def measured() -> dict[str, float]:
         if not teacher_runs:
             generator = torch.Generator().manual_seed(seed)
             for batch in loader:
@@ -142,7 +159,9 @@ def intervention_probe(
             base = student(**inputs, output_hidden_states=True)
             student_cf = counterfactual(student, inputs, base.hidden_states, x, entry.student)
             n = len(inputs["input_ids"])
-            for name, value in intervention_diagnostics(student_cf.logits, teacher_cf_logits, teacher_logits).items():
+            for name, value in intervention_diagnostics(
+                student_cf.logits.float(), teacher_cf_logits.float(), teacher_logits.float()
+            ).items():
                 sums[name] = sums.get(name, 0.0) + float(value) * n
             count += n
         return {f"{split}/{name}": value / count for name, value in sums.items()}

@@ -108,7 +108,7 @@ def fit(
     stopping; checkpoints in ``state``. On rank 0, score the final weights on every evaluation and
     test split and log them with the fit's length and time and the size and speed of ``model``
     (named ``name``) and of the ``reference`` models; None on the other ranks."""
-    evaluator = Evaluator(data, settings.eval_batch_size, settings.precision, rank.device)
+    evaluator = Evaluator(data, settings.eval_batch_size, settings.precision, rank.device, settings.progress)
     if rank.world > 1:  # each rank runs the whole step (for the student: base and counterfactual runs) through DDP's forward
         step = DistributedDataParallel(step, device_ids=[rank.device.index] if rank.device.type == "cuda" else None)
     loader = data.loader(
