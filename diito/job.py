@@ -14,12 +14,13 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
-from diito import config, console, distributed, resume, student, teacher_outputs, tracking
+from diito import config, console, distributed, resume, student, summary, teacher_outputs, tracking
 from diito.batching import Prepared
 from diito.config import Job, validate
 from diito.models import load_model_config, load_tokenizer
 from diito.sources import DataError, load_task
 from diito.teacher import Teacher, entry_to_build, obtain_teacher
+from diito.teacher import outcome as teacher_outcome
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +54,9 @@ def run(
         with ranks.leader_first():  # fine-tuned by the leader; the other ranks find it in the cache
             tokenizer, data, teacher, outputs = _data_and_teacher(job, ranks.here.device, output_dir)
         if c.stage == "teacher":
+            if output_dir is not None and ranks.leader:
+                result = teacher_outcome(teacher, c.teacher, c.task.name, c.task.main_metric_key, c.tracking)
+                summary.finish(result, output_dir, c.tracking.uri, c.paths.root)
             return teacher.metrics.get(c.task.main_metric_key, math.nan)
         return ranks.run(student.distill, job, cfg, data, tokenizer, teacher, outputs, output_dir, hydra_dir, job_name, sweep)
 

@@ -9,6 +9,7 @@ import logging
 import math
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -64,7 +65,8 @@ def distill(
         }
     )
     name = c.tracking.run_name or summary.run_name(c.task.name, c.loss.kind, c.student.layers, job_name, sweep and sweep.get("varying"))
-    with stage.tracked(tags.STUDENT_ROLE, state, c.tracking, name, run_tags, record(job, cfg, hydra_dir), data, rank) as run:
+    recorded = record(job, cfg, hydra_dir)
+    with stage.tracked(tags.STUDENT_ROLE, state, c.tracking, name, run_tags, recorded, data, rank) as run:
         seed_everything(c.seed)  # the student's fresh weights (a new classifier) come from the job's seed
         source = teacher.model if c.student.init_from == "teacher" else load_pretrained(c.teacher.model, data.num_labels, c.seed)
         student = build_student(source, job.student_blocks, copy_classifier=c.student.init_from == "teacher").to(rank.device)
@@ -73,7 +75,9 @@ def distill(
         )
         if job.mapping and rank.index == 0:
             log.info("intervention mapping (student <-> teacher blocks):\n%s", mapping_table(job.mapping))
-        probe = intervention_probe(objective, student, teacher.model, data, c.trainer.eval_batch_size, c.seed, rank.device)
+        probe = intervention_probe(
+            objective, student, teacher.model, data, c.trainer.eval_batch_size, c.seed, rank.device, c.trainer.precision
+        )
         fitted = stage.fit(
             "student",
             student,
@@ -109,16 +113,19 @@ def distill(
                 stage.datasets(data),
                 c.tracking.registered_model,
             )
-        evaluator = Evaluator(data, c.trainer.eval_batch_size, c.trainer.precision, rank.device)
+        evaluator = Evaluator(data, c.trainer.eval_batch_size, c.trainer.precision, rank.device, c.trainer.progress)
         teacher_scores = evaluator.score(evaluator.predict(teacher.model, list(c.task.eval_splits) + data.test_splits))
         run.log_metrics({f"teacher/{k}": v for k, v in teacher_scores.items()}, fitted.state.step)
-        summary.finish(outcome(job, data, fitted, teacher_scores, teacher, run), output_dir, c.tracking.uri, c.paths.root)
+        summary.finish(outcome(job, data, fitted, teacher_scores, teacher, run, recorded.params), output_dir, c.tracking.uri, c.paths.root)
         state.clear()
     return fitted.scores[c.task.main_metric_key]
 
 
-def outcome(job: Job, data: Prepared, fitted: stage.Fitted, teacher_scores: dict[str, float], teacher: Teacher, run) -> summary.Outcome:
-    """The job's result for the console and ``metrics.json``: both models on the same examples."""
+def outcome(
+    job: Job, data: Prepared, fitted: stage.Fitted, teacher_scores: dict[str, float], teacher: Teacher, run, settings: dict[str, Any]
+) -> summary.Outcome:
+    """The job's result for the console and ``metrics.json``: both models on the same examples, and
+    the settings its run logs as params (a sweep without tracking tables its jobs from them)."""
     c, end = job.config, fitted.state
     return summary.Outcome(
         task=c.task.name,
@@ -136,6 +143,7 @@ def outcome(job: Job, data: Prepared, fitted: stage.Fitted, teacher_scores: dict
         teacher_from={"name": c.teacher.name, "source": teacher.source, "path": teacher.path, "run_id": teacher.run_id},
         run_id=run.run_id,
         experiment_id=run.client.get_run(run.run_id).info.experiment_id if run.run_id else None,
+        settings=settings,
     )
 
 

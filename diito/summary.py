@@ -9,7 +9,7 @@ import json
 import logging
 import re
 import urllib.parse
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +38,8 @@ class Outcome:
     run_id: str | None = None
     experiment_id: str | None = None
     link: str | None = None
+    settings: dict[str, Any] = field(default_factory=dict)  # what the run logs as params
+    unlogged: str = "not logged (tracking.enabled=false)"  # what the block says when there is no run to link
 
 
 def ui_link(tracking_uri: str | None, experiment_id: str) -> str:
@@ -70,35 +72,52 @@ def write(outcome: Outcome, folder: Path) -> Path:
         "teacher": outcome.teacher,
         "student_from": outcome.student_from,
         "teacher_from": outcome.teacher_from,
+        "settings": outcome.settings,
         "mlflow": {"run_id": outcome.run_id, "experiment_id": outcome.experiment_id, "link": outcome.link} if outcome.run_id else None,
     }
     folder.mkdir(parents=True, exist_ok=True)
     return atomic_write_text(folder / METRICS_FILE, json.dumps(record, indent=2) + "\n")
 
 
+def read(folder: Path) -> dict[str, Any] | None:
+    """A job folder's ``metrics.json``, None when the job wrote none (it failed, or is running)."""
+    path = folder / METRICS_FILE
+    return json.loads(path.read_text()) if path.exists() else None
+
+
 def block(outcome: Outcome, metrics_file: Path, opener: str = "") -> str:
-    """The lines a job ends with: a small table of scores, the run, the link."""
+    """The lines a job ends with: a small table of scores, the run, the link. A teacher-stage job
+    (``stage=teacher``, no student) shows the teacher alone."""
     name = outcome.main_metric.split("/", 1)[1]
-    splits = [k for k in outcome.student if k.split("/", 1)[1] == name]  # the main metric on every split
-    rows = [
-        ["", *splits],
-        ["student", *(f"{outcome.student[k]:.4f}" for k in splits)],
-        ["teacher", *(f"{outcome.teacher[k]:.4f}" if k in outcome.teacher else "-" for k in splits)],
-    ]
+    scored = outcome.student or outcome.teacher
+    splits = [k for k in scored if k.split("/", 1)[1] == name]  # the main metric on every split
+    rows = [["", *splits]]
+    if outcome.student:
+        rows.append(["student", *(f"{outcome.student[k]:.4f}" for k in splits)])
+    rows.append(["teacher", *(f"{outcome.teacher[k]:.4f}" if k in outcome.teacher else "-" for k in splits)])
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     table = ["  " + "  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
-    kept = outcome.student_from
-    lines = [
-        f"result: {outcome.task}, {outcome.loss.upper()} student ({kept['layers']} layers, the weights of step "
-        f"{kept['best_step']} of {kept['steps']}), teacher {outcome.teacher_from['name']}",
-        *table,
-    ]
+    t = outcome.teacher_from
+    if outcome.student:
+        kept = outcome.student_from
+        head = (
+            f"result: {outcome.task}, {outcome.loss.upper()} student ({kept['layers']} layers, the weights of step "
+            f"{kept['best_step']} of {kept['steps']}), teacher {t['name']}"
+        )
+    else:
+        head = f"result: {outcome.task}, teacher {t['name']} ({TEACHER_SOURCES[t['source']]}: {t['path']})"
+        if not splits:
+            table = ["  no scores: a given checkpoint is not evaluated by stage=teacher (a distillation job scores it)"]
+    lines = [head, *table]
     if outcome.run_id:
         lines.append(f"  MLflow run {outcome.run_id}: {outcome.link}" + (f" {opener}" if opener else ""))
     else:
-        lines.append("  MLflow: not logged (tracking.enabled=false)")
+        lines.append(f"  MLflow: {outcome.unlogged}")
     lines.append(f"  scores and where they came from: {metrics_file}")
     return "\n".join(lines)
+
+
+TEACHER_SOURCES = {"fine-tuned": "fine-tuned now", "cache": "from the cache", "checkpoint": "the checkpoint"}
 
 
 def finish(outcome: Outcome, folder: Path, tracking_uri: str | None, root: str | Path) -> None:

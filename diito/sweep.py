@@ -76,8 +76,10 @@ class SweepCallback(Callback):
             summary = {"jobs": jobs, "finished": jobs - len(failed_jobs), "failed": len(failed_jobs), "failures": failed_jobs}
         failed = summary["failed"] > 0
         lines = [f"sweep: {summary['finished']}/{summary['jobs']} jobs finished"]
-        if settings.enabled and info is not None and summary["finished"]:
-            lines += closing_table(settings, info, summary["metric"])
+        if summary["finished"]:
+            tracked = settings.enabled and info is not None
+            runs = tracking.find_student_runs(settings, info["sweep_id"])[0] if tracked else jobs_on_disk(config.hydra.sweep.dir)
+            lines += closing_table(runs, job_config.main_metric_key(config))
         lines += [f"FAILED {f['run']}: {f['error']}" for f in summary["failures"]]
         print("\n".join(lines), file=sys.stderr if failed else sys.stdout)
         failures.sweep_ended(failed)
@@ -92,12 +94,28 @@ def varying_keys(config: DictConfig) -> list[str]:
     return list(dict.fromkeys([*keys, *params]))
 
 
-def closing_table(settings: tracking.TrackingConfig, info: dict[str, str], metric: str) -> list[str]:
+def jobs_on_disk(sweep_dir: str | Path) -> list[Any]:
+    """A sweep's finished jobs as runs (params, metrics, method) from each job folder's
+    ``metrics.json``: what a sweep without tracking tables."""
+    from types import SimpleNamespace
+
+    from diito import summary, tags
+
+    found = [summary.read(folder) for folder in sorted(Path(sweep_dir).iterdir()) if folder.is_dir()]
+    return [
+        SimpleNamespace(
+            data=SimpleNamespace(params={k: str(v) for k, v in r["settings"].items()}, metrics=r["student"], tags={tags.LOSS: r["loss"]})
+        )
+        for r in found
+        if r and r["student"]
+    ]
+
+
+def closing_table(runs: list[Any], metric: str) -> list[str]:
     """The sweep's jobs as ``python -m diito.report`` tables them (mean ± std over seeds, best
     first), and which configuration leads: ties are named as ties, not one of them crowned."""
     from diito import report
 
-    runs, _ = tracking.find_student_runs(settings, info["sweep_id"])
     keys, rows = report.table(runs, metric)
     if not rows:
         return []

@@ -17,18 +17,20 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import torch
+from mlflow.exceptions import MlflowException
 from omegaconf import OmegaConf
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_serializer, model_validator
 from pydantic_core import InitErrorDetails
 from safetensors import safe_open
 from transformers import PreTrainedModel
 
-from diito import cache, identity, stage, tags, tracking
+from diito import cache, identity, stage, summary, tags, tracking
 from diito.batching import Prepared, model_inputs
 from diito.distributed import Rank
 from diito.models import load_finetuned, load_pretrained, name_labels, save_model
 from diito.objective import task_loss
 from diito.resume import ResumeState
+from diito.store import mask
 from diito.trainer import LoopConfig, OptimConfig, Seed, TrainerConfig, seed_everything
 
 log = logging.getLogger(__name__)
@@ -145,6 +147,32 @@ def obtain_teacher(
         f", run {info['run_id']}" if info.get("run_id") else "",
     )
     return Teacher(None, "fine-tuned" if built else "cache", str(folder), info.get("run_id"), info.get("metrics", {})).on(device)
+
+
+def outcome(
+    teacher: Teacher, config: TeacherConfig, task: str, main_metric: str, tracking_config: tracking.TrackingConfig
+) -> summary.Outcome:
+    """A teacher-stage job's result (``stage=teacher``): the teacher's final scores and its run."""
+    unlogged, experiment = "not logged (tracking.enabled=false)", None
+    if teacher.source == "checkpoint":
+        unlogged = "no run (a given checkpoint, fine-tuned elsewhere)"
+    elif teacher.run_id and tracking_config.enabled:
+        try:
+            experiment = tracking.client(tracking_config).get_run(teacher.run_id).info.experiment_id
+        except MlflowException:  # the cache is shared by every store: it was fine-tuned while logging to another
+            unlogged = f"run {teacher.run_id} is in the store it was fine-tuned with, not in {mask(tracking_config.uri or '')}"
+    return summary.Outcome(
+        task=task,
+        loss="",
+        main_metric=main_metric,
+        student={},
+        teacher=teacher.metrics,
+        student_from={},
+        teacher_from={"name": config.name, "source": teacher.source, "path": teacher.path, "run_id": teacher.run_id},
+        run_id=teacher.run_id if experiment else None,
+        experiment_id=experiment,
+        unlogged=unlogged,
+    )
 
 
 def cache_key(config: TeacherConfig, data: Prepared) -> str:

