@@ -142,7 +142,7 @@ def outcome(
         },
         teacher_from={"name": c.teacher.name, "source": teacher.source, "path": teacher.path, "run_id": teacher.run_id},
         run_id=run.run_id,
-        experiment_id=run.client.get_run(run.run_id).info.experiment_id if run.run_id else None,
+        experiment_id=run.experiment_id,
         settings=settings,
     )
 

@@ -159,7 +159,7 @@ def outcome(
     elif teacher.run_id and tracking_config.enabled:
         try:
             experiment = tracking.client(tracking_config).get_run(teacher.run_id).info.experiment_id
-        except MlflowException:  # the cache is shared by every store: it was fine-tuned while logging to another
+        except (MlflowException, OSError):  # the cache is shared by every store: it was fine-tuned while logging to another
             unlogged = f"run {teacher.run_id} is in the store it was fine-tuned with, not in {mask(tracking_config.uri or '')}"
     return summary.Outcome(
         task=task,

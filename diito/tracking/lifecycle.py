@@ -73,8 +73,9 @@ def open_run(config: TrackingConfig, run_name: str | None, tags: Mapping[str, An
             run_id = None
     if run_id is None:
         tags = {k: mask(str(v)) for k, v in tags.items()}
-        run_id = mlflow_client.create_run(experiment_id(config), run_name=mask(run_name) if run_name else None, tags=tags).info.run_id
-        run = Run(mlflow_client, run_id)
+        experiment = experiment_id(config)
+        run_id = mlflow_client.create_run(experiment, run_name=mask(run_name) if run_name else None, tags=tags).info.run_id
+        run = Run(mlflow_client, run_id, experiment_id=experiment)
     try:
         yield run
     except Exception as error:

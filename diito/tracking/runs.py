@@ -46,8 +46,9 @@ class Run:
     next call, and :meth:`unsent` says what never arrived. Values are masked (:func:`mask`) and a
     param too long for MLflow is logged whole as an artifact and visibly truncated."""
 
-    def __init__(self, client: MlflowClient, run_id: str, logged: dict[str, Counter] | None = None):
+    def __init__(self, client: MlflowClient, run_id: str, logged: dict[str, Counter] | None = None, experiment_id: str | None = None):
         self.client, self.run_id = client, run_id
+        self.experiment_id = experiment_id  # known when the run is opened: the end of a job never has to ask the store
         self._replay = logged or {}
         self._pending: list[Metric] = []  # metric values the store did not take yet
         self._failed: list[str] = []  # params, tags and artifacts it never took
@@ -55,8 +56,9 @@ class Run:
 
     @classmethod
     def continued(cls, client: MlflowClient, run_id: str) -> Run:
-        logged = {key: Counter(m.step for m in client.get_metric_history(run_id, key)) for key in client.get_run(run_id).data.metrics}
-        return cls(client, run_id, logged)
+        record = client.get_run(run_id)
+        logged = {key: Counter(m.step for m in client.get_metric_history(run_id, key)) for key in record.data.metrics}
+        return cls(client, run_id, logged, record.info.experiment_id)
 
     def _send(self, what: str, call: Callable[[], Any]) -> bool:
         try:
@@ -155,6 +157,7 @@ class NullRun:
     (a misspelt one is an AttributeError here too)."""
 
     run_id = None
+    experiment_id = None
 
     def log_params(self, params: Mapping[str, Any]) -> None:
         pass
