@@ -434,7 +434,11 @@ def runs_from_csv(path: Path) -> list[Any]:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m diito.report", description=__doc__.split("\n\n")[0])
     parser.add_argument(
-        "target", help="experiment name, sweep id (tag diito.sweep_id), the sweep's parent run id, or a runs.csv this command exported"
+        "targets",
+        nargs="+",
+        metavar="target",
+        help="experiment name, sweep id (tag diito.sweep_id), the sweep's parent run id, or a runs.csv this command exported; "
+        "several are reported as one (a KD sweep and a DIITO sweep, say)",
     )
     parser.add_argument("--metric", default="validation/accuracy")
     parser.add_argument("--x", help="heatmap columns (default: the first varying key)")
@@ -447,17 +451,22 @@ def main(argv: list[str] | None = None) -> None:
     )
     args = parser.parse_args(argv)
 
-    parent_id = None
+    runs, parents, seen = [], [], set()
     try:
-        if args.target.endswith(".csv"):
-            runs = runs_from_csv(Path(args.target))
-        else:
-            store = tracking.settings(args.tracking_uri)  # where jobs log, with their retries
-            runs, parent_id = tracking.find_student_runs(store, args.target)
+        for target in args.targets:
+            if target.endswith(".csv"):
+                found, parent = runs_from_csv(Path(target)), None
+            else:
+                store = tracking.settings(args.tracking_uri)  # where jobs log, with their retries
+                found, parent = tracking.find_student_runs(store, target)
+            if not found:
+                raise LookupError(f"no finished runs for {target!r}")
+            runs += [r for r in found if r.info.run_id not in seen]  # a run two sweeps share is counted once
+            seen |= {r.info.run_id for r in found}
+            parents.append(parent)
     except (LookupError, ValueError, OSError) as e:
         raise SystemExit(f"error: {e}") from None
-    if not runs:
-        raise SystemExit(f"error: no finished runs for {args.target!r}")
+    parent_id = parents[0] if len(parents) == 1 else None  # the report is logged to the one sweep it covers
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     files = []
@@ -491,7 +500,7 @@ def main(argv: list[str] | None = None) -> None:
             title = ", ".join(f"{k}={v}" for k, v in zip(apart, group))
             files.append(heatmap(part, axes[0], axes[1], args.metric, out / name, title))
             print(f"heatmap: {files[-1]}" + (f" ({title})" if title else ""))
-    if not args.target.endswith(".csv"):
+    if not all(target.endswith(".csv") for target in args.targets):
         files.append(export_csv(runs, out / "runs.csv"))
     if args.size in keys:  # a learning curve per split, one line per method; drawn for the split that chose nothing
         curve_text = "\n\n".join(format_curves(lines, m) for m, lines in by_metric.items())

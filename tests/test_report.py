@@ -110,6 +110,21 @@ def test_the_report_leads_with_the_split_that_chose_nothing_and_reads_its_own_ex
     assert (tmp_path / "out" / "by_size.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_several_targets_are_reported_as_one_and_a_shared_run_counts_once(tmp_path, capsys):
+    runs = _runs()
+    kd = report.export_csv([r for r in runs if r.data.tags["loss"] == "kd"], tmp_path / "kd.csv")
+    diito = report.export_csv([r for r in runs if r.data.tags["loss"] == "diito"], tmp_path / "diito.csv")
+    report.main([str(kd), str(diito), str(kd), "--out", str(tmp_path / "both")])
+    report.main([str(report.export_csv(runs, tmp_path / "all.csv")), "--out", str(tmp_path / "all")])
+    # the KD sweep and the DIITO sweep paired as one study, as if they had been one sweep
+    assert "diito - kd" in (tmp_path / "both" / "comparisons.txt").read_text()
+    for name in ("comparisons.txt", "by_size.txt"):
+        assert (tmp_path / "both" / name).read_text() == (tmp_path / "all" / name).read_text(), name
+    assert "wall time: 9 runs" in (tmp_path / "both" / "report.txt").read_text()  # kd.csv given twice: its runs once
+    with pytest.raises(SystemExit, match=r"^error: no finished runs for '.*empty.csv'"):
+        report.main([str(kd), str(report.export_csv([], tmp_path / "empty.csv"))])
+
+
 def test_each_setting_is_compared_with_its_own_kd_and_a_value_varying_within_a_method_names_its_line():
     runs = _runs()
     for r in runs:
