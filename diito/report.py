@@ -451,13 +451,13 @@ def main(argv: list[str] | None = None) -> None:
     )
     args = parser.parse_args(argv)
 
-    runs, parents, seen = [], [], set()
+    runs, parents, seen, store = [], [], set(), None
     try:
         for target in args.targets:
             if target.endswith(".csv"):
                 found, parent = runs_from_csv(Path(target)), None
             else:
-                store = tracking.settings(args.tracking_uri)  # where jobs log, with their retries
+                store = store or tracking.settings(args.tracking_uri)  # where jobs log, with their retries
                 found, parent = tracking.find_student_runs(store, target)
             if not found:
                 raise LookupError(f"no finished runs for {target!r}")

@@ -85,6 +85,13 @@ def read(folder: Path) -> dict[str, Any] | None:
     return json.loads(path.read_text()) if path.exists() else None
 
 
+TEACHER_SOURCES = {
+    "fine-tuned": "fine-tuned now",
+    "cache": "from the cache",
+    "checkpoint": "the checkpoint",
+}  # a teacher-stage block's words
+
+
 def block(outcome: Outcome, metrics_file: Path, opener: str = "") -> str:
     """The lines a job ends with: a small table of scores, the run, the link. A teacher-stage job
     (``stage=teacher``, no student) shows the teacher alone."""
@@ -115,9 +122,6 @@ def block(outcome: Outcome, metrics_file: Path, opener: str = "") -> str:
         lines.append(f"  MLflow: {outcome.unlogged}")
     lines.append(f"  scores and where they came from: {metrics_file}")
     return "\n".join(lines)
-
-
-TEACHER_SOURCES = {"fine-tuned": "fine-tuned now", "cache": "from the cache", "checkpoint": "the checkpoint"}
 
 
 def finish(outcome: Outcome, folder: Path, tracking_uri: str | None, root: str | Path) -> None:

@@ -21,15 +21,10 @@ TIMINGS = ("latency/", "speedup/", "time/")  # metrics that time this machine: i
 def _mlflow_uri_restored():
     """A test that points MLflow's fluent API at its store (``mlflow.set_tracking_uri``, which also
     sets MLFLOW_TRACKING_URI) leaves the next test's jobs logging where they would without it."""
-    from mlflow.tracking._tracking_service import utils
+    from diito.tracking.client import process_uri_kept
 
-    variable, previous = os.environ.get("MLFLOW_TRACKING_URI"), utils._tracking_uri
-    yield
-    utils._tracking_uri = previous
-    if variable is None:
-        os.environ.pop("MLFLOW_TRACKING_URI", None)
-    else:
-        os.environ["MLFLOW_TRACKING_URI"] = variable
+    with process_uri_kept():
+        yield
 
 
 @pytest.fixture

@@ -46,16 +46,13 @@ def client(config: TrackingConfig) -> MlflowClient:
 
 
 @contextlib.contextmanager
-def fluent_uri(uri: str) -> Iterator[None]:
-    """MLflow's fluent API (``mlflow.transformers.log_model``, ``models:/`` lookups) pointed at
-    ``uri`` for the block, and the process left exactly as it was: MLflow's own helper restores the
-    previous URI through ``set_tracking_uri``, which also writes (or removes) MLFLOW_TRACKING_URI, so
-    the next job of an in-process sweep would log to another store."""
-    import mlflow
+def process_uri_kept() -> Iterator[None]:
+    """The process's MLflow tracking URI (MLflow's global and MLFLOW_TRACKING_URI) as it was before
+    the block, whatever the block set: ``mlflow.set_tracking_uri`` also writes the variable, and its
+    own restoring helper removes one the user had set."""
     from mlflow.tracking._tracking_service import utils
 
     variable, previous = os.environ.get("MLFLOW_TRACKING_URI"), utils._tracking_uri
-    mlflow.set_tracking_uri(uri)
     try:
         yield
     finally:
@@ -64,6 +61,18 @@ def fluent_uri(uri: str) -> Iterator[None]:
             os.environ.pop("MLFLOW_TRACKING_URI", None)
         else:
             os.environ["MLFLOW_TRACKING_URI"] = variable
+
+
+@contextlib.contextmanager
+def fluent_uri(uri: str) -> Iterator[None]:
+    """MLflow's fluent API (``mlflow.transformers.log_model``, ``models:/`` lookups) pointed at
+    ``uri`` for the block, and the process left as it was (:func:`process_uri_kept`), so the next
+    job of an in-process sweep logs where it would have."""
+    import mlflow
+
+    with process_uri_kept():
+        mlflow.set_tracking_uri(uri)
+        yield
 
 
 def check_experiment(config: TrackingConfig) -> None:
