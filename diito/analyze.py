@@ -23,6 +23,7 @@ import json
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -30,6 +31,7 @@ from omegaconf import OmegaConf
 
 from diito import tags, tracking
 from diito.batching import Encoded, Prepared, make_loader, model_inputs
+from diito.console import columns
 from diito.intervention import (
     Interchange,
     InterchangeConfig,
@@ -43,6 +45,7 @@ from diito.intervention import (
     sample_interchange,
 )
 from diito.models import load_finetuned, load_tokenizer, num_layers
+from diito.report import COMPARISON_HEADER, compare, comparison_cells, with_verdicts  # the report's statistics
 from diito.sources import load_task
 from diito.tasks import TaskSpec
 
@@ -93,6 +96,41 @@ class AlignmentMap:
             iia.std(0, ddof=1) if len(maps) > 1 else None,
             len(maps),
         )
+
+
+def compare_methods(by_seed: dict[str, dict[int | None, AlignmentMap]]) -> list[dict]:
+    """Two methods' maps paired by seed (KD, or the first method, the baseline): per seed the
+    difference in base agreement, in each mapping entry's IIA (its blocks swapped jointly), and in
+    that IIA beyond the base agreement, which is the part a swap explains (a student that agrees more
+    with its teacher scores a higher IIA on every pair the swap leaves unchanged). Each as the report
+    states a paired comparison (interval, t-test, sign test, ties apart), Holm-adjusted over these rows."""
+    names = sorted(by_seed)
+    baseline = next((n for n in names if n.startswith("kd")), names[0])
+    (other,) = (n for n in names if n != baseline)
+    seeds = sorted((s for s in set(by_seed[baseline]) & set(by_seed[other]) if s is not None), key=int)
+    pairs = [(by_seed[other][s], by_seed[baseline][s]) for s in seeds]
+    quantities: dict[str, Any] = {"base agreement (no swap)": lambda m: m.agreement}
+    for entry in next(iter(by_seed[baseline].values())).mapped:
+        quantities[f"mapped {entry}: IIA"] = lambda m, e=entry: m.mapped[e]
+        quantities[f"mapped {entry}: IIA - base agreement"] = lambda m, e=entry: m.mapped[e] - m.agreement
+    rows = [
+        {"quantity": name, "method": other, "baseline": baseline} | compare([value(a) - value(b) for a, b in pairs])
+        for name, value in quantities.items()
+        if pairs
+    ]
+    return with_verdicts(rows)
+
+
+def format_comparisons(rows: list[dict]) -> str:
+    if not rows:
+        return "no seed was run by both methods: nothing to compare"
+    header = ["quantity", *COMPARISON_HEADER]
+    body = [[r["quantity"], *comparison_cells(r)] for r in rows]
+    title = (
+        f"{rows[0]['method']} - {rows[0]['baseline']}, paired by seed (95% t interval, paired t-test, exact sign test "
+        f"without ties; Holm's correction over the {len(rows)} rows)"
+    )
+    return "\n".join([title, *columns([header, *body])])
 
 
 def block_sites(model: torch.nn.Module, dims: tuple[int, int] | None = None) -> list[Site]:
@@ -219,6 +257,7 @@ class TrainedRun:
     tokenizer_dir: Path
     teacher_dir: Path
     mapping: MappingConfig | None  # the run's alignment (a KD run's too: it names the blocks a DIITO run would align)
+    seed: int | None = None  # pairs the runs of two methods (the same seed: the same training sample)
 
 
 def trained_run(store: tracking.TrackingConfig, run_id: str, folder: Path) -> TrainedRun:
@@ -252,6 +291,7 @@ def trained_run(store: tracking.TrackingConfig, run_id: str, folder: Path) -> Tr
         tokenizer_dir,
         teacher_dir,
         mapping,
+        logged.get("seed"),
     )
 
 
@@ -277,6 +317,7 @@ def main(argv: list[str] | None = None) -> None:
     store = tracking.settings(args.tracking_uri)  # where jobs log, with their retries
     maps: dict[str, AlignmentMap] = {}
     by_method: dict[str, list[AlignmentMap]] = {}
+    by_seed: dict[str, dict[int | None, AlignmentMap]] = {}
     with tempfile.TemporaryDirectory() as folder:
         for run_id in args.runs:
             run = trained_run(store, run_id, Path(folder) / run_id)
@@ -290,6 +331,7 @@ def main(argv: list[str] | None = None) -> None:
                 student, teacher, split, data.pad_token_id, run.interchange, args.seed, args.batch_size, device, dims, mapping
             )
             by_method.setdefault(run.method, []).append(m)
+            by_seed.setdefault(run.method, {})[run.seed] = m
             print(f"{run_id} ({run.method}): IIA by student block (rows) and teacher block (columns), {m.pairs} pairs")
             print(_describe(m))
             (out / f"{run_id}.json").write_text(json.dumps(m.to_json(), indent=1))
@@ -300,6 +342,10 @@ def main(argv: list[str] | None = None) -> None:
             print(f"{method}: mean of {len(group)} runs (± the cells' std over runs)")
             print(_describe(m))
             (out / f"{method}_mean.json").write_text(json.dumps(m.to_json(), indent=1))
+    if len(by_seed) == 2:  # two methods over the same seeds: what the difference between them supports
+        text = format_comparisons(compare_methods(by_seed))
+        print(text)
+        (out / "comparisons.txt").write_text(text + "\n")
     figure = draw(maps, out / "iia_map.png")
     for run_id in args.runs:  # each run keeps its own map and the figure it was drawn in
         (out / "iia_map.json").write_text((out / f"{run_id}.json").read_text())

@@ -16,6 +16,12 @@ from tqdm import tqdm
 log = logging.getLogger(__name__)
 
 
+def columns(lines: list[list[str]]) -> list[str]:
+    """Rows of cells as lines of left-aligned columns, two spaces apart (the tables the commands print)."""
+    widths = [max(len(cell) for cell in column) for column in zip(*lines)]
+    return ["  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip() for line in lines]
+
+
 class ProgressSafeHandler(logging.StreamHandler):
     """A console handler that writes through ``tqdm.write``: a log line printed while a progress
     bar runs clears the bar, prints, and redraws the bar below it (tqdm's own

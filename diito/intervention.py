@@ -29,6 +29,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 
+from diito.console import columns
 from diito.families import after_first_block, block_list, check_prepared, family_of, heads_output  # block_list: also for callers
 
 
@@ -184,8 +185,7 @@ def mapping_table(entries: list[MappingEntry]) -> str:
     """The mapping as a small table, printed once at the start of a run."""
     rows = [("entry", "student blocks", "teacher blocks")]
     rows += [(str(i), ", ".join(map(str, e.student)), ", ".join(map(str, e.teacher))) for i, e in enumerate(entries)]
-    widths = [max(len(r[c]) for r in rows) for c in range(3)]
-    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)) for row in rows)
+    return "\n".join(columns([list(row) for row in rows]))
 
 
 # -- pairs and positions -------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from diito import identity, tags, tracking
+from diito.console import columns
 
 REPLICATES = "seed"  # runs that differ only in their seed are one configuration
 
@@ -64,8 +65,7 @@ def table(runs: list[Any], metric: str) -> tuple[list[str], list[dict]]:
 def format_table(keys: list[str], rows: list[dict], metric: str) -> str:
     header = [*keys, "n", metric]
     body = [[str(row[k]) for k in keys] + [str(row["n"]), f"{row['mean']:.4f} ± {row['std']:.4f}"] for row in rows]
-    widths = [max(len(x) for x in column) for column in zip(header, *body)]
-    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(line, widths)) for line in [header, *body])
+    return "\n".join(columns([header, *body]))
 
 
 def axis_order(values: set[str]) -> list[str]:
@@ -241,9 +241,24 @@ def format_curves(curves_: Curves, metric: str) -> str:
                     else ""
                 )
             body.append([_line_name(setting, name), *cells])
-    widths = [max(len(x) for x in column) for column in zip(header, *body)]
-    text = [f"{metric} by training-set size (mean ± std over seeds)"]
-    return "\n".join(text + ["  ".join(cell.ljust(w) for cell, w in zip(line, widths)) for line in [header, *body]])
+    return "\n".join([f"{metric} by training-set size (mean ± std over seeds)", *columns([header, *body])])
+
+
+COMPARISON_HEADER = ["n", "mean diff", "95% CI", "wins/ties/losses", "p (t)", "p (sign)", "p (Holm)", "verdict"]
+
+
+def comparison_cells(row: dict) -> list[str]:
+    """A comparison's figures as table cells, in the order of COMPARISON_HEADER."""
+    return [
+        str(row["n"]),
+        f"{row['mean_diff']:+.4f}",
+        f"[{row['ci_low']:+.4f}, {row['ci_high']:+.4f}]",
+        f"{row['wins']}/{row['ties']}/{row['losses']}",
+        f"{row['p_t']:.3f}",
+        f"{row['p_sign']:.3f}",
+        f"{row['p_holm']:.3f}",
+        row["verdict"],
+    ]
 
 
 def format_comparisons(rows: list[dict], selection: str) -> str:
@@ -252,7 +267,7 @@ def format_comparisons(rows: list[dict], selection: str) -> str:
     one and the verdict."""
     if not rows:
         return ""
-    header = ["comparison", "size", "n", "mean diff", "95% CI", "wins/ties/losses", "p (t)", "p (sign)", "p (Holm)", "verdict"]
+    header = ["comparison", "size", *COMPARISON_HEADER]
     text = [
         f"paired differences (the same seeds; 95% t interval, paired t-test, exact sign test without ties; "
         f"Holm's correction over all {len(rows)} comparisons below)"
@@ -260,24 +275,11 @@ def format_comparisons(rows: list[dict], selection: str) -> str:
     for metric in dict.fromkeys(r["metric"] for r in rows):
         role = "chose the checkpoints and any tuning" if metric.split("/")[0] == selection else "chose nothing"
         body = [
-            [
-                f"{_line_name(r['setting'], r['method'])} - {r['baseline']}",
-                r["size"],
-                str(r["n"]),
-                f"{r['mean_diff']:+.4f}",
-                f"[{r['ci_low']:+.4f}, {r['ci_high']:+.4f}]",
-                f"{r['wins']}/{r['ties']}/{r['losses']}",
-                f"{r['p_t']:.3f}",
-                f"{r['p_sign']:.3f}",
-                f"{r['p_holm']:.3f}",
-                r["verdict"],
-            ]
+            [f"{_line_name(r['setting'], r['method'])} - {r['baseline']}", r["size"], *comparison_cells(r)]
             for r in rows
             if r["metric"] == metric
         ]
-        widths = [max(len(x) for x in column) for column in zip(header, *body)]
-        text += ["", f"{metric} ({role})"]
-        text += ["  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip() for line in [header, *body]]
+        text += ["", f"{metric} ({role})", *columns([header, *body])]
     return "\n".join(text)
 
 

@@ -132,6 +132,42 @@ def test_the_command_maps_logged_runs_and_logs_the_map_to_each(home, tmp_path, c
     mean = json.loads((tmp_path / "maps" / "diito_mean.json").read_text())
     assert mean["runs"] == 2 and np.array(mean["iia_std"]).shape == (3, 4)
     assert "diito: mean of 2 runs" in capsys.readouterr().out
+    # two methods: compared on the seed both ran (one here: too few to test, and said so)
+    compared = (tmp_path / "maps" / "comparisons.txt").read_text()
+    assert compared.startswith("diito - kd, paired by seed")
+    row = next(line for line in compared.splitlines() if line.startswith("base agreement (no swap)"))
+    assert row.split()[4] == "1" and row.endswith("too few seeds to test")  # n = 1: seed 1
+
+
+def _summary(agreement: float, mapped: float) -> analyze.AlignmentMap:
+    return analyze.AlignmentMap(
+        np.zeros((1, 1)), np.zeros(1), [Site(0)], [Site(0)], 100, agreement, {"0 <-> 0+1": mapped}, {"0 <-> 0+1": 0.1}
+    )
+
+
+def test_two_methods_are_compared_seed_by_seed_as_computed_by_hand():
+    kd = {seed: _summary(0.80, 0.70) for seed in (1, 2, 3)}
+    diito = {3: _summary(0.83, 0.75), 1: _summary(0.81, 0.72), 2: _summary(0.82, 0.70), 4: _summary(0.99, 0.99)}  # seed 4: KD never ran it
+    rows = {r["quantity"]: r for r in analyze.compare_methods({"diito": diito, "kd": kd})}
+    agreement, mapped, beyond = (
+        rows["base agreement (no swap)"],
+        rows["mapped 0 <-> 0+1: IIA"],
+        rows["mapped 0 <-> 0+1: IIA - base agreement"],
+    )
+    # by hand: differences per seed 1, 2, 3; with 2 degrees of freedom the two-sided p of t is 1 - t / sqrt(2 + t^2)
+    # agreement [.01, .02, .03]: mean .02, sd .01, t 3.4641, p 0.07418; 95% CI .02 -/+ 4.3027 * .01 / sqrt(3)
+    assert (agreement["n"], agreement["wins"], agreement["ties"], agreement["losses"]) == (3, 3, 0, 0)
+    assert agreement["mean_diff"] == pytest.approx(0.02) and agreement["p_t"] == pytest.approx(0.07418, abs=1e-5)
+    assert (agreement["ci_low"], agreement["ci_high"]) == pytest.approx((-0.004841, 0.044841), abs=1e-6)
+    # mapped [.02, 0, .05]: a tie at seed 2; mean .023333, sd .025166, t 1.6059, p 0.24953
+    assert (mapped["wins"], mapped["ties"], mapped["losses"]) == (2, 1, 0)
+    assert mapped["mean_diff"] == pytest.approx(0.023333, abs=1e-6) and mapped["p_t"] == pytest.approx(0.24953, abs=1e-5)
+    # beyond agreement [.01, -.02, .02]: mean .003333, sd .020817, t 0.27735, p 0.80755
+    assert (beyond["wins"], beyond["losses"]) == (2, 1) and beyond["p_t"] == pytest.approx(0.80755, abs=1e-5)
+    # Holm over the 3 rows: 3 x 0.07418, then max(that, 2 x 0.24953), then max(that, 0.80755)
+    assert [agreement["p_holm"], mapped["p_holm"], beyond["p_holm"]] == pytest.approx([0.22254, 0.49906, 0.80755], abs=1e-4)
+    assert all(r["verdict"] == "not supported at 0.05 after correction" for r in rows.values())
+    assert analyze.format_comparisons(list(rows.values())).startswith("diito - kd, paired by seed")
 
 
 def test_a_run_without_a_logged_student_is_refused_by_name(home, tmp_path):
