@@ -13,6 +13,7 @@ run, and a runs.csv is read back in place of a store.
 from __future__ import annotations
 
 import argparse
+import ast
 import math
 import statistics
 from pathlib import Path
@@ -283,20 +284,34 @@ def format_comparisons(rows: list[dict], selection: str) -> str:
     return "\n".join(text)
 
 
+CHOICE_KEYS = ("task.eval_splits", "task.main_metric")  # which split chose, and by which metric
+
+
+def _logged(runs: list[Any], key: str) -> str | None:
+    return next((r.data.params[key] for r in runs if key in r.data.params), None)
+
+
+def choosing_split(runs: list[Any]) -> str:
+    """The split that chose the checkpoints and any tuning: the first of ``task.eval_splits`` (keep-best
+    and early stopping read it; ``selection`` with a held-out selection split)."""
+
+    try:
+        return ast.literal_eval(_logged(runs, "task.eval_splits") or "")[0]
+    except (ValueError, SyntaxError, IndexError):
+        return "validation"
+
+
+def default_metric(runs: list[Any]) -> str:
+    """The task's main metric on the split that chooses: what a tuning grid is chosen by, so the table
+    lists settings in the order the choice reads them (not by the split kept untouched)."""
+    return f"{choosing_split(runs)}/{_logged(runs, 'task.main_metric') or 'accuracy'}"
+
+
 def compared_metrics(runs: list[Any], metric: str) -> tuple[list[str], str]:
     """The metric on every split that has it, the split that chose nothing first, and the split that
-    chose the checkpoints (the first of ``task.eval_splits``: keep-best and early stopping read it)."""
-    import ast
-
+    chose the checkpoints (see :func:`choosing_split`)."""
     name = metric.split("/", 1)[-1]
-    selection = "validation"
-    for r in runs:
-        if "task.eval_splits" in r.data.params:
-            try:
-                selection = ast.literal_eval(r.data.params["task.eval_splits"])[0]
-            except (ValueError, SyntaxError, IndexError):
-                pass
-            break
+    selection = choosing_split(runs)
     splits = {m.split("/", 1)[0] for r in runs for m in r.data.metrics if m.split("/", 1)[-1] == name and "/" in m} - {"train"}
     untouched = sorted(splits - {selection})
     return [f"{s}/{name}" for s in untouched] + ([f"{selection}/{name}"] if selection in splits else []), selection
@@ -379,12 +394,14 @@ def wall_time(runs: list[Any]) -> str:
 
 
 def export_csv(runs: list[Any], path: Path) -> Path:
-    """Every run: its id, method, the params that vary, the seed, its wall time and every final metric.
+    """Every run: its id, method, the params that vary (and which split chose, by which metric), the
+    seed, its wall time and every final metric.
     Not its name: the command line's overrides say nothing the columns do not, and they can carry the
     paths of the machine that ran it (``task.data_dir=...``) into a file meant to be shared."""
     import csv
 
     keys = varying_keys(runs)
+    keys += [k for k in CHOICE_KEYS if k not in keys and _logged(runs, k) is not None]  # a re-report knows which split chose
     metrics = sorted({m for r in runs for m in r.data.metrics})
     with path.open("w", newline="") as f:
         writer = csv.writer(f)
@@ -442,7 +459,9 @@ def main(argv: list[str] | None = None) -> None:
         help="experiment name, sweep id (tag diito.sweep_id), the sweep's parent run id, or a runs.csv this command exported; "
         "several are reported as one (a KD sweep and a DIITO sweep, say)",
     )
-    parser.add_argument("--metric", default="validation/accuracy")
+    parser.add_argument(
+        "--metric", help="what the table ranks by (default: the task's main metric on the split that chose, e.g. selection/accuracy)"
+    )
     parser.add_argument("--x", help="heatmap columns (default: the first varying key)")
     parser.add_argument("--y", help="heatmap rows (default: the second varying key)")
     parser.add_argument("--size", default=SIZE, help=f"the key of the learning curve, drawn when it varies (default {SIZE})")
@@ -473,9 +492,10 @@ def main(argv: list[str] | None = None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     files = []
 
+    metric = args.metric or default_metric(runs)
     # the paired comparisons against KD, the split that chose nothing first
-    metrics, selection = compared_metrics(runs, args.metric)
-    by_metric = {m: curves(runs, m, args.size) for m in metrics or [args.metric]}
+    metrics, selection = compared_metrics(runs, metric)
+    by_metric = {m: curves(runs, m, args.size) for m in metrics or [metric]}
     methods = {r.data.tags.get(tags.LOSS, "?") for r in runs}  # a grid of one method compares no methods
     comparisons = with_verdicts([row for m, lines in by_metric.items() for row in paired(lines, m)]) if len(methods) > 1 else []
     if comparisons:
@@ -484,8 +504,8 @@ def main(argv: list[str] | None = None) -> None:
         (out / "comparisons.txt").write_text(text + "\n")
         files.append(out / "comparisons.txt")
 
-    keys, rows = table(runs, args.metric)
-    text = format_table(keys, rows, args.metric) + "\n\n" + wall_time(runs)
+    keys, rows = table(runs, metric)
+    text = format_table(keys, rows, metric) + "\n\n" + wall_time(runs)
     print(text)
     (out / "report.txt").write_text(text + "\n")
     files.append(out / "report.txt")
@@ -500,7 +520,7 @@ def main(argv: list[str] | None = None) -> None:
             name = "heatmap.png" if len(groups) == 1 else f"heatmap-{i}.png"
             part = [row for row in rows if tuple(row[k] for k in apart) == group]
             title = ", ".join(f"{k}={v}" for k, v in zip(apart, group))
-            files.append(heatmap(part, axes[0], axes[1], args.metric, out / name, title))
+            files.append(heatmap(part, axes[0], axes[1], metric, out / name, title))
             print(f"heatmap: {files[-1]}" + (f" ({title})" if title else ""))
     if not all(target.endswith(".csv") for target in args.targets):
         files.append(export_csv(runs, out / "runs.csv"))

@@ -110,6 +110,19 @@ def test_the_report_leads_with_the_split_that_chose_nothing_and_reads_its_own_ex
     assert (tmp_path / "out" / "by_size.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_with_a_selection_split_the_table_ranks_by_it_and_its_export_still_knows_it_chose(tmp_path, capsys):
+    runs = _runs()
+    for r in runs:  # the untouched dev split orders the methods the other way round
+        r.data.params |= {"task.eval_splits": "['selection', 'validation']", "task.main_metric": "accuracy"}
+        r.data.metrics["selection/accuracy"] = r.data.metrics["validation/accuracy"] + (0.1 if r.data.tags["loss"] == "kd" else 0.0)
+    assert report.default_metric(runs) == "selection/accuracy"
+    report.main([str(report.export_csv(runs, tmp_path / "runs.csv")), "--out", str(tmp_path / "out")])
+    printed = capsys.readouterr().out
+    table = printed[printed.index("n  selection/accuracy") :].splitlines()
+    assert "0.0" in table[1].split()[0]  # best first on the split that chose: KD (gamma 0.0) leads there
+    assert printed.index("validation/accuracy (chose nothing)") < printed.index("selection/accuracy (chose the checkpoints")
+
+
 def test_several_targets_are_reported_as_one_and_a_shared_run_counts_once(tmp_path, capsys):
     runs = _runs()
     kd = report.export_csv([r for r in runs if r.data.tags["loss"] == "kd"], tmp_path / "kd.csv")
