@@ -21,9 +21,9 @@ from __future__ import annotations
 import argparse
 import json
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -109,14 +109,15 @@ def compare_methods(by_seed: dict[str, dict[int | None, AlignmentMap]]) -> list[
     (other,) = (n for n in names if n != baseline)
     seeds = sorted((s for s in set(by_seed[baseline]) & set(by_seed[other]) if s is not None), key=int)
     pairs = [(by_seed[other][s], by_seed[baseline][s]) for s in seeds]
-    quantities: dict[str, Any] = {"base agreement (no swap)": lambda m: m.agreement}
+    if not pairs:
+        return []
+    quantities: dict[str, Callable[[AlignmentMap], float]] = {"base agreement (no swap)": lambda m: m.agreement}
     for entry in next(iter(by_seed[baseline].values())).mapped:
         quantities[f"mapped {entry}: IIA"] = lambda m, e=entry: m.mapped[e]
         quantities[f"mapped {entry}: IIA - base agreement"] = lambda m, e=entry: m.mapped[e] - m.agreement
     rows = [
         {"quantity": name, "method": other, "baseline": baseline} | compare([value(a) - value(b) for a, b in pairs])
         for name, value in quantities.items()
-        if pairs
     ]
     return with_verdicts(rows)
 

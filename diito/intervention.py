@@ -183,9 +183,9 @@ def _width(site: Site, shape: Shape) -> int:
 
 def mapping_table(entries: list[MappingEntry]) -> str:
     """The mapping as a small table, printed once at the start of a run."""
-    rows = [("entry", "student blocks", "teacher blocks")]
-    rows += [(str(i), ", ".join(map(str, e.student)), ", ".join(map(str, e.teacher))) for i, e in enumerate(entries)]
-    return "\n".join(columns([list(row) for row in rows]))
+    rows = [["entry", "student blocks", "teacher blocks"]]
+    rows += [[str(i), ", ".join(map(str, e.student)), ", ".join(map(str, e.teacher))] for i, e in enumerate(entries)]
+    return "\n".join(columns(rows))
 
 
 # -- pairs and positions -------------------------------------------------------------------------------

@@ -294,7 +294,6 @@ def _logged(runs: list[Any], key: str) -> str | None:
 def choosing_split(runs: list[Any]) -> str:
     """The split that chose the checkpoints and any tuning: the first of ``task.eval_splits`` (keep-best
     and early stopping read it; ``selection`` with a held-out selection split)."""
-
     try:
         return ast.literal_eval(_logged(runs, "task.eval_splits") or "")[0]
     except (ValueError, SyntaxError, IndexError):

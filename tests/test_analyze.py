@@ -168,6 +168,9 @@ def test_two_methods_are_compared_seed_by_seed_as_computed_by_hand():
     assert [agreement["p_holm"], mapped["p_holm"], beyond["p_holm"]] == pytest.approx([0.22254, 0.49906, 0.80755], abs=1e-4)
     assert all(r["verdict"] == "not supported at 0.05 after correction" for r in rows.values())
     assert analyze.format_comparisons(list(rows.values())).startswith("diito - kd, paired by seed")
+    # no seed in common: nothing is compared, and the file says so
+    assert analyze.compare_methods({"diito": {4: diito[4]}, "kd": kd}) == []
+    assert analyze.format_comparisons([]) == "no seed was run by both methods: nothing to compare"
 
 
 def test_a_run_without_a_logged_student_is_refused_by_name(home, tmp_path):

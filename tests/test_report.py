@@ -119,7 +119,7 @@ def test_with_a_selection_split_the_table_ranks_by_it_and_its_export_still_knows
     report.main([str(report.export_csv(runs, tmp_path / "runs.csv")), "--out", str(tmp_path / "out")])
     printed = capsys.readouterr().out
     table = printed[printed.index("n  selection/accuracy") :].splitlines()
-    assert "0.0" in table[1].split()[0]  # best first on the split that chose: KD (gamma 0.0) leads there
+    assert table[1].split()[0] == "0.0"  # best first on the split that chose: KD (gamma 0.0) leads there
     assert printed.index("validation/accuracy (chose nothing)") < printed.index("selection/accuracy (chose the checkpoints")
 
 
