@@ -26,7 +26,15 @@ def stop_at(home, args: list[str], line: str, sig: signal.Signals) -> tuple[int,
     """Start ``python run.py ARGS``, send it ``sig`` once its log shows ``line``; its exit code and output."""
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"} | {"DIITO_HOME": str(home), "HF_HUB_OFFLINE": "1"}
     proc = subprocess.Popen(
-        [sys.executable, str(ROOT / "run.py"), *args], cwd=home, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        [sys.executable, str(ROOT / "run.py"), *args],
+        cwd=home,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        # a shell starts background commands with SIGINT ignored, and a child inherits that; the job must
+        # see Ctrl-C as a terminal would deliver it, however the tests were started
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     lines = []
     try:
