@@ -98,6 +98,17 @@ class AlignmentMap:
         )
 
 
+def pair_by_seed(runs: list[tuple[str, int | None, AlignmentMap]]) -> dict[str, dict[int | None, AlignmentMap]]:
+    """(method, seed, map) of each run as each method's maps by seed; a method with two runs of one
+    seed cannot be paired by seed (which of them would it be?), and says so."""
+    paired: dict[str, dict[int | None, AlignmentMap]] = {}
+    for method, seed, m in runs:
+        if seed in paired.setdefault(method, {}):
+            raise ValueError(f"two {method} runs of seed {seed}: runs are paired by seed, one per method and seed")
+        paired[method][seed] = m
+    return paired
+
+
 def compare_methods(by_seed: dict[str, dict[int | None, AlignmentMap]]) -> list[dict]:
     """Two methods' maps paired by seed (KD, or the first method, the baseline): per seed the
     difference in base agreement, in each mapping entry's IIA (its blocks swapped jointly), and in
@@ -318,7 +329,7 @@ def main(argv: list[str] | None = None) -> None:
     store = tracking.settings(args.tracking_uri)  # where jobs log, with their retries
     maps: dict[str, AlignmentMap] = {}
     by_method: dict[str, list[AlignmentMap]] = {}
-    by_seed: dict[str, dict[int | None, AlignmentMap]] = {}
+    seeded: list[tuple[str, int | None, AlignmentMap]] = []
     with tempfile.TemporaryDirectory() as folder:
         for run_id in args.runs:
             run = trained_run(store, run_id, Path(folder) / run_id)
@@ -332,7 +343,7 @@ def main(argv: list[str] | None = None) -> None:
                 student, teacher, split, data.pad_token_id, run.interchange, args.seed, args.batch_size, device, dims, mapping
             )
             by_method.setdefault(run.method, []).append(m)
-            by_seed.setdefault(run.method, {})[run.seed] = m
+            seeded.append((run.method, run.seed, m))
             print(f"{run_id} ({run.method}): IIA by student block (rows) and teacher block (columns), {m.pairs} pairs")
             print(_describe(m))
             (out / f"{run_id}.json").write_text(json.dumps(m.to_json(), indent=1))
@@ -343,8 +354,11 @@ def main(argv: list[str] | None = None) -> None:
             print(f"{method}: mean of {len(group)} runs (± the cells' std over runs)")
             print(_describe(m))
             (out / f"{method}_mean.json").write_text(json.dumps(m.to_json(), indent=1))
-    if len(by_seed) == 2:  # two methods over the same seeds: what the difference between them supports
-        text = format_comparisons(compare_methods(by_seed))
+    if len(by_method) == 2:  # two methods over the same seeds: what the difference between them supports
+        try:
+            text = format_comparisons(compare_methods(pair_by_seed(seeded)))
+        except ValueError as e:
+            text = f"not compared: {e}"
         print(text)
         (out / "comparisons.txt").write_text(text + "\n")
     figure = draw(maps, out / "iia_map.png")

@@ -171,6 +171,10 @@ def test_two_methods_are_compared_seed_by_seed_as_computed_by_hand():
     # no seed in common: nothing is compared, and the file says so
     assert analyze.compare_methods({"diito": {4: diito[4]}, "kd": kd}) == []
     assert analyze.format_comparisons([]) == "no seed was run by both methods: nothing to compare"
+    # two runs of one method and seed: which would be paired is ambiguous, so nothing is
+    assert analyze.pair_by_seed([("kd", 1, kd[1]), ("diito", 1, diito[1])]) == {"kd": {1: kd[1]}, "diito": {1: diito[1]}}
+    with pytest.raises(ValueError, match="two kd runs of seed 1"):
+        analyze.pair_by_seed([("kd", 1, kd[1]), ("diito", 1, diito[1]), ("kd", 1, kd[2])])
 
 
 def test_a_run_without_a_logged_student_is_refused_by_name(home, tmp_path):
