@@ -35,6 +35,7 @@ def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], 
         torch.testing.assert_close(a[key], b[key], atol=atol, rtol=0, msg=key)
 
 
+@pytest.mark.slow  # three submitit sweeps of local processes
 def test_submitit_sweep_isolates_failures_shares_the_teacher_and_skips_finished_jobs(home):
     sweep = ["-m", *SMOKE, *SUBMITIT, "optim.lr=1e-3,1e12"]  # the second diverges after its run exists
     result = run_cli(sweep, home)
@@ -63,6 +64,7 @@ def test_submitit_sweep_isolates_failures_shares_the_teacher_and_skips_finished_
     assert (summary["jobs"], summary["failed"]) == (2, 1)
 
 
+@pytest.mark.slow  # two submitit tasks as ranks
 def test_two_tasks_per_node_train_one_job_as_two_ranks(home):
     """submitit starts 2 processes; they find their ranks in the environment and train as one job
     (one MLflow run), which equals one process accumulating 2 batches."""

@@ -140,6 +140,7 @@ def test_kd_two_ranks_of_batch_b_equal_one_process_of_batch_2b_and_replicas_agre
         torch.testing.assert_close(ranks[0][key], one[key], atol=1e-6, rtol=0, msg=key)
 
 
+@pytest.mark.slow  # torchrun starts two processes
 def test_ranks_started_by_torchrun_train_one_job(home):
     """torchrun starts the ranks; the job reads them from the environment: one output folder, one
     MLflow student run, and the weights of one process accumulating 2 batches."""

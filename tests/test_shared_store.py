@@ -6,6 +6,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
 from mlflow import MlflowClient
 
 from tests.conftest import MlflowServer, run_cli
@@ -20,6 +21,7 @@ def runs_of(client: MlflowClient):
     return ([r for r in runs if r.data.tags.get("diito.role") == "sweep"], [r for r in runs if r.data.tags.get("diito.role") == "student"])
 
 
+@pytest.mark.slow  # a parallel sweep through a server
 def test_parallel_sweep_through_a_server_on_postgresql(home, tmp_path, postgres):
     server = MlflowServer(tmp_path / "server", store=postgres.create_database("mlflow"))
     server.start()
@@ -36,6 +38,7 @@ def test_parallel_sweep_through_a_server_on_postgresql(home, tmp_path, postgres)
     assert not (home / "mlflow.db").exists()
 
 
+@pytest.mark.slow  # a parallel sweep
 def test_parallel_sweep_writing_to_a_fresh_postgresql_database(home, postgres):
     uri = postgres.create_database("direct")
     result = run_cli(["-m", *SMOKE, *GRID, *PARALLEL, f"tracking.uri={uri}"], home)
@@ -48,6 +51,8 @@ def test_parallel_sweep_writing_to_a_fresh_postgresql_database(home, postgres):
 
 PREPARE = """
 import sys
+
+import pytest
 from diito.tracking import TrackingConfig, experiment_id
 print(experiment_id(TrackingConfig(uri=sys.argv[1], experiment="shared")))
 """

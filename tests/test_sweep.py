@@ -50,7 +50,11 @@ def check_grid(home, parents, children, client):
     assert client.get_run(summary["best_run_id"]).data.metrics["validation/accuracy"] == by_score[-1].data.metrics["validation/accuracy"]
 
 
-@pytest.mark.parametrize("launcher", [[], ["hydra/launcher=joblib", "hydra.launcher.n_jobs=2"]], ids=["basic", "joblib"])
+@pytest.mark.parametrize(
+    "launcher",
+    [[], pytest.param(["hydra/launcher=joblib", "hydra.launcher.n_jobs=2"], marks=pytest.mark.slow)],  # joblib: parallel processes
+    ids=["basic", "joblib"],
+)
 def test_grid_sweep_makes_a_parent_with_children(home, launcher):
     result = run_cli(["-m", *SMOKE, "loss.alpha=0.3,0.7", "trainer.max_eval_examples=5,7", *launcher], home)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -96,6 +100,7 @@ def test_grid_sweep_makes_a_parent_with_children(home, launcher):
     assert logged == {"report/report.txt", "report/heatmap.png", "report/runs.csv"}
 
 
+@pytest.mark.slow  # two sweeps
 def test_a_job_failing_inside_its_run_is_one_failed_child_and_runs_again(home):
     sweep = ["-m", "teacher=tiny", "trainer=debug", "optim.lr=1e-3,1e12"]  # the second diverges after its run exists
     assert run_cli(sweep, home).returncode == 1
@@ -130,6 +135,7 @@ def test_failing_job_is_recorded_and_the_others_finish(home):
     assert "sweep: 1/2 jobs finished" in result.stderr and "FAILED loss.alpha=1.5" in result.stderr
 
 
+@pytest.mark.slow  # three sweeps, two at once
 def test_overlapping_sweeps_reuse_finished_runs_without_taking_them_and_both_report_every_job(home):
     first = run_cli(["-m", *SMOKE, "loss.alpha=0.3,0.7", "loss.T=4"], home)
     assert first.returncode == 0, first.stderr[-3000:]
@@ -182,6 +188,7 @@ def test_report_table_groups_seeds_best_first():
     assert "0.8800 ± 0.0283" in report.format_table(keys, rows, "validation/accuracy")
 
 
+@pytest.mark.slow  # starts a server
 def test_sweep_against_a_real_tracking_server(home, mlflow_server):
     result = run_cli(["-m", *SMOKE, "loss.alpha=0.3,0.7", "tracking=server", f"tracking.uri={mlflow_server.uri}"], home)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -197,6 +204,7 @@ def test_sweep_against_a_real_tracking_server(home, mlflow_server):
     assert "config.yaml" in {a.path for a in client.list_artifacts(children[0].info.run_id)}
 
 
+@pytest.mark.slow  # an Optuna search of several jobs
 def test_optuna_search_with_current_optuna(home):
     result = run_cli(
         [
