@@ -178,8 +178,8 @@ def keep_freed_memory() -> bool:
     step frees and allocates the same large buffers every time (the word embedding's gradient is
     47 MB for a 30k vocabulary at hidden 384); by default glibc maps any block over 32 MB fresh from
     the kernel and unmaps it when freed, so each step pays page faults to zero those pages again:
-    13,000 a KD step and 10% of its time on a 2-core AMD EPYC (113 -> 103 ms), with no measurable
-    change in a job's peak memory. It changes where memory comes from, never a value. Process-wide,
+    13,000 a KD step and, over a run of cached KD steps, 10% of their time on a 2-core AMD EPYC
+    (113 -> 103 ms), with no measurable change in a job's peak memory. It changes where memory comes from, never a value. Process-wide,
     once; nothing where the C library is not glibc."""
     try:
         libc = ctypes.CDLL("libc.so.6")

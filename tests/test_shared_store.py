@@ -51,8 +51,6 @@ def test_parallel_sweep_writing_to_a_fresh_postgresql_database(home, postgres):
 
 PREPARE = """
 import sys
-
-import pytest
 from diito.tracking import TrackingConfig, experiment_id
 print(experiment_id(TrackingConfig(uri=sys.argv[1], experiment="shared")))
 """

@@ -518,3 +518,17 @@ def test_cpu_jobs_keep_large_freed_blocks_for_the_next_step():
         pytest.skip("the C library is not glibc")
     assert freed_mb("default")[1] > 48  # returned to the kernel on free
     assert kept_released < 8  # kept
+
+
+def test_a_cpu_trainer_keeps_freed_memory(tmp_path, monkeypatch):
+    """The loop asks for it on the CPU, where each step would otherwise pay those page faults."""
+    import diito.trainer
+
+    calls = []
+    monkeypatch.setattr(diito.trainer, "keep_freed_memory", lambda: calls.append(True))
+    model = torch.nn.Linear(1, 1)
+    loss = lambda batch: (model(batch["labels"].unsqueeze(1)).pow(2).mean(), {})  # noqa: E731
+    Trainer(
+        model, loss, toy_loader(), TrainerConfig(progress=False), OPTIM, tmp_path, Validation(dict, "m"), log=print, name="t", device=CPU
+    )
+    assert calls == [True]
